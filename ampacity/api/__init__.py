@@ -1,0 +1,11 @@
+"""Ampacity's API (group ampacity.dev, version v1alpha1): the single source of truth for the CRDs."""
+
+from ampacity.api.federatedround import FEDERATED_ROUND
+from ampacity.api.powerbudget import POWER_BUDGET
+from ampacity.api.resource import Resource
+from ampacity.api.servingpool import SERVING_POOL
+from ampacity.api.trainingjob import TRAINING_JOB
+
+RESOURCES: tuple[Resource, ...] = (SERVING_POOL, TRAINING_JOB, FEDERATED_ROUND, POWER_BUDGET)
+
+__all__ = ["FEDERATED_ROUND", "POWER_BUDGET", "RESOURCES", "SERVING_POOL", "TRAINING_JOB", "Resource"]

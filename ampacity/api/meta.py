@@ -1,0 +1,173 @@
+"""Building blocks shared by every Ampacity kind: the base model, conditions and status.
+
+Field names are snake_case in Python and camelCase on the wire, as Kubernetes
+expects; `ApiModel` does the aliasing so both the CRD schema and the objects
+read back from the API server use the Kubernetes spelling.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    PlainSerializer,
+    WithJsonSchema,
+)
+from pydantic.alias_generators import to_camel
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
+
+GROUP = "ampacity.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+#: Labels and annotations the operator writes all live under this prefix.
+LABEL_PREFIX = GROUP
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """One CEL rule for `x-kubernetes-validations`, checked by the API server on admission."""
+    validation = {"rule": rule, "message": message}
+    if field_path:
+        validation["fieldPath"] = field_path
+    return validation
+
+
+class ApiModel(BaseModel):
+    """Base of every spec and status model: camelCase on the wire, unknown fields ignored.
+
+    Unknown fields are ignored rather than rejected because the API server
+    already prunes them; a reconciler must tolerate objects written by a newer
+    version of the schema instead of crash-looping on them.
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+        use_enum_values=True,
+        validate_default=True,
+    )
+
+    #: CEL rules for this object, emitted as `x-kubernetes-validations`.
+    validations: ClassVar[tuple[dict[str, str], ...]] = ()
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        if cls.validations:
+            schema["x-kubernetes-validations"] = list(cls.validations)
+        return schema
+
+    def to_api(self) -> dict[str, Any]:
+        """The object as the API server stores it (camelCase, unset optionals omitted)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(ApiModel):
+    """A Kubernetes-style condition (the same shape as `metav1.Condition`)."""
+
+    type: str = Field(description="Type of the condition, e.g. Ready, Planned, Degraded.", max_length=316)
+    status: ConditionStatus = Field(description="Status of the condition: True, False or Unknown.")
+    reason: str = Field(
+        description="Machine-readable CamelCase reason for the last transition.",
+        max_length=1024,
+    )
+    message: str = Field(default="", description="Human-readable details about the last transition.")
+    observed_generation: int = Field(
+        default=0, ge=0, description="The .metadata.generation the condition was computed from."
+    )
+    last_transition_time: datetime = Field(
+        description="When the condition last changed status (RFC 3339).",
+    )
+
+
+class Status(ApiModel):
+    """The part every status shares: observed generation and conditions."""
+
+    observed_generation: int = Field(
+        default=0, ge=0, description="The .metadata.generation the operator last reconciled."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Current state of the object, one entry per condition type.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+
+    def condition(self, type_: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+    def set_condition(
+        self,
+        type_: str,
+        status: ConditionStatus | Literal["True", "False", "Unknown"],
+        reason: str,
+        message: str,
+        generation: int,
+        now: datetime | None = None,
+    ) -> None:
+        """Set a condition; the transition time moves only when the status changes."""
+        status = ConditionStatus(status)
+        previous = self.condition(type_)
+        changed = previous is None or previous.status != status
+        new = Condition(
+            type=type_,
+            status=status,
+            reason=reason,
+            message=message,
+            observed_generation=generation,
+            last_transition_time=(now or datetime.now(UTC))
+            if changed or previous is None
+            else previous.last_transition_time,
+        )
+        self.conditions = [c for c in self.conditions if c.type != type_] + [new]
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a Go-style duration string ("1s", "250ms", "1h30m") or a number of seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, str) or not re.fullmatch(_DURATION_PATTERN, value):
+        raise ValueError(f"{value!r} is not a duration such as 500ms, 30s, 10m or 1h30m")
+    return sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(value))
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact duration string for a number of seconds (0.1 -> "100ms")."""
+    if seconds < 1 or seconds != int(seconds):
+        return f"{round(seconds * 1000, 3):g}ms"
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{n}{u}" for n, u in ((hours, "h"), (minutes, "m"), (secs, "s")) if n]
+    return "".join(parts) or "0s"
+
+
+#: A duration: a string such as "500ms" or "1h" on the wire, seconds (float) in Python.
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": _DURATION_PATTERN}),
+]

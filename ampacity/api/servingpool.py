@@ -1,0 +1,137 @@
+"""ServingPool: an LLM served with prefill/decode disaggregation under TTFT/TPOT SLOs."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field
+
+from ampacity.api.meta import ApiModel, Duration, Status, cel
+from ampacity.api.resource import Resource, age_column, ready_column, reason_column
+
+
+class ServingMode(StrEnum):
+    COLOCATED = "colocated"
+    DISAGGREGATED = "disaggregated"
+    AUTO = "auto"
+
+
+class ModelSource(ApiModel):
+    """The model to serve and where its weights live."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        description="Model name known to the planner's latency model, e.g. llama2-70b.",
+    )
+    uri: str = Field(
+        min_length=1,
+        description="Where the weights live (s3://, gs://, hf://, pvc://NAME/PATH); passed to the engine.",
+    )
+
+
+class Engine(ApiModel):
+    """The serving engine container: users bring the image, the operator sets roles and resources."""
+
+    image: str = Field(min_length=1, description="Container image of the engine, e.g. vllm/vllm-openai:v0.9.")
+    args: list[str] = Field(
+        default_factory=list, description="Extra arguments appended to the engine command."
+    )
+    port: int = Field(default=8000, ge=1, le=65535, description="Port the engine serves HTTP on.")
+
+
+class ServingSLO(ApiModel):
+    """Latency objectives a request must meet to count towards goodput."""
+
+    ttft: Duration = Field(description="Time-to-first-token objective, e.g. 1s.")
+    tpot: Duration = Field(description="Time-per-output-token objective, e.g. 100ms.")
+    attainment: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="Fraction of requests that must meet both objectives (DistServe uses 0.9).",
+    )
+
+    validations = (
+        cel("duration(self.ttft) > duration('0s')", "slo.ttft must be greater than zero", ".ttft"),
+        cel("duration(self.tpot) > duration('0s')", "slo.tpot must be greater than zero", ".tpot"),
+    )
+
+
+class ServingPoolSpec(ApiModel):
+    """Desired state of a ServingPool."""
+
+    model: ModelSource = Field(description="The model to serve.")
+    engine: Engine = Field(description="The serving engine container.")
+    gpu_type: str = Field(
+        min_length=1,
+        description="GPU model to run on, matched against the node label nvidia.com/gpu.product "
+        "(e.g. NVIDIA-H100-80GB-HBM3) or the short form ampacity.dev/gpu-type (h100, a100).",
+    )
+    slo: ServingSLO = Field(description="Latency objectives.")
+    mode: ServingMode = Field(
+        default=ServingMode.AUTO,
+        description="colocated: prefill and decode share instances; disaggregated: separate "
+        "prefill and decode instances; auto: whichever the planner predicts has more goodput per GPU.",
+    )
+    min_gpus: int = Field(
+        default=0, ge=0, description="Fewest GPUs the pool may use (0 allows scale to zero)."
+    )
+    max_gpus: int = Field(ge=1, description="Most GPUs the pool may use.")
+
+    validations = (cel("self.minGpus <= self.maxGpus", "minGpus must not exceed maxGpus", ".minGpus"),)
+
+
+class ServingPlan(ApiModel):
+    """The deployment the planner chose."""
+
+    mode: ServingMode = Field(description="colocated or disaggregated.")
+    prefill_tensor_parallel: int = Field(ge=1, description="Tensor-parallel degree of each prefill instance.")
+    prefill_replicas: int = Field(ge=0, description="Number of prefill instances.")
+    decode_tensor_parallel: int = Field(
+        default=0, ge=0, description="Tensor-parallel degree of each decode instance (0 when colocated)."
+    )
+    decode_replicas: int = Field(
+        default=0, ge=0, description="Number of decode instances (0 when colocated)."
+    )
+    gpus: int = Field(ge=0, description="GPUs the plan uses.")
+    predicted_goodput: float = Field(
+        default=0, ge=0, description="Predicted goodput in requests per second per GPU."
+    )
+    predicted_attainment: float = Field(
+        default=0, ge=0, le=1, description="Predicted fraction of requests meeting both SLOs."
+    )
+
+
+class ServingPoolStatus(Status):
+    """Observed state of a ServingPool."""
+
+    plan: ServingPlan | None = Field(default=None, description="The plan in force.")
+    replicas: int = Field(default=0, ge=0, description="Engine instances created (prefill plus decode).")
+    ready_replicas: int = Field(default=0, ge=0, description="Engine instances that are ready.")
+
+
+SERVING_POOL = Resource(
+    kind="ServingPool",
+    plural="servingpools",
+    scope="Namespaced",
+    spec=ServingPoolSpec,
+    status=ServingPoolStatus,
+    short_names=("sp",),
+    description="An LLM served under TTFT/TPOT objectives, with prefill and decode disaggregated "
+    "when that yields more goodput per GPU.",
+    printer_columns=(
+        {"name": "Model", "type": "string", "jsonPath": ".spec.model.name", "description": "Served model."},
+        {"name": "Mode", "type": "string", "jsonPath": ".status.plan.mode", "description": "Planned mode."},
+        {"name": "GPUs", "type": "integer", "jsonPath": ".status.plan.gpus", "description": "GPUs planned."},
+        {
+            "name": "Ready-Replicas",
+            "type": "integer",
+            "jsonPath": ".status.readyReplicas",
+            "description": "Engine instances ready.",
+        },
+        ready_column(),
+        reason_column(),
+        age_column(),
+    ),
+)

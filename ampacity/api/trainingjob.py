@@ -1,0 +1,190 @@
+"""TrainingJob: gang-scheduled distributed training with checkpoint orchestration."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import Field
+
+from ampacity.api.meta import ApiModel, Duration, Status, cel
+from ampacity.api.resource import Resource, age_column, ready_column, reason_column
+
+
+class Workers(ApiModel):
+    """How many workers run, and the elastic range the operator may resize within."""
+
+    replicas: int = Field(ge=1, description="Number of workers (pods) in the gang.")
+    min_replicas: int | None = Field(
+        default=None, ge=1, description="Smallest world size the job may shrink to (defaults to replicas)."
+    )
+    max_replicas: int | None = Field(
+        default=None, ge=1, description="Largest world size the job may grow to (defaults to replicas)."
+    )
+    gpus_per_worker: int = Field(default=1, ge=0, description="nvidia.com/gpu requested by each worker.")
+
+    validations = (
+        cel(
+            "!has(self.minReplicas) || self.minReplicas <= self.replicas",
+            "workers.minReplicas must not exceed workers.replicas",
+            ".minReplicas",
+        ),
+        cel(
+            "!has(self.maxReplicas) || self.replicas <= self.maxReplicas",
+            "workers.replicas must not exceed workers.maxReplicas",
+            ".maxReplicas",
+        ),
+    )
+
+
+class CheckpointStorage(ApiModel):
+    """Where checkpoints are written: exactly one of a PVC or an object-store URI."""
+
+    persistent_volume_claim: str | None = Field(
+        default=None, min_length=1, description="Name of a PVC mounted into every worker at /checkpoints."
+    )
+    uri: str | None = Field(default=None, min_length=1, description="Object-store URI (s3://bucket/prefix).")
+
+    validations = (
+        cel(
+            "has(self.persistentVolumeClaim) != has(self.uri)",
+            "checkpoint.storage needs exactly one of persistentVolumeClaim or uri",
+        ),
+    )
+
+
+class IntervalPolicy(StrEnum):
+    FIXED = "fixed"
+    AUTO = "auto"
+
+
+class CheckpointInterval(ApiModel):
+    """How often to checkpoint."""
+
+    policy: IntervalPolicy = Field(
+        default=IntervalPolicy.AUTO,
+        description="fixed: every `every`; auto: Young/Daly from measured checkpoint cost and failure rate.",
+    )
+    every: Duration | None = Field(default=None, description="Interval for the fixed policy, e.g. 30m.")
+
+    validations = (
+        cel(
+            "self.policy != 'fixed' || has(self.every)",
+            "checkpoint.interval.every is required when policy is fixed",
+            ".every",
+        ),
+    )
+
+
+class Retention(ApiModel):
+    """Which complete checkpoints to keep; the latest complete one is always kept."""
+
+    keep_last: int = Field(default=3, ge=1, description="Keep the newest N complete checkpoints.")
+    keep_every: int = Field(
+        default=0, ge=0, description="Also keep every Kth checkpoint step for the record (0: none)."
+    )
+
+
+class Checkpointing(ApiModel):
+    """Checkpoint orchestration."""
+
+    storage: CheckpointStorage = Field(description="Where checkpoints are written.")
+    interval: CheckpointInterval = Field(
+        default_factory=lambda: CheckpointInterval(), description="How often to checkpoint."
+    )
+    retention: Retention = Field(
+        default_factory=lambda: Retention(), description="Which checkpoints to keep."
+    )
+
+
+class FailurePolicy(ApiModel):
+    """What to do when a worker or its node fails."""
+
+    max_restarts: int = Field(default=10, ge=0, description="Gang restarts allowed before the job fails.")
+    backoff: Duration = Field(default=10.0, description="Wait before restarting the gang, e.g. 30s.")
+
+
+class TrainingJobSpec(ApiModel):
+    """Desired state of a TrainingJob."""
+
+    workers: Workers = Field(description="Worker count and elastic range.")
+    template: dict[str, Any] = Field(
+        description="Pod template (a core/v1 PodTemplateSpec) for every worker; the operator adds rank, "
+        "world size, rendezvous address and checkpoint environment variables.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    checkpoint: Checkpointing = Field(description="Checkpoint orchestration.")
+    failure_policy: FailurePolicy = Field(
+        default_factory=lambda: FailurePolicy(), description="Failure handling."
+    )
+    resume: bool = Field(
+        default=True, description="Resume from the latest complete checkpoint when starting."
+    )
+
+
+class TrainingPhase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class CheckpointRecord(ApiModel):
+    """A complete checkpoint."""
+
+    step: int = Field(ge=0, description="Training step the checkpoint holds.")
+    time: datetime = Field(description="When its manifest was committed.")
+    size_bytes: int = Field(default=0, ge=0, description="Bytes written.")
+    stall_seconds: float = Field(default=0, ge=0, description="Time training was blocked by the save.")
+    persist_seconds: float = Field(default=0, ge=0, description="Time to persist it in the background.")
+
+
+class TrainingJobStatus(Status):
+    """Observed state of a TrainingJob."""
+
+    phase: TrainingPhase = Field(default=TrainingPhase.PENDING, description="Lifecycle phase.")
+    replicas: int = Field(default=0, ge=0, description="Workers in the running gang (world size).")
+    selector: str = Field(
+        default="", description="Label selector of the worker pods (for the scale subresource)."
+    )
+    current_step: int = Field(default=0, ge=0, description="Latest training step reported.")
+    latest_checkpoint: CheckpointRecord | None = Field(
+        default=None, description="Latest complete checkpoint."
+    )
+    checkpoint_interval: Duration | None = Field(default=None, description="Checkpoint interval in force.")
+    checkpoint_interval_reason: str = Field(default="", description="Why that interval.")
+    restarts: int = Field(default=0, ge=0, description="Gang restarts so far.")
+    gpu_seconds_lost: float = Field(default=0, ge=0, description="GPU-seconds of work lost to failures.")
+
+
+TRAINING_JOB = Resource(
+    kind="TrainingJob",
+    plural="trainingjobs",
+    scope="Namespaced",
+    spec=TrainingJobSpec,
+    status=TrainingJobStatus,
+    short_names=("tj",),
+    description="Gang-scheduled distributed training with checkpoint orchestration.",
+    printer_columns=(
+        {"name": "Workers", "type": "integer", "jsonPath": ".status.replicas", "description": "World size."},
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase."},
+        {"name": "Step", "type": "integer", "jsonPath": ".status.currentStep", "description": "Latest step."},
+        {
+            "name": "Checkpoint",
+            "type": "integer",
+            "jsonPath": ".status.latestCheckpoint.step",
+            "description": "Step of the latest complete checkpoint.",
+        },
+        {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "description": "Restarts."},
+        ready_column(),
+        reason_column(),
+        age_column(),
+    ),
+    scale={
+        "specReplicasPath": ".spec.workers.replicas",
+        "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector",
+    },
+)

@@ -1,0 +1,82 @@
+"""Fake GPU servers for kwok: Node objects that look like real GPU nodes to the scheduler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+KWOK_ANNOTATION = "kwok.x-k8s.io/node"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_TYPE_LABEL = "ampacity.dev/gpu-type"
+ROW_LABEL = "ampacity.dev/row"
+RACK_LABEL = "ampacity.dev/rack"
+
+#: Short GPU type -> (NVIDIA GPU feature discovery product label, GPU memory in MiB).
+GPU_PRODUCTS = {
+    "h100": ("NVIDIA-H100-80GB-HBM3", 81559),
+    "a100": ("NVIDIA-A100-SXM4-80GB", 81920),
+    "h200": ("NVIDIA-H200", 143771),
+}
+
+
+@dataclass(frozen=True)
+class GpuNodeShape:
+    """What each fake server looks like."""
+
+    gpu_type: str = "h100"
+    gpus: int = 8
+    cpus: int = 128
+    memory_gib: int = 1024
+    nodes_per_rack: int = 4
+    row: str = "row-a"
+
+
+def gpu_node(name: str, index: int, shape: GpuNodeShape) -> dict[str, Any]:
+    """A Node manifest for one kwok-managed GPU server (status included: kwok keeps it)."""
+    product, memory_mib = GPU_PRODUCTS[shape.gpu_type]
+    capacity = {
+        "cpu": str(shape.cpus),
+        "memory": f"{shape.memory_gib}Gi",
+        "pods": "110",
+        GPU_RESOURCE: str(shape.gpus),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": {KWOK_ANNOTATION: "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "type": "kwok",
+                "nvidia.com/gpu.present": "true",
+                "nvidia.com/gpu.product": product,
+                "nvidia.com/gpu.count": str(shape.gpus),
+                "nvidia.com/gpu.memory": str(memory_mib),
+                GPU_TYPE_LABEL: shape.gpu_type,
+                ROW_LABEL: shape.row,
+                RACK_LABEL: f"rack-{index // shape.nodes_per_rack}",
+            },
+        },
+        # The providerID keeps cloud-node controllers from treating the node as orphaned.
+        "spec": {"providerID": f"kwok://{name}"},
+        "status": {
+            "capacity": capacity,
+            "allocatable": dict(capacity),
+            "nodeInfo": {
+                "architecture": "amd64",
+                "operatingSystem": "linux",
+                "kubeletVersion": "v1.37.2",
+                "kubeProxyVersion": "v1.37.2",
+                "bootID": "",
+                "containerRuntimeVersion": "",
+                "kernelVersion": "",
+                "machineID": "",
+                "osImage": "",
+                "systemUUID": "",
+            },
+            "phase": "Running",
+        },
+    }

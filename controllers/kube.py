@@ -1,0 +1,136 @@
+"""The operator's Kubernetes I/O: an async client that applies desired objects with server-side apply.
+
+Reconcilers compute the full desired state of their children and `apply`
+it; server-side apply makes that idempotent, and `prune` deletes children
+that are no longer desired. Connection settings come from the official
+client's loader (kubeconfig or in-cluster service account).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import kubernetes
+
+FIELD_MANAGER = "ampacity-operator"
+
+Object = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Kind:
+    api_version: str
+    plural: str
+    namespaced: bool = True
+
+    def path(self, namespace: str | None, name: str | None = None) -> str:
+        group_path = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
+        scope = f"/namespaces/{namespace}" if self.namespaced and namespace else ""
+        suffix = f"/{quote(name)}" if name else ""
+        return f"{group_path}{scope}/{self.plural}{suffix}"
+
+
+KINDS = {
+    "Pod": Kind("v1", "pods"),
+    "Service": Kind("v1", "services"),
+    "ConfigMap": Kind("v1", "configmaps"),
+    "Node": Kind("v1", "nodes", namespaced=False),
+    "Deployment": Kind("apps/v1", "deployments"),
+}
+
+
+class KubeError(RuntimeError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+def _client_from_kubernetes_config() -> httpx.AsyncClient:
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    headers = {}
+    token = configuration.api_key.get("authorization") or configuration.api_key.get("BearerToken")
+    if token:
+        headers["Authorization"] = token if token.startswith("Bearer ") else f"Bearer {token}"
+    cert: tuple[str, str] | None = None
+    if configuration.cert_file and configuration.key_file:
+        cert = (configuration.cert_file, configuration.key_file)
+    verify: str | bool = configuration.ssl_ca_cert or configuration.verify_ssl
+    return httpx.AsyncClient(
+        base_url=configuration.host, headers=headers, cert=cert, verify=verify, timeout=30
+    )
+
+
+class Kube:
+    """A small async Kubernetes client: apply, get, list, delete."""
+
+    def __init__(self, http: httpx.AsyncClient | None = None) -> None:
+        self._http = http or _client_from_kubernetes_config()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> Object:
+        response = await self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("message", response.text)
+            except ValueError:
+                message = response.text
+            raise KubeError(response.status_code, message)
+        body: Object = response.json()
+        return body
+
+    async def apply(self, obj: Object) -> Object:
+        """Server-side apply of a complete desired object; the operator owns every field it sets."""
+        kind = KINDS[obj["kind"]]
+        path = kind.path(obj["metadata"].get("namespace"), obj["metadata"]["name"])
+        return await self._request(
+            "PATCH",
+            path,
+            params={"fieldManager": FIELD_MANAGER, "force": "true"},
+            content=json.dumps(obj),
+            headers={"Content-Type": "application/apply-patch+yaml"},
+        )
+
+    async def get(self, kind: str, namespace: str | None, name: str) -> Object | None:
+        try:
+            return await self._request("GET", KINDS[kind].path(namespace, name))
+        except KubeError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    async def list_objects(self, kind: str, namespace: str | None, label_selector: str = "") -> list[Object]:
+        params = {"labelSelector": label_selector} if label_selector else {}
+        items: list[Object] = (await self._request("GET", KINDS[kind].path(namespace), params=params))[
+            "items"
+        ]
+        return items
+
+    async def delete(self, kind: str, namespace: str | None, name: str) -> None:
+        try:
+            await self._request(
+                "DELETE", KINDS[kind].path(namespace, name), json={"propagationPolicy": "Background"}
+            )
+        except KubeError as error:
+            if error.status != 404:
+                raise
+
+    async def prune(self, kind: str, namespace: str, label_selector: str, keep: set[str]) -> list[str]:
+        """Delete the labelled children of `kind` whose names are not in `keep`; returns their names."""
+        stale = [
+            o["metadata"]["name"]
+            for o in await self.list_objects(kind, namespace, label_selector)
+            if o["metadata"]["name"] not in keep
+        ]
+        for name in stale:
+            await self.delete(kind, namespace, name)
+        return stale

@@ -1,0 +1,128 @@
+"""ServingPool reconciler: plan the pool, then run one Deployment and Service per engine role."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ampacity.api import SERVING_POOL
+from ampacity.api.servingpool import ServingPlan, ServingPoolSpec
+from ampacity.cluster.nodes import GPU_RESOURCE, GPU_TYPE_LABEL
+from controllers import metrics
+from controllers.reconciler import Context, controller
+from controllers.serving_plan import PlanningError, plan_pool
+
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+
+
+def _gpu_affinity(gpu_type: str) -> dict[str, Any]:
+    """Schedule only on nodes with the requested GPU, by short type or by NVIDIA's product label."""
+    terms = [
+        {"matchExpressions": [{"key": GPU_TYPE_LABEL, "operator": "In", "values": [gpu_type]}]},
+        {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In", "values": [gpu_type]}]},
+    ]
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}
+
+
+def engine_deployment(
+    ctx: Context, spec: ServingPoolSpec, role: str, replicas: int, tp: int
+) -> dict[str, Any]:
+    """One engine role (colocated, prefill or decode) as a Deployment.
+
+    The engine reads its role and parallelism from the environment; args may
+    reference them as $(AMPACITY_TENSOR_PARALLEL), which Kubernetes expands.
+    """
+    name = f"{ctx.name}-{role}"
+    labels = ctx.child_labels(role)
+    env = [
+        {"name": "AMPACITY_ROLE", "value": role},
+        {"name": "AMPACITY_MODEL", "value": spec.model.name},
+        {"name": "AMPACITY_MODEL_URI", "value": spec.model.uri},
+        {"name": "AMPACITY_TENSOR_PARALLEL", "value": str(tp)},
+        {"name": "AMPACITY_PORT", "value": str(spec.engine.port)},
+    ]
+    container = {
+        "name": "engine",
+        "image": spec.engine.image,
+        "args": list(spec.engine.args),
+        "env": env,
+        "ports": [{"name": "http", "containerPort": spec.engine.port}],
+        "resources": {"limits": {GPU_RESOURCE: str(tp)}, "requests": {GPU_RESOURCE: str(tp)}},
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5},
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": ctx.child_metadata(name, role),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [container], "affinity": _gpu_affinity(spec.gpu_type)},
+            },
+        },
+    }
+
+
+def role_service(ctx: Context, spec: ServingPoolSpec, name: str, role: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": ctx.child_metadata(name, role),
+        "spec": {
+            "selector": ctx.child_labels(role),
+            "ports": [{"name": "http", "port": spec.engine.port, "targetPort": "http"}],
+        },
+    }
+
+
+def roles(plan: ServingPlan) -> dict[str, tuple[int, int]]:
+    """Engine role -> (replicas, tensor-parallel degree) for a plan."""
+    if plan.mode == "disaggregated":
+        return {
+            "prefill": (plan.prefill_replicas, plan.prefill_tensor_parallel),
+            "decode": (plan.decode_replicas, plan.decode_tensor_parallel),
+        }
+    return {"engine": (plan.prefill_replicas, plan.prefill_tensor_parallel)}
+
+
+async def reconcile(ctx: Context) -> None:
+    spec: ServingPoolSpec = ctx.spec
+    try:
+        plan = plan_pool(spec)
+    except PlanningError as error:
+        ctx.set_ready(False, "Unplannable", str(error))
+        return
+    if ctx.status.plan != plan:
+        ctx.event(
+            "Planned",
+            f"{plan.mode}: {plan.gpus} GPUs, predicted goodput {plan.predicted_goodput:.3f} req/s/GPU",
+        )
+    ctx.status.plan = plan
+
+    wanted = roles(plan)
+    deployments = [engine_deployment(ctx, spec, role, r, tp) for role, (r, tp) in wanted.items()]
+    # The front door routes to the first phase a request meets (prefill or the colocated engine).
+    front_role = "prefill" if plan.mode == "disaggregated" else "engine"
+    services = [role_service(ctx, spec, ctx.name, front_role)]
+    services += [role_service(ctx, spec, f"{ctx.name}-{role}", role) for role in wanted if role != front_role]
+    applied = [await ctx.kube.apply(obj) for obj in deployments + services]
+    await ctx.kube.prune(
+        "Deployment", ctx.namespace, ctx.selector(), {d["metadata"]["name"] for d in deployments}
+    )
+    await ctx.kube.prune("Service", ctx.namespace, ctx.selector(), {s["metadata"]["name"] for s in services})
+
+    desired = sum(d["spec"]["replicas"] for d in deployments)
+    ready = sum(d.get("status", {}).get("readyReplicas", 0) for d in applied if d["kind"] == "Deployment")
+    ctx.status.replicas, ctx.status.ready_replicas = desired, ready
+    metrics.SERVING_POOL_GPUS.labels(ctx.namespace, ctx.name).set(plan.gpus)
+    metrics.SERVING_POOL_READY_REPLICAS.labels(ctx.namespace, ctx.name).set(ready)
+    if desired == 0:
+        ctx.set_ready(True, "ScaledToZero", "no engine instances are planned")
+    elif ready < desired:
+        ctx.set_ready(False, "EnginesStarting", f"{ready}/{desired} engine instances ready")
+    else:
+        ctx.set_ready(True, "EnginesReady", f"{ready}/{desired} engine instances ready")
+
+
+controller(SERVING_POOL, reconcile)

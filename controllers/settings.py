@@ -1,0 +1,43 @@
+"""Operator start-up and shutdown: kopf settings, the shared client, the metrics endpoint, probes."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import kopf
+from prometheus_client import start_http_server
+
+from ampacity.api.meta import GROUP
+from controllers.kube import Kube
+
+#: Port of the Prometheus /metrics endpoint (probes are served by kopf's --liveness endpoint).
+METRICS_PORT = int(os.environ.get("AMPACITY_METRICS_PORT", "8080"))
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Keep kopf's bookkeeping under our own prefix, in annotations: the status
+    # schema belongs to the API and has no room for kopf's progress records.
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    # Events are for what users must notice (condition changes), not for every log line.
+    settings.posting.level = logging.WARNING
+    settings.networking.error_backoffs = [1, 2, 5, 10, 30]
+    settings.watching.server_timeout = 300
+    memo["kube"] = Kube()
+    start_http_server(METRICS_PORT)
+
+
+@kopf.on.cleanup()
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    await memo["kube"].close()
+
+
+@kopf.on.probe(id="apiserver")
+async def apiserver_reachable(memo: kopf.Memo, **_: Any) -> bool:
+    """Readiness: the operator can still list nodes through its client."""
+    await memo["kube"].list("Node", None, label_selector="ampacity.dev/probe=none")
+    return True

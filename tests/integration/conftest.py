@@ -1,0 +1,85 @@
+"""Fixtures for tests against the real local control plane.
+
+One cluster (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
+kwok with fake GPU nodes) and one operator process serve the whole session;
+each test gets its own namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ampacity.cluster.kubectl import Kubectl
+from ampacity.cluster.local_operator import LocalOperator
+from ampacity.cluster.localcluster import LocalCluster
+from ampacity.cluster.polling import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+GPU_NODES = 4
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration/" in str(item.path):
+            item.add_marker(pytest.mark.cluster)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    local = LocalCluster(
+        tmp_path_factory.mktemp("cluster"), progress=lambda m: print(f"[cluster] {m}", file=sys.stderr)
+    )
+    local.up(nodes=GPU_NODES)
+    try:
+        yield local
+    finally:
+        local.down()
+
+
+@pytest.fixture(scope="session")
+def kubectl(cluster: LocalCluster) -> Kubectl:
+    return Kubectl(cluster.kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def crds(kubectl: Kubectl) -> None:
+    kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd",
+        "-l",
+        "app.kubernetes.io/part-of=ampacity",
+    )
+
+
+@pytest.fixture(scope="session")
+def operator(
+    cluster: LocalCluster, crds: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalOperator]:
+    process = LocalOperator(cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def namespace(kubectl: Kubectl) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    kubectl("create", "namespace", name)
+    # Pods are admitted only once the controller-manager has created the default ServiceAccount.
+    wait_for(
+        lambda: kubectl.ok("get", "serviceaccount", "default", "-n", name), timeout=30, what="default SA"
+    )
+    yield name
+    if os.environ.get("AMPACITY_KEEP_NAMESPACES") != "1":
+        kubectl.run("delete", "namespace", name, "--wait=false")

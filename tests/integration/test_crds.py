@@ -1,0 +1,128 @@
+"""The generated CRDs on a real API server: installed, explained, and rejecting bad objects."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ampacity.cluster.kubectl import Kubectl
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def example(kind: str) -> dict[str, Any]:
+    manifest: dict[str, Any] = yaml.safe_load((EXAMPLES / f"{kind}.yaml").read_text())
+    return manifest
+
+
+def test_all_kinds_are_served(kubectl: Kubectl, crds: None) -> None:
+    resources = kubectl("api-resources", "--api-group=ampacity.dev", "-o", "name").split()
+    assert sorted(resources) == sorted(
+        [
+            "servingpools.ampacity.dev",
+            "trainingjobs.ampacity.dev",
+            "federatedrounds.ampacity.dev",
+            "powerbudgets.ampacity.dev",
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "expected"),
+    [
+        ("servingpool.spec.slo.ttft", "Time-to-first-token objective"),
+        ("trainingjob.spec.checkpoint.retention.keepLast", "Keep the newest N complete checkpoints"),
+        ("powerbudget.spec.thresholds.t2", "cap every GPU, lowest priority hardest"),
+        ("federatedround.spec.aggregation.rule", "coordinate-wise"),
+    ],
+)
+def test_kubectl_explain_shows_field_descriptions(
+    kubectl: Kubectl, crds: None, field: str, expected: str
+) -> None:
+    assert expected in kubectl("explain", field)
+
+
+def _mutate(manifest: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    result = copy.deepcopy(manifest)
+    *parents, leaf = path.split(".")
+    node = result
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+    return result
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "value", "message"),
+    [
+        ("servingpool", "spec.minGpus", 32, "minGpus must not exceed maxGpus"),
+        ("servingpool", "spec.slo.ttft", "fast", "spec.slo.ttft"),
+        ("servingpool", "spec.slo.tpot", "0ms", "slo.tpot must be greater than zero"),
+        ("servingpool", "spec.mode", "sideways", 'Unsupported value: "sideways"'),
+        (
+            "trainingjob",
+            "spec.checkpoint.storage.uri",
+            "s3://bucket/ckpt",
+            "needs exactly one of persistentVolumeClaim or uri",
+        ),
+        (
+            "trainingjob",
+            "spec.workers.minReplicas",
+            9,
+            "workers.minReplicas must not exceed workers.replicas",
+        ),
+        (
+            "trainingjob",
+            "spec.checkpoint.interval",
+            {"policy": "fixed"},
+            "every is required when policy is fixed",
+        ),
+        ("federatedround", "spec.minQuorum", 50, "minQuorum must not exceed cohortSize"),
+        (
+            "federatedround",
+            "spec.localSteps",
+            {"min": 10, "max": 2},
+            "localSteps.min must not exceed localSteps.max",
+        ),
+        (
+            "powerbudget",
+            "spec.thresholds",
+            {"t1": 0.97, "t2": 0.9},
+            "thresholds.t1 must be below thresholds.t2",
+        ),
+        (
+            "powerbudget",
+            "spec.defaultPriorityClass",
+            "gold",
+            "defaultPriorityClass must name one of priorityClasses",
+        ),
+        ("powerbudget", "spec.limitWatts", -5, "spec.limitWatts"),
+    ],
+)
+def test_api_server_rejects_invalid_objects_with_a_clear_message(
+    kubectl: Kubectl, crds: None, kind: str, path: str, value: Any, message: str
+) -> None:
+    manifest = _mutate(example(kind), path, value)
+    manifest["metadata"]["name"] = "invalid"
+    result = kubectl.apply(manifest)
+    assert result.returncode != 0, f"{kind} with {path}={value!r} was accepted"
+    assert message in result.stderr
+    assert kubectl.get(kind, "invalid", manifest["metadata"].get("namespace")) is None
+
+
+def test_api_server_fills_defaults(kubectl: Kubectl, crds: None) -> None:
+    manifest = example("powerbudget")
+    manifest["metadata"]["name"] = "defaults"
+    del manifest["spec"]["thresholds"]
+    assert kubectl.apply(manifest).returncode == 0
+    try:
+        stored = kubectl.get("powerbudget", "defaults")
+        assert stored is not None
+        assert stored["spec"]["thresholds"] == {"t1": 0.85, "t2": 0.95}
+        assert [c["name"] for c in stored["spec"]["priorityClasses"]] == ["batch", "interactive"]
+    finally:
+        kubectl("delete", "powerbudget", "defaults")

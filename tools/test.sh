@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Every check and test, on a fresh machine too: creates .venv, builds the local
+# control plane into ~/.cache/ampacity on first use (about 15 min on 2 cores),
+# then runs lint, types, CRD drift, unit, integration and end-to-end tests.
+# Extra arguments go to pytest (e.g. tools/test.sh tests/unit -k planner).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source tools/bootstrap.sh
+
+echo "== control plane binaries" >&2
+tools/controlplane/build.sh >/dev/null
+echo "== ruff" >&2
+ruff check .
+ruff format --check .
+echo "== mypy" >&2
+mypy
+echo "== CRDs match the models" >&2
+ampacity crds generate --check
+echo "== helm lint" >&2
+"$(tools/controlplane/build.sh 2>/dev/null)/helm" lint --strict helm/ampacity
+echo "== pytest" >&2
+pytest "$@"
