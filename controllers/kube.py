@@ -9,6 +9,7 @@ client's loader (kubeconfig or in-cluster service account).
 from __future__ import annotations
 
 import json
+import ssl
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -59,13 +60,12 @@ def _client_from_kubernetes_config() -> httpx.AsyncClient:
     token = configuration.api_key.get("authorization") or configuration.api_key.get("BearerToken")
     if token:
         headers["Authorization"] = token if token.startswith("Bearer ") else f"Bearer {token}"
-    cert: tuple[str, str] | None = None
+    tls = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
+    if not configuration.verify_ssl:
+        tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
     if configuration.cert_file and configuration.key_file:
-        cert = (configuration.cert_file, configuration.key_file)
-    verify: str | bool = configuration.ssl_ca_cert or configuration.verify_ssl
-    return httpx.AsyncClient(
-        base_url=configuration.host, headers=headers, cert=cert, verify=verify, timeout=30
-    )
+        tls.load_cert_chain(configuration.cert_file, configuration.key_file)
+    return httpx.AsyncClient(base_url=configuration.host, headers=headers, verify=tls, timeout=30)
 
 
 class Kube:

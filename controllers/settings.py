@@ -25,6 +25,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     # Events are for what users must notice (condition changes), not for every log line.
     settings.posting.level = logging.WARNING
+    # One line per API request drowns the operator's own log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings.networking.error_backoffs = [1, 2, 5, 10, 30]
     settings.watching.server_timeout = 300
     memo["kube"] = Kube()
@@ -39,5 +41,5 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.probe(id="apiserver")
 async def apiserver_reachable(memo: kopf.Memo, **_: Any) -> bool:
     """Readiness: the operator can still list nodes through its client."""
-    await memo["kube"].list("Node", None, label_selector="ampacity.dev/probe=none")
+    await memo["kube"].list_objects("Node", None, label_selector="ampacity.dev/probe=none")
     return True

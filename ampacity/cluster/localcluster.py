@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -243,10 +244,9 @@ class LocalCluster:
     def _wait(
         self, name: str, url: str, timeout: float, state: ClusterState, authenticated: bool = False
     ) -> None:
-        cert = (str(self.pki.admin.cert), str(self.pki.admin.key)) if authenticated else None
-        verify: bool | str = str(self.pki.ca.cert) if authenticated else False
+        verify: bool | ssl.SSLContext = self._admin_tls() if authenticated else False
         deadline = time.monotonic() + timeout
-        with httpx.Client(cert=cert, verify=verify, timeout=5) as client:
+        with httpx.Client(verify=verify, timeout=5) as client:
             while time.monotonic() < deadline:
                 if not _alive(state.pids[name]):
                     raise ClusterError(f"{name} exited; see {self.logs / (name + '.log')}")
@@ -298,13 +298,13 @@ class LocalCluster:
     @contextlib.contextmanager
     def http(self) -> Iterator[httpx.Client]:
         """An admin HTTP client for the API server (for setup steps that need no typed client)."""
-        with httpx.Client(
-            base_url=self.server,
-            cert=(str(self.pki.admin.cert), str(self.pki.admin.key)),
-            verify=str(self.pki.ca.cert),
-            timeout=30,
-        ) as client:
+        with httpx.Client(base_url=self.server, verify=self._admin_tls(), timeout=30) as client:
             yield client
+
+    def _admin_tls(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.pki.ca.cert))
+        context.load_cert_chain(str(self.pki.admin.cert), str(self.pki.admin.key))
+        return context
 
 
 def _alive(pid: int) -> bool:

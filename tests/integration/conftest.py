@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from ampacity.api import RESOURCES
 from ampacity.cluster.kubectl import Kubectl
 from ampacity.cluster.local_operator import LocalOperator
 from ampacity.cluster.localcluster import LocalCluster
@@ -58,6 +59,10 @@ def crds(kubectl: Kubectl) -> None:
         "-l",
         "app.kubernetes.io/part-of=ampacity",
     )
+    # The API server publishes a new CRD's OpenAPI schema a moment after establishing it.
+    for resource in RESOURCES:
+        explain = ("explain", f"{resource.plural}.spec")
+        wait_for(lambda args=explain: kubectl.ok(*args), timeout=60, what=f"{resource.kind} schema")
 
 
 @pytest.fixture(scope="session")

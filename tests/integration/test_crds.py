@@ -65,8 +65,8 @@ def _mutate(manifest: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         ("servingpool", "spec.mode", "sideways", 'Unsupported value: "sideways"'),
         (
             "trainingjob",
-            "spec.checkpoint.storage.uri",
-            "s3://bucket/ckpt",
+            "spec.checkpoint.storage.persistentVolumeClaim",
+            "ckpt",
             "needs exactly one of persistentVolumeClaim or uri",
         ),
         (

@@ -1,0 +1,144 @@
+"""`ampacity federated ...`: the simulated evaluation, the aggregator service and a demo client."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ampacity.federated import evaluation
+from ampacity.federated.aggregator import AggregatorConfig, Arrays, atomic_write, encode_arrays, run
+from ampacity.federated.client import FederatedClient, Task, TrainResult
+from ampacity.federated.client import register as register_client
+
+ADMIN_TOKEN_ENV = "AMPACITY_FL_ADMIN_TOKEN"
+PARENT_TOKEN_ENV = "AMPACITY_FL_PARENT_TOKEN"
+CLIENT_TOKEN_ENV = "AMPACITY_FL_CLIENT_TOKEN"
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the `federated` command group."""
+    group = subparsers.add_parser("federated", help="federated learning: simulation, aggregator, client")
+    sub = group.add_subparsers(dest="federated_command", required=True, metavar="SUBCOMMAND")
+
+    sim = sub.add_parser("sim", help="time to accuracy per strategy and accuracy under Byzantine clients")
+    defaults = evaluation.SimConfig()
+    sim.add_argument("--seed", type=int, default=defaults.seed)
+    sim.add_argument("--clients", type=int, default=defaults.clients)
+    sim.add_argument("--target", type=float, default=defaults.target_accuracy, help="target test accuracy")
+    sim.add_argument("--alpha", type=float, default=defaults.dirichlet_alpha, help="Dirichlet label skew")
+    sim.add_argument("--byzantine-rounds", type=int, default=defaults.byzantine_rounds)
+    sim.set_defaults(func=_sim)
+
+    agg = sub.add_parser("aggregator", help="run the aggregator service")
+    agg.add_argument("--host", default="0.0.0.0")
+    agg.add_argument("--port", type=int, default=8470)
+    agg.add_argument("--state-dir", type=Path, required=True, help="where updates and models are persisted")
+    agg.add_argument("--initial-model", type=Path, help=".npz that seeds an empty state directory")
+    agg.add_argument("--max-update-bytes", type=int, default=64 * 1024 * 1024)
+    agg.add_argument("--parent-url", help="run as an intermediate (LIFL) aggregator under this parent")
+    agg.add_argument("--deadline-poll-seconds", type=float, default=0.2)
+    agg.set_defaults(func=_aggregator)
+
+    init = sub.add_parser("init-model", help="write the demo digits model (all zeros) as .npz")
+    init.add_argument("--out", type=Path, required=True)
+    init.set_defaults(func=_init_model)
+
+    client = sub.add_parser("client", help="demo client: logistic regression on a shard of the digits data")
+    client.add_argument("--url", required=True, help="aggregator URL")
+    client.add_argument("--client-id", required=True)
+    client.add_argument("--shard", type=int, required=True, help="this client's shard index")
+    client.add_argument("--shards", type=int, required=True, help="number of shards (clients)")
+    client.add_argument("--seed", type=int, default=0)
+    client.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    client.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    client.add_argument(
+        "--step-delay-seconds", type=float, default=0.0, help="sleep per step (a slow device)"
+    )
+    client.add_argument("--tasks", type=int, default=1, help="exit after uploading this many updates")
+    client.add_argument("--poll-seconds", type=float, default=0.5)
+    client.add_argument("--timeout-seconds", type=float, default=300.0, help="give up waiting for tasks")
+    client.set_defaults(func=_client)
+
+
+def _sim(args: argparse.Namespace) -> int:
+    cfg = dataclasses.replace(
+        evaluation.SimConfig(),
+        seed=args.seed,
+        clients=args.clients,
+        target_accuracy=args.target,
+        dirichlet_alpha=args.alpha,
+        byzantine_rounds=args.byzantine_rounds,
+    )
+    print(evaluation.report(cfg))
+    return 0
+
+
+def _token(env: str, what: str) -> str:
+    token = os.environ.get(env, "")
+    if not token:
+        raise SystemExit(f"set {env} to the {what}")
+    return token
+
+
+def _aggregator(args: argparse.Namespace) -> int:
+    config = AggregatorConfig(
+        state_dir=args.state_dir,
+        admin_token=_token(ADMIN_TOKEN_ENV, "admin token"),
+        max_update_bytes=args.max_update_bytes,
+        parent_url=args.parent_url,
+        parent_token=_token(PARENT_TOKEN_ENV, "token this intermediate uses at its parent")
+        if args.parent_url
+        else None,
+        deadline_poll_s=args.deadline_poll_seconds,
+    )
+    run(config, args.host, args.port, args.initial_model)
+    return 0
+
+
+def _init_model(args: argparse.Namespace) -> int:
+    atomic_write(args.out, encode_arrays(evaluation.model_params(evaluation.initial_model())))
+    print(args.out)
+    return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    # Load the data first: a client registers only once it is ready to train.
+    data = evaluation.load_federated_digits(args.shards, 0.5, args.seed)
+    x, y = data.client_x[args.shard], data.client_y[args.shard]
+    # Tokens come from the environment, not argv, so they do not show up in `ps`.
+    token = os.environ.get(CLIENT_TOKEN_ENV) or register_client(
+        args.url, _token(ADMIN_TOKEN_ENV, f"admin token (or set {CLIENT_TOKEN_ENV})"), args.client_id
+    )
+    rng = np.random.default_rng([args.seed, args.shard])
+
+    def train(params: Arrays, task: Task) -> TrainResult:
+        theta = evaluation.params_vector(params)
+        delta = evaluation.local_train(
+            theta, x, y, task.local_steps, args.batch_size, args.learning_rate, rng
+        )
+        time.sleep(args.step_delay_seconds * task.local_steps)
+        return TrainResult(evaluation.model_params(theta + delta), len(y))
+
+    uploaded = 0
+    give_up = time.monotonic() + args.timeout_seconds
+    with FederatedClient(args.url, token) as client:
+        while uploaded < args.tasks and time.monotonic() < give_up:
+            result = client.run_once(train)
+            if result is None:
+                time.sleep(args.poll_seconds)
+                continue
+            print(f"{args.client_id}: {result.status_code} {result.body}", flush=True)
+            uploaded += 1
+    if uploaded < args.tasks:
+        print(
+            f"{args.client_id}: gave up after {args.timeout_seconds:g}s with {uploaded} uploads",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

@@ -1,0 +1,437 @@
+"""Discrete-event simulator of a serving pool: disaggregated prefill/decode or colocated.
+
+Iteration-level, like the schedulers it models: an instance runs one forward pass at a time and
+the pass's length comes from `LatencyModel`. Scheduling follows vLLM and DistServe:
+
+- requests are dispatched on arrival to the instance with the fewest outstanding tokens;
+- prefill instances batch queued prompts first-come first-served up to a token budget;
+- decode instances run continuous batching; a request is admitted when its whole KV footprint
+  (prompt + output tokens) fits, so the cache never overflows and nothing is preempted;
+- between phases the prompt's KV cache is pulled over the prefill instance's link once the decode
+  instance has room (transfers from one prefill instance queue behind each other);
+- a colocated instance mixes newly admitted prompts and running decodes in one pass (vLLM's
+  iteration-level batching), so long prompts stall the decodes sharing their pass.
+
+TTFT ends when the prefill pass that produced the first token ends; TPOT is the mean gap between
+the remaining tokens, so it includes KV transfer and any wait for decode memory (DistServe's
+definitions). Nothing is random: the same pool and workload give the same result.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from ampacity.serving.hardware import GpuSpec, ModelSpec
+from ampacity.serving.latency import LatencyModel
+from ampacity.serving.workload import Workload
+
+
+@dataclass(frozen=True)
+class Slo:
+    """Latency objectives, in seconds."""
+
+    ttft: float
+    tpot: float
+
+
+@dataclass(frozen=True)
+class Disaggregated:
+    """Prefill and decode on separate instances. A phase with 0 instances is simulated alone:
+    without prefill instances requests reach decode with their KV cache at arrival, without decode
+    instances they end after prefill (the planner sizes each phase this way)."""
+
+    prefill_tp: int
+    prefill_instances: int
+    decode_tp: int
+    decode_instances: int
+    kv_bandwidth: float
+    """Bytes/s one prefill instance can send KV caches at."""
+
+    @property
+    def gpus(self) -> int:
+        return self.prefill_tp * self.prefill_instances + self.decode_tp * self.decode_instances
+
+
+@dataclass(frozen=True)
+class Colocated:
+    """Instances that each run both phases."""
+
+    tp: int
+    instances: int
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.instances
+
+
+Pool = Disaggregated | Colocated
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Scheduler limits: vLLM's `max_num_seqs` default, and a prefill token budget per pass.
+
+    The budget batches short prompts (prefill is compute-bound well before 8k tokens, so larger
+    batches only delay the first of them); a longer prompt runs alone.
+    """
+
+    max_batch: int = 256
+    prefill_tokens: int = 8192
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """Per-request latencies (s) and per-instance KV-cache use."""
+
+    ttft: np.ndarray
+    tpot: np.ndarray
+    finish: np.ndarray
+    completions: np.ndarray
+    """How many times each request finished (1 for all, or the simulator is wrong)."""
+    admitted: np.ndarray
+    """When each request got its last phase's slot (decode KV reservation; prefill start without a
+    decode phase): how long the pool left it queued."""
+    prefill_alone: np.ndarray
+    """Each request's prefill time on an otherwise idle instance: a lower bound of its TTFT."""
+    kv_peak: np.ndarray
+    """Peak KV tokens reserved on each instance that holds decoding requests."""
+    kv_capacity: np.ndarray
+
+    def meets(self, slo: Slo) -> np.ndarray:
+        return (self.ttft <= slo.ttft) & (self.tpot <= slo.tpot)
+
+    def attainment(self, slo: Slo) -> float:
+        """Share of requests meeting both SLOs."""
+        return float(np.mean(self.meets(slo))) if len(self.ttft) else 1.0
+
+
+def simulate(
+    pool: Pool, workload: Workload, spec: ModelSpec, hw: GpuSpec, limits: Limits | None = None
+) -> SimResult:
+    """Serve `workload` on `pool`; raises ValueError if an instance cannot hold some request at all."""
+    lim = limits if limits is not None else Limits()
+    if isinstance(pool, Colocated):
+        return _Colocated(pool, workload, spec, hw, lim).run()
+    return _Disaggregated(pool, workload, spec, hw, lim).run()
+
+
+def _check_fits(what: str, capacity: int, largest: int) -> None:
+    if largest > capacity:
+        raise ValueError(f"{what} holds {capacity} KV tokens, fewer than the largest request's {largest}")
+
+
+class _Base:
+    """Arrival merging, the event heap and the per-request records shared by both modes."""
+
+    def __init__(self, workload: Workload, lim: Limits) -> None:
+        self.lim = lim
+        self.arrivals: list[float] = workload.arrivals.tolist()
+        self.prompt: list[int] = workload.prompts.tolist()
+        self.output: list[int] = workload.outputs.tolist()
+        n = len(workload)
+        self.first = [np.nan] * n
+        self.finish = [np.nan] * n
+        self.completions = [0] * n
+        self.admitted = [np.nan] * n
+        self.events: list[tuple[float, int, int, int]] = []
+        self.seq = 0
+
+    def push(self, time: float, kind: int, subject: int) -> None:
+        # The sequence number breaks ties in insertion order, which keeps runs deterministic.
+        self.seq += 1
+        heapq.heappush(self.events, (time, self.seq, kind, subject))
+
+    def done(self, r: int, t: float) -> None:
+        self.finish[r] = t
+        self.completions[r] += 1
+
+    def loop(self) -> None:
+        arrivals, events, n = self.arrivals, self.events, len(self.arrivals)
+        a = 0
+        while a < n or events:
+            if a < n and (not events or arrivals[a] <= events[0][0]):
+                self.arrive(a, arrivals[a])
+                a += 1
+            else:
+                t, _, kind, subject = heapq.heappop(events)
+                self.handle(kind, subject, t)
+
+    def arrive(self, r: int, t: float) -> None:
+        raise NotImplementedError
+
+    def handle(self, kind: int, subject: int, t: float) -> None:
+        raise NotImplementedError
+
+    def result(self, prefill: LatencyModel, kv_peak: list[int], kv_capacity: int) -> SimResult:
+        prompts = np.array(self.prompt, dtype=np.float64)
+        outputs = np.array(self.output, dtype=np.float64)
+        first = np.array(self.first)
+        finish = np.array(self.finish)
+        ttft = first - np.array(self.arrivals)
+        gaps = np.maximum(outputs - 1, 1)
+        tpot = np.where(outputs > 1, (finish - first) / gaps, 0.0)
+        return SimResult(
+            ttft=ttft,
+            tpot=tpot,
+            finish=finish,
+            completions=np.array(self.completions),
+            admitted=np.array(self.admitted),
+            prefill_alone=np.array([prefill.prefill_time(p, p * p) for p in prompts]),
+            kv_peak=np.array(kv_peak),
+            kv_capacity=np.full(len(kv_peak), kv_capacity),
+        )
+
+
+class _Decoders:
+    """Continuous-batching decode state for a set of instances (shared by both modes).
+
+    A request that joins after `steps` passes and owes k more tokens leaves when `steps` reaches
+    its finish step; the running context grows by one token per running request per pass.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.running = [0] * count
+        self.context = [0] * count
+        self.steps = [0] * count
+        self.leaving: list[list[tuple[int, int]]] = [[] for _ in range(count)]
+        self.reserved = [0] * count
+        self.admitted = [0] * count
+        self.peak = [0] * count
+
+    def join(self, i: int, r: int, prompt: int, remaining: int) -> None:
+        self.running[i] += 1
+        self.context[i] += prompt
+        heapq.heappush(self.leaving[i], (self.steps[i] + remaining, r))
+
+    def reserve(self, i: int, tokens: int) -> None:
+        self.reserved[i] += tokens
+        self.admitted[i] += 1
+        self.peak[i] = max(self.peak[i], self.reserved[i])
+
+    def step_done(self, i: int) -> list[int]:
+        """Advance instance i by one pass; the requests that generated their last token."""
+        self.steps[i] += 1
+        self.context[i] += self.running[i]
+        leaving = self.leaving[i]
+        out = []
+        while leaving and leaving[0][0] <= self.steps[i]:
+            out.append(heapq.heappop(leaving)[1])
+        return out
+
+    def unreserve(self, i: int, tokens: int) -> None:
+        self.reserved[i] -= tokens
+        self.admitted[i] -= 1
+
+    def release(self, i: int, prompt: int, output: int) -> None:
+        """A running request left: its context and its reservation are freed."""
+        self.running[i] -= 1
+        self.context[i] -= prompt + output - 1
+        self.unreserve(i, prompt + output)
+
+
+_PREFILL_DONE, _TRANSFER_DONE, _DECODE_DONE = 0, 1, 2
+
+
+class _Disaggregated(_Base):
+    def __init__(
+        self, pool: Disaggregated, workload: Workload, spec: ModelSpec, hw: GpuSpec, lim: Limits
+    ) -> None:
+        super().__init__(workload, lim)
+        if pool.prefill_instances == 0 and pool.decode_instances == 0:
+            raise ValueError("a pool needs at least one instance")
+        self.pool = pool
+        self.pm = LatencyModel(spec, hw, pool.prefill_tp)
+        self.dm = LatencyModel(spec, hw, pool.decode_tp)
+        self.kv_capacity = self.dm.kv_capacity_tokens()
+        if len(workload):
+            if pool.prefill_instances:
+                _check_fits("a prefill instance", self.pm.kv_capacity_tokens(), int(workload.prompts.max()))
+            if pool.decode_instances:
+                _check_fits(
+                    "a decode instance", self.kv_capacity, int((workload.prompts + workload.outputs).max())
+                )
+        npf, nd = pool.prefill_instances, pool.decode_instances
+        self.queue: list[deque[int]] = [deque() for _ in range(npf)]
+        self.batch: list[list[int]] = [[] for _ in range(npf)]
+        self.prefill_load = [0] * npf
+        self.link_free = [0.0] * npf
+        self.origin = [-1] * len(workload)
+        self.target = [-1] * len(workload)
+        self.pending: list[deque[int]] = [deque() for _ in range(nd)]
+        self.decode_load = [0] * nd
+        self.joining: list[list[int]] = [[] for _ in range(nd)]
+        self.busy = [False] * nd
+        self.dec = _Decoders(nd)
+
+    def run(self) -> SimResult:
+        self.loop()
+        return self.result(self.pm, self.dec.peak, self.kv_capacity)
+
+    def arrive(self, r: int, t: float) -> None:
+        if not self.pool.prefill_instances:
+            self.first[r] = t
+            self.to_decode(r, t)
+            return
+        i = min(range(self.pool.prefill_instances), key=self.prefill_load.__getitem__)
+        self.queue[i].append(r)
+        self.prefill_load[i] += self.prompt[r]
+        self.origin[r] = i
+        if not self.batch[i]:
+            self.start_prefill(i, t)
+
+    def start_prefill(self, i: int, t: float) -> None:
+        queue, batch, prompt = self.queue[i], self.batch[i], self.prompt
+        tokens = squares = 0
+        while queue and (not batch or tokens + prompt[queue[0]] <= self.lim.prefill_tokens):
+            r = queue.popleft()
+            if not self.pool.decode_instances:
+                self.admitted[r] = t
+            batch.append(r)
+            tokens += prompt[r]
+            squares += prompt[r] * prompt[r]
+        if batch:
+            self.push(t + self.pm.prefill_time(tokens, squares), _PREFILL_DONE, i)
+
+    def to_decode(self, r: int, t: float) -> None:
+        if not self.pool.decode_instances:
+            self.done(r, t)
+            return
+        j = min(range(self.pool.decode_instances), key=self.decode_load.__getitem__)
+        self.target[r] = j
+        self.pending[j].append(r)
+        self.decode_load[j] += self.prompt[r] + self.output[r]
+        self.admit(j, t)
+
+    def admit(self, j: int, t: float) -> None:
+        pending, dec = self.pending[j], self.dec
+        while pending:
+            r = pending[0]
+            need = self.prompt[r] + self.output[r]
+            if dec.reserved[j] + need > self.kv_capacity or dec.admitted[j] >= self.lim.max_batch:
+                return
+            pending.popleft()
+            dec.reserve(j, need)
+            self.admitted[r] = t
+            i = self.origin[r]
+            if i < 0:
+                self.joining[j].append(r)
+                self.start_decode(j, t)
+                continue
+            start = max(t, self.link_free[i])
+            self.link_free[i] = start + self.dm.kv_transfer_bytes(self.prompt[r]) / self.pool.kv_bandwidth
+            self.push(self.link_free[i], _TRANSFER_DONE, r)
+
+    def start_decode(self, j: int, t: float) -> None:
+        if self.busy[j]:
+            return  # joiners wait for the pass in flight to end
+        dec = self.dec
+        for r in self.joining[j]:
+            dec.join(j, r, self.prompt[r], self.output[r] - 1)
+        self.joining[j].clear()
+        if dec.running[j]:
+            self.busy[j] = True
+            self.push(t + self.dm.decode_time(dec.running[j], dec.context[j]), _DECODE_DONE, j)
+
+    def handle(self, kind: int, subject: int, t: float) -> None:
+        if kind == _DECODE_DONE:
+            j = subject
+            for r in self.dec.step_done(j):
+                self.dec.release(j, self.prompt[r], self.output[r])
+                self.decode_load[j] -= self.prompt[r] + self.output[r]
+                self.done(r, t)
+            self.busy[j] = False
+            self.admit(j, t)
+            self.start_decode(j, t)
+        elif kind == _TRANSFER_DONE:
+            j = self.target[subject]
+            self.joining[j].append(subject)
+            self.start_decode(j, t)
+        else:
+            i = subject
+            finished, self.batch[i] = self.batch[i], []
+            for r in finished:
+                self.first[r] = t
+                self.prefill_load[i] -= self.prompt[r]
+            for r in finished:
+                if self.output[r] == 1:
+                    self.done(r, t)
+                else:
+                    self.to_decode(r, t)
+            self.start_prefill(i, t)
+
+
+_PASS_DONE = 3
+
+
+class _Colocated(_Base):
+    def __init__(
+        self, pool: Colocated, workload: Workload, spec: ModelSpec, hw: GpuSpec, lim: Limits
+    ) -> None:
+        super().__init__(workload, lim)
+        self.pool = pool
+        self.lm = LatencyModel(spec, hw, pool.tp)
+        self.kv_capacity = self.lm.kv_capacity_tokens()
+        if len(workload):
+            _check_fits("an instance", self.kv_capacity, int((workload.prompts + workload.outputs).max()))
+        n = pool.instances
+        self.waiting: list[deque[int]] = [deque() for _ in range(n)]
+        self.load = [0] * n
+        self.prefilling: list[list[int]] = [[] for _ in range(n)]
+        self.busy = [False] * n
+        self.dec = _Decoders(n)
+
+    def run(self) -> SimResult:
+        self.loop()
+        return self.result(self.lm, self.dec.peak, self.kv_capacity)
+
+    def arrive(self, r: int, t: float) -> None:
+        i = min(range(self.pool.instances), key=self.load.__getitem__)
+        self.waiting[i].append(r)
+        self.load[i] += self.prompt[r] + self.output[r]
+        if not self.busy[i]:
+            self.start_pass(i, t)
+
+    def start_pass(self, i: int, t: float) -> None:
+        waiting, new, dec, prompt = self.waiting[i], self.prefilling[i], self.dec, self.prompt
+        tokens = squares = 0
+        while waiting:
+            r = waiting[0]
+            need = prompt[r] + self.output[r]
+            if dec.reserved[i] + need > self.kv_capacity or dec.admitted[i] >= self.lim.max_batch:
+                break
+            if new and tokens + prompt[r] > self.lim.prefill_tokens:
+                break
+            waiting.popleft()
+            dec.reserve(i, need)
+            self.admitted[r] = t
+            new.append(r)
+            tokens += prompt[r]
+            squares += prompt[r] * prompt[r]
+        if new or dec.running[i]:
+            self.busy[i] = True
+            dt = self.lm.mixed_time(tokens, squares, dec.running[i], dec.context[i])
+            self.push(t + dt, _PASS_DONE, i)
+
+    def handle(self, kind: int, subject: int, t: float) -> None:
+        i, dec = subject, self.dec
+        for r in dec.step_done(i):
+            dec.release(i, self.prompt[r], self.output[r])
+            self.leave(i, r, t)
+        prefilled, self.prefilling[i] = self.prefilling[i], []
+        for r in prefilled:
+            self.first[r] = t
+            if self.output[r] == 1:
+                dec.unreserve(i, self.prompt[r] + 1)
+                self.leave(i, r, t)
+            else:
+                dec.join(i, r, self.prompt[r], self.output[r] - 1)
+        self.busy[i] = False
+        self.start_pass(i, t)
+
+    def leave(self, i: int, r: int, t: float) -> None:
+        self.load[i] -= self.prompt[r] + self.output[r]
+        self.done(r, t)

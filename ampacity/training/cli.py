@@ -1,0 +1,143 @@
+"""`ampacity training ...`: the checkpoint-interval policy, the waste simulation and the stall benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from ampacity.training.bench import bench_checkpoint_stall
+from ampacity.training.checkpoint_interval import FailureRatePrior, auto_interval
+from ampacity.training.failure_trace import load_failure_trace
+from ampacity.training.simulation import JobConfig, compare_policies
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("training", help="TrainingJob checkpoint policy, simulation, benchmark")
+    commands = parser.add_subparsers(dest="training_command", required=True, metavar="COMMAND")
+
+    def job_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--nodes", type=int, default=JobConfig.nodes, help="nodes in the gang")
+        p.add_argument("--stall", type=float, default=JobConfig.stall_seconds, help="save stall, s")
+        p.add_argument("--persist", type=float, default=JobConfig.persist_seconds, help="persist time, s")
+
+    sim = commands.add_parser("sim", help="GPU-time wasted by auto vs fixed vs the Daly oracle on the trace")
+    job_options(sim)
+    sim.add_argument("--gpus-per-node", type=int, default=JobConfig.gpus_per_node)
+    sim.add_argument("--restart", type=float, default=JobConfig.restart_seconds, help="restart time, s")
+    sim.add_argument("--fixed-interval", type=float, default=3600.0, help="the fixed policy, s")
+    sim.add_argument("--trials", type=int, default=20, help="random placements of the job")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument(
+        "--prior-until-days", type=float, default=100.0, help="prior from days before this; the rest replayed"
+    )
+    sim.add_argument("--prior-weight", type=float, default=2.0, help="prior strength in pseudo-failures")
+    sim.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sim.set_defaults(func=_sim)
+
+    interval = commands.add_parser("interval", help="the auto interval and its reason for given measurements")
+    job_options(interval)
+    interval.add_argument("--restarts", type=int, default=0, help="restarts observed so far")
+    interval.add_argument("--exposure-node-hours", type=float, default=0.0, help="node-hours run so far")
+    interval.add_argument("--prior-weight", type=float, default=2.0)
+    interval.set_defaults(func=_interval)
+
+    bench = commands.add_parser("bench-checkpoint", help="save stall: async two-phase vs synchronous save")
+    bench.add_argument("--size-gb", type=float, default=2.0, help="state size (GiB)")
+    bench.add_argument("--arrays", type=int, default=16, help="number of arrays the state is split into")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=_bench)
+
+
+def _sim(args: argparse.Namespace) -> int:
+    job = JobConfig(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        stall_seconds=args.stall,
+        persist_seconds=args.persist,
+        restart_seconds=args.restart,
+    )
+    result = compare_policies(
+        load_failure_trace(),
+        job,
+        seed=args.seed,
+        trials=args.trials,
+        prior_until_days=args.prior_until_days,
+        prior_weight=args.prior_weight,
+        fixed_interval_seconds=args.fixed_interval,
+    )
+    rows = {
+        name: {
+            "wasted_gpu_hours": p.wasted_gpu_hours,
+            "checkpoint_gpu_hours": p.waste.checkpoint_seconds * p.gpus / 3600,
+            "lost_work_gpu_hours": p.waste.lost_seconds * p.gpus / 3600,
+            "restart_gpu_hours": p.waste.restart_seconds * p.gpus / 3600,
+            "waste_fraction": p.waste.total_seconds / (result.trials * result.horizon_hours * 3600),
+            "checkpoints": p.waste.checkpoints,
+            "failures": p.waste.failures,
+            "ratio_to_oracle": result.ratio_to_oracle(name),
+        }
+        for name, p in result.policies.items()
+    }
+    if args.json:
+        print(json.dumps({"job": asdict(job), "trials": result.trials, "policies": rows}, indent=2))
+        return 0
+    print(
+        f"{job.nodes} nodes x {job.gpus_per_node} GPUs, {result.trials} placements x "
+        f"{result.horizon_hours:.0f} h replayed; MTBF {result.true_mtbf_hours:.1f} h in the replay, "
+        f"{result.prior_mtbf_hours:.1f} h from the prior"
+    )
+    row_format = "{:8} {:>13} {:>10} {:>10} {:>10} {:>8} {:>8}"
+    print(row_format.format("policy", "wasted GPU-h", "ckpt", "lost", "restart", "waste %", "/oracle"))
+    for name, row in rows.items():
+        print(
+            row_format.format(
+                name,
+                f"{row['wasted_gpu_hours']:.0f}",
+                f"{row['checkpoint_gpu_hours']:.0f}",
+                f"{row['lost_work_gpu_hours']:.0f}",
+                f"{row['restart_gpu_hours']:.0f}",
+                f"{100 * row['waste_fraction']:.2f}",
+                f"{row['ratio_to_oracle']:.3f}",
+            )
+        )
+    return 0
+
+
+def _interval(args: argparse.Namespace) -> int:
+    prior = FailureRatePrior.from_trace(load_failure_trace(), weight=args.prior_weight, source="InfiniteHBD")
+    decision = auto_interval(
+        stall_seconds=args.stall,
+        persist_seconds=args.persist,
+        nodes=args.nodes,
+        prior=prior,
+        observed_failures=args.restarts,
+        exposure_node_hours=args.exposure_node_hours,
+    )
+    print(f"{decision.interval_seconds:.0f} s")
+    print(decision.reason)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="ampacity-ckpt-bench-", dir=args.dir) as tmp:
+        result = bench_checkpoint_stall(
+            Path(tmp), size_gb=args.size_gb, arrays=args.arrays, repeats=args.repeats
+        )
+    if args.json:
+        print(json.dumps({**asdict(result), "ratio": result.ratio}, indent=2))
+        return 0
+    gib = result.size_bytes / 2**30
+    print(f"state {gib:.2f} GiB in {result.arrays} arrays, {len(result.sync_stall_seconds)} saves each")
+    print("sync stall s:    " + " ".join(f"{s:.3f}" for s in result.sync_stall_seconds))
+    print("async stall s:   " + " ".join(f"{s:.3f}" for s in result.async_stall_seconds))
+    print("async persist s: " + " ".join(f"{s:.3f}" for s in result.async_persist_seconds))
+    print(
+        f"median sync stall {result.sync_median:.3f} s, "
+        f"median async stall {result.async_median:.3f} s: {result.ratio:.1f}x lower"
+    )
+    return 0
