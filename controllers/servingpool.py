@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from ampacity.api import SERVING_POOL
@@ -9,9 +10,10 @@ from ampacity.api.servingpool import ServingPlan, ServingPoolSpec
 from ampacity.cluster.nodes import GPU_RESOURCE, GPU_TYPE_LABEL
 from controllers import metrics
 from controllers.reconciler import Context, controller
-from controllers.serving_plan import PlanningError, plan_pool
+from controllers.serving_plan import PlanningError, SizedPlan, plan_pool
 
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+CAPACITY_LIMITED = "CapacityLimited"
 
 
 def _gpu_affinity(gpu_type: str) -> dict[str, Any]:
@@ -86,19 +88,42 @@ def roles(plan: ServingPlan) -> dict[str, tuple[int, int]]:
     return {"engine": (plan.prefill_replicas, plan.prefill_tensor_parallel)}
 
 
+async def _plan(ctx: Context) -> SizedPlan:
+    """The plan for the current generation: kept from the last reconcile, or planned anew.
+
+    Planning simulates candidate pools (about a second per plan), so it runs in a
+    thread, and only when the spec changed.
+    """
+    status = ctx.status
+    if status.plan is not None and status.observed_generation == ctx.generation:
+        limited = status.condition(CAPACITY_LIMITED)
+        return SizedPlan(status.plan, limited.message if limited and limited.status == "True" else "")
+    sized = await asyncio.to_thread(plan_pool, ctx.spec)
+    plan = sized.plan
+    ctx.event(
+        "Planned",
+        f"{plan.mode}: {plan.gpus} GPUs for {plan.capacity:g} req/s, "
+        f"{plan.predicted_goodput:g} req/s per GPU (best colocated: {plan.colocated_goodput:g})",
+    )
+    return sized
+
+
 async def reconcile(ctx: Context) -> None:
     spec: ServingPoolSpec = ctx.spec
     try:
-        plan = plan_pool(spec)
+        sized = await _plan(ctx)
     except PlanningError as error:
+        ctx.status.plan = None
         ctx.set_ready(False, "Unplannable", str(error))
         return
-    if ctx.status.plan != plan:
-        ctx.event(
-            "Planned",
-            f"{plan.mode}: {plan.gpus} GPUs, predicted goodput {plan.predicted_goodput:.3f} req/s/GPU",
-        )
-    ctx.status.plan = plan
+    plan = ctx.status.plan = sized.plan
+    ctx.status.set_condition(
+        CAPACITY_LIMITED,
+        "True" if sized.limited_by else "False",
+        "MaxGpus" if sized.limited_by else "PeakRateCovered",
+        sized.limited_by or f"the pool sustains {plan.capacity:g} req/s",
+        ctx.generation,
+    )
 
     wanted = roles(plan)
     deployments = [engine_deployment(ctx, spec, role, r, tp) for role, (r, tp) in wanted.items()]

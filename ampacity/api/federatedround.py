@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import StrEnum
 
 from pydantic import Field
@@ -21,6 +22,7 @@ class AggregationRule(StrEnum):
     TRIMMED_MEAN = "trimmedMean"
     MEDIAN = "median"
     KRUM = "krum"
+    MULTI_KRUM = "multiKrum"
 
 
 class LocalSteps(ApiModel):
@@ -37,18 +39,48 @@ class Aggregation(ApiModel):
 
     rule: AggregationRule = Field(
         default=AggregationRule.MEAN,
-        description="mean (FedAvg), trimmedMean, median (coordinate-wise) or krum.",
+        description=(
+            "mean (FedAvg, weighted by sample count), trimmedMean, median (coordinate-wise), krum or"
+            " multiKrum (the mean of the n - f best-scored updates)."
+        ),
     )
     trim_fraction: float = Field(
         default=0.1, ge=0, lt=0.5, description="Fraction trimmed from each end by trimmedMean."
     )
-    byzantine_clients: int = Field(default=0, ge=0, description="Attackers Krum must tolerate (f).")
+    byzantine_clients: int = Field(
+        default=0,
+        ge=0,
+        description="Attackers the rule must tolerate (f): trimmed from each end, or Krum's f.",
+    )
+    max_update_norm: float | None = Field(
+        default=None, gt=0, description="Updates whose L2 norm exceeds this are rejected; unset: no bound."
+    )
+
+
+class AggregatorSpec(ApiModel):
+    """Where the round's aggregator keeps its state."""
+
+    state_volume_claim: str = Field(
+        default="",
+        description=(
+            "PersistentVolumeClaim mounted at /state: received updates and models survive the aggregator"
+            " pod's rescheduling, and a model given as file:///state/... is read from it. Empty: an"
+            " emptyDir, which survives container restarts only."
+        ),
+    )
 
 
 class FederatedRoundSpec(ApiModel):
     """Desired state of a FederatedRound."""
 
-    model: str = Field(min_length=1, description="URI of the global model artifact the round starts from.")
+    model: str = Field(
+        min_length=1,
+        description=(
+            "URI of the global model artifact the round starts from: file:///state/<path>.npz on the"
+            " aggregator's state volume seeds an empty aggregator; any other URI names a model the"
+            " aggregator already holds (installed with PUT /v1/model)."
+        ),
+    )
     client_selector: dict[str, str] = Field(
         default_factory=dict, description="Labels a registered client must carry to be selected."
     )
@@ -60,10 +92,25 @@ class FederatedRoundSpec(ApiModel):
     aggregation: Aggregation = Field(
         default_factory=lambda: Aggregation(), description="How updates are combined."
     )
+    aggregator: AggregatorSpec = Field(
+        default_factory=lambda: AggregatorSpec(), description="The round's aggregator service."
+    )
 
     validations = (
         cel("self.minQuorum <= self.cohortSize", "minQuorum must not exceed cohortSize", ".minQuorum"),
         cel("duration(self.deadline) > duration('0s')", "deadline must be greater than zero", ".deadline"),
+        cel(
+            "!has(self.aggregation) || !(self.aggregation.rule in ['krum', 'multiKrum'])"
+            " || self.minQuorum > 2 * self.aggregation.byzantineClients + 2",
+            "krum and multiKrum need minQuorum > 2 * byzantineClients + 2",
+            ".aggregation",
+        ),
+        cel(
+            "!has(self.aggregation) || self.aggregation.rule != 'trimmedMean'"
+            " || self.minQuorum > 2 * self.aggregation.byzantineClients",
+            "trimmedMean needs minQuorum > 2 * byzantineClients",
+            ".aggregation",
+        ),
     )
 
 
@@ -76,16 +123,66 @@ class RoundPhase(StrEnum):
     FAILED = "Failed"
 
 
+class ClientAssignment(ApiModel):
+    """What one selected client was asked to do."""
+
+    client: str = Field(description="Client id, as registered with the aggregator.")
+    local_steps: int = Field(ge=1, description="Local steps assigned (FedCompass: from its speed).")
+    group: int = Field(default=0, ge=0, description="FedCompass arrival group (0 for fedavg and fedbuff).")
+    seconds_per_step: float | None = Field(
+        default=None, gt=0, description="Speed estimate the assignment used; unset when none was known."
+    )
+
+
+class UpdateRejection(ApiModel):
+    """An update the aggregator refused, and why."""
+
+    client: str = Field(description="Client that sent it.")
+    reason: str = Field(description="Why it was refused.")
+
+
+class RoundResult(ApiModel):
+    """Metrics of the aggregation that ended the round."""
+
+    model_version: int = Field(ge=0, description="Global model version the round produced.")
+    updates: int = Field(default=0, ge=0, description="On-time updates aggregated.")
+    late_included: int = Field(
+        default=0, ge=0, description="Late updates of the previous round folded in (staleness-weighted)."
+    )
+    rule: str = Field(default="", description="Aggregation rule applied.")
+    update_norm: float = Field(default=0, ge=0, description="L2 norm of the aggregated update.")
+    total_weight: float = Field(default=0, ge=0, description="Sum of the aggregated updates' weights.")
+
+
+#: Rejections kept in the status (the newest); the count is in rejectedUpdates.
+MAX_REJECTIONS = 10
+
+
 class FederatedRoundStatus(Status):
     """Observed state of a FederatedRound."""
 
     phase: RoundPhase = Field(default=RoundPhase.PENDING, description="Lifecycle phase.")
     aggregator: str = Field(default="", description="URL of the round's aggregator service.")
+    round_id: str = Field(default="", description="Id of the round at the aggregator.")
     selected_clients: list[str] = Field(default_factory=list, description="Clients selected for the round.")
+    assignments: list[ClientAssignment] = Field(
+        default_factory=list, description="Local steps assigned to each selected client."
+    )
+    start_time: datetime | None = Field(default=None, description="When the aggregator opened the round.")
+    deadline_time: datetime | None = Field(
+        default=None, description="When the round closes, delivered or not."
+    )
+    completion_time: datetime | None = Field(default=None, description="When the round completed or failed.")
     received_updates: int = Field(default=0, ge=0, description="Updates accepted.")
-    late_updates: int = Field(default=0, ge=0, description="Updates that arrived after the deadline.")
+    late_updates: int = Field(
+        default=0, ge=0, description="Updates that arrived after the deadline (buffered for the next round)."
+    )
     rejected_updates: int = Field(default=0, ge=0, description="Updates rejected as malformed.")
+    rejections: list[UpdateRejection] = Field(
+        default_factory=list, description=f"The newest {MAX_REJECTIONS} rejected updates and their reasons."
+    )
     result: str = Field(default="", description="URI of the aggregated model.")
+    result_metrics: RoundResult | None = Field(default=None, description="Metrics of the aggregation.")
 
 
 FEDERATED_ROUND = Resource(
@@ -105,6 +202,13 @@ FEDERATED_ROUND = Resource(
             "type": "integer",
             "jsonPath": ".status.receivedUpdates",
             "description": "Updates accepted.",
+        },
+        {
+            "name": "Late",
+            "type": "integer",
+            "jsonPath": ".status.lateUpdates",
+            "description": "Updates after the deadline.",
+            "priority": 1,
         },
         ready_column(),
         reason_column(),

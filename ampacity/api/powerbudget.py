@@ -128,6 +128,15 @@ class PowerBudgetStatus(Status):
     headroom_watts: float = Field(default=0, description="Limit minus current power.")
     capped_nodes: list[CappedNode] = Field(default_factory=list, description="Nodes under a cap.")
     overruns: int = Field(default=0, ge=0, description="Times power went above the limit.")
+    level: str = Field(default="Normal", description="Threshold power is above: Normal, T1 or T2.")
+    capped_gpus: int = Field(default=0, ge=0, description="GPUs under a cap.")
+    reporting_nodes: int = Field(default=0, ge=0, description="Nodes whose agent reported fresh telemetry.")
+    failsafe_nodes: list[str] = Field(
+        default_factory=list, description="Nodes whose agent enforces its safe cap on its own."
+    )
+    policy_state: str = Field(
+        default="", description="The capping policy's memory between rounds (JSON; operator-internal)."
+    )
 
 
 POWER_BUDGET = Resource(
@@ -142,6 +151,13 @@ POWER_BUDGET = Resource(
         {"name": "Limit", "type": "number", "jsonPath": ".spec.limitWatts", "description": "Limit (W)."},
         {"name": "Power", "type": "number", "jsonPath": ".status.currentWatts", "description": "Power (W)."},
         {"name": "Nodes", "type": "integer", "jsonPath": ".status.nodes", "description": "Nodes selected."},
+        {"name": "Level", "type": "string", "jsonPath": ".status.level", "description": "Normal, T1 or T2."},
+        {
+            "name": "Capped",
+            "type": "integer",
+            "jsonPath": ".status.cappedGpus",
+            "description": "GPUs under a cap.",
+        },
         ready_column(),
         reason_column(),
         age_column(),

@@ -58,6 +58,27 @@ class ServingSLO(ApiModel):
     )
 
 
+class WorkloadProfile(StrEnum):
+    AZURE_CONV = "azure-conv"
+    MOONCAKE = "mooncake"
+
+
+class ServingWorkload(ApiModel):
+    """The traffic the pool is planned for."""
+
+    profile: WorkloadProfile = Field(
+        default=WorkloadProfile.AZURE_CONV,
+        description="Request-length mix to plan with: azure-conv (chat, ~1k-token prompts) or mooncake "
+        "(long-context, ~15k-token prompts).",
+    )
+    peak_rate: float | None = Field(
+        default=None,
+        gt=0,
+        description="Requests per second the pool must sustain within the SLOs; unset plans one "
+        "prefill/decode unit (or minGpus).",
+    )
+
+
 class ServingPoolSpec(ApiModel):
     """Desired state of a ServingPool."""
 
@@ -69,6 +90,9 @@ class ServingPoolSpec(ApiModel):
         "(e.g. NVIDIA-H100-80GB-HBM3) or the short form ampacity.dev/gpu-type (h100, a100).",
     )
     slo: ServingSLO = Field(description="Latency objectives.")
+    workload: ServingWorkload = Field(
+        default_factory=lambda: ServingWorkload(), description="The traffic to plan for."
+    )
     mode: ServingMode = Field(
         default=ServingMode.AUTO,
         description="colocated: prefill and decode share instances; disaggregated: separate "
@@ -101,6 +125,10 @@ class ServingPlan(ApiModel):
     predicted_attainment: float = Field(
         default=0, ge=0, le=1, description="Predicted fraction of requests meeting both SLOs."
     )
+    colocated_goodput: float = Field(
+        default=0, ge=0, description="Predicted goodput per GPU of the best colocated pool, for comparison."
+    )
+    capacity: float = Field(default=0, ge=0, description="Requests per second the planned pool sustains.")
 
 
 class ServingPoolStatus(Status):

@@ -141,6 +141,14 @@ class CheckpointRecord(ApiModel):
     persist_seconds: float = Field(default=0, ge=0, description="Time to persist it in the background.")
 
 
+class CheckpointCost(ApiModel):
+    """The save cost the trainer measured on its latest checkpoint (slowest rank reported)."""
+
+    step: int = Field(ge=0, description="Checkpoint step the measurement comes from.")
+    stall_seconds: float = Field(ge=0, description="Time training was blocked by the save.")
+    persist_seconds: float = Field(ge=0, description="Time the background persist and commit took.")
+
+
 class TrainingJobStatus(Status):
     """Observed state of a TrainingJob."""
 
@@ -157,6 +165,33 @@ class TrainingJobStatus(Status):
     checkpoint_interval_reason: str = Field(default="", description="Why that interval.")
     restarts: int = Field(default=0, ge=0, description="Gang restarts so far.")
     gpu_seconds_lost: float = Field(default=0, ge=0, description="GPU-seconds of work lost to failures.")
+    gang: int = Field(
+        default=0,
+        ge=0,
+        description="Number of the current gang: gangs started before it (restarts and resizes); "
+        "workers see it as AMPACITY_ATTEMPT.",
+    )
+    restart_not_before: datetime | None = Field(
+        default=None, description="The next gang is not started before this time (restart backoff)."
+    )
+    last_report_time: datetime | None = Field(
+        default=None, description="When the trainer last reported progress."
+    )
+    step_seconds: float | None = Field(
+        default=None, ge=0, description="Recent mean time per training step, as the trainer reported it."
+    )
+    checkpoint_cost: CheckpointCost | None = Field(
+        default=None, description="Measured save stall and persist time the auto interval is derived from."
+    )
+    nodes: int = Field(default=0, ge=0, description="Nodes the running gang spans.")
+    gang_start_time: datetime | None = Field(
+        default=None, description="When every worker of the current gang was first seen running."
+    )
+    exposure_node_hours: float = Field(
+        default=0,
+        ge=0,
+        description="Node-hours earlier gangs ran, the failure-rate exposure besides the current gang's.",
+    )
 
 
 TRAINING_JOB = Resource(

@@ -39,7 +39,24 @@ def test_samples_reach_ready_or_explained(kubectl: Kubectl, operator: LocalOpera
         what="ServingPool ready",
     )  # type: ignore[index]
     assert condition(pool)["reason"] == "EnginesReady"  # type: ignore[index]
-    assert pool["status"]["plan"]["gpus"] >= 8
+    plan = pool["status"]["plan"]
+    assert plan["gpus"] >= 8 and plan["predictedGoodput"] > 0
+    engines = kubectl.json("get", "deployments", "-n", namespace, "-l", "ampacity.dev/servingpool")["items"]
+    gpus = {
+        d["metadata"]["name"]: (
+            d["spec"]["replicas"],
+            int(d["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]),
+        )
+        for d in engines
+    }
+    if plan["mode"] == "disaggregated":
+        assert gpus == {
+            "llama2-70b-chat-prefill": (plan["prefillReplicas"], plan["prefillTensorParallel"]),
+            "llama2-70b-chat-decode": (plan["decodeReplicas"], plan["decodeTensorParallel"]),
+        }
+    else:
+        assert gpus == {"llama2-70b-chat-engine": (plan["prefillReplicas"], plan["prefillTensorParallel"])}
+    assert sum(replicas * tp for replicas, tp in gpus.values()) == plan["gpus"]
 
     job = wait_for(
         lambda: (
@@ -109,6 +126,22 @@ def test_spec_change_replans_and_prunes(kubectl: Kubectl, operator: LocalOperato
     pool = load("servingpool", namespace)
     assert kubectl.apply(pool).returncode == 0
     wait_for(lambda: current(kubectl, "servingpool", "llama2-70b-chat", namespace), what="first plan")
+    pool["spec"]["mode"] = "disaggregated"
+    assert kubectl.apply(pool).returncode == 0
+    engines = "ampacity.dev/servingpool=llama2-70b-chat"
+
+    def deployment_names() -> set[str]:
+        items = kubectl.json("get", "deployments", "-n", namespace, "-l", engines)["items"]
+        return {d["metadata"]["name"] for d in items}
+
+    wait_for(
+        lambda: deployment_names() == {"llama2-70b-chat-prefill", "llama2-70b-chat-decode"},
+        what="disaggregated engines",
+    )
+    pool["spec"]["mode"] = "colocated"
+    assert kubectl.apply(pool).returncode == 0
+    wait_for(lambda: deployment_names() == {"llama2-70b-chat-engine"}, what="decode and prefill pruned")
+
     pool["spec"]["model"]["name"] = "no-such-model"
     assert kubectl.apply(pool).returncode == 0
     obj = wait_for(
@@ -147,7 +180,7 @@ def test_restarted_operator_converges(kubectl: Kubectl, operator: LocalOperator,
         ),
         what="ServingPool ready after restart",
     )  # type: ignore[index]
-    # Nothing duplicated: exactly one gang of four workers and one engine Deployment.
+    # Nothing duplicated: exactly one gang of four workers and one Deployment per engine role.
     pods = kubectl.json("get", "pods", "-n", namespace, "-l", "ampacity.dev/trainingjob=gpt-pretrain")[
         "items"
     ]
@@ -155,7 +188,8 @@ def test_restarted_operator_converges(kubectl: Kubectl, operator: LocalOperator,
     deployments = kubectl.json("get", "deployments", "-n", namespace, "-l", "ampacity.dev/servingpool")[
         "items"
     ]
-    assert len(deployments) == 1
+    plan = kubectl.get("servingpool", "llama2-70b-chat", namespace)["status"]["plan"]  # type: ignore[index]
+    assert len(deployments) == (2 if plan["mode"] == "disaggregated" else 1)
 
 
 def test_failed_worker_restarts_the_whole_gang(

@@ -1,0 +1,62 @@
+"""Sizing a ServingPool from its spec with the goodput planner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ampacity.api.servingpool import ServingPoolSpec
+from ampacity.serving.lengths import SOURCES, load_profile, profile_from_trace
+from controllers.serving_plan import PlanningError, plan_pool
+
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "servingpool.yaml"
+
+
+def spec(**changes: Any) -> ServingPoolSpec:
+    raw = yaml.safe_load(EXAMPLE.read_text())["spec"]
+    for path, value in changes.items():
+        node = raw
+        *parents, leaf = path.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return ServingPoolSpec.model_validate(raw)
+
+
+def test_mode_is_honoured_and_auto_takes_the_higher_goodput_per_gpu() -> None:
+    colocated = plan_pool(spec(mode="colocated")).plan
+    disaggregated = plan_pool(spec(mode="disaggregated")).plan
+    auto = plan_pool(spec(mode="auto")).plan
+    assert colocated.mode == "colocated" and colocated.decode_replicas == 0
+    assert disaggregated.mode == "disaggregated" and disaggregated.decode_replicas >= 1
+    best = max((colocated, disaggregated), key=lambda p: p.predicted_goodput)
+    assert auto.mode == best.mode
+
+
+def test_peak_rate_adds_instances_until_max_gpus_caps_them() -> None:
+    small = plan_pool(spec(workload__peakRate=2.0, minGpus=0)).plan
+    large = plan_pool(spec(workload__peakRate=40.0, minGpus=0, maxGpus=64)).plan
+    assert large.gpus > small.gpus
+    assert large.capacity >= 40.0
+    capped = plan_pool(spec(workload__peakRate=40.0, minGpus=0, maxGpus=16))
+    assert capped.plan.gpus <= 16
+    assert "maxGpus 16" in capped.limited_by
+
+
+def test_min_gpus_is_respected() -> None:
+    assert plan_pool(spec(minGpus=16, maxGpus=32)).plan.gpus >= 16
+
+
+def test_unplannable_specs_say_why() -> None:
+    with pytest.raises(PlanningError, match="unknown model 'gpt-9'"):
+        plan_pool(spec(model__name="gpt-9"))
+    with pytest.raises(PlanningError, match="maxGpus is 2"):
+        plan_pool(spec(minGpus=0, maxGpus=2))
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_shipped_length_profiles_match_the_traces(name: str) -> None:
+    assert load_profile(name) == profile_from_trace(name), "run `python -m ampacity.serving.lengths`"
