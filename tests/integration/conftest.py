@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ampacity.api import RESOURCES
-from ampacity.cluster.kubectl import Kubectl
+from ampacity.cluster.kubectl import Kubectl, install_crds
 from ampacity.cluster.local_operator import LocalOperator
 from ampacity.cluster.localcluster import LocalCluster
 from ampacity.cluster.polling import wait_for
@@ -50,19 +49,7 @@ def kubectl(cluster: LocalCluster) -> Kubectl:
 
 @pytest.fixture(scope="session")
 def crds(kubectl: Kubectl) -> None:
-    kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd",
-        "-l",
-        "app.kubernetes.io/part-of=ampacity",
-    )
-    # The API server publishes a new CRD's OpenAPI schema a moment after establishing it.
-    for resource in RESOURCES:
-        explain = ("explain", f"{resource.plural}.spec")
-        wait_for(lambda args=explain: kubectl.ok(*args), timeout=60, what=f"{resource.kind} schema")
+    install_crds(kubectl, REPO / "crds")
 
 
 @pytest.fixture(scope="session")
