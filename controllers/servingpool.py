@@ -8,6 +8,8 @@ from typing import Any
 from ampacity.api import SERVING_POOL
 from ampacity.api.servingpool import ServingPlan, ServingPoolSpec
 from ampacity.cluster.nodes import GPU_RESOURCE, GPU_TYPE_LABEL
+from ampacity.serving import hardware
+from ampacity.serving.placement import affinity_weights, node_from_labels, preferred_affinity, rank
 from controllers import metrics
 from controllers.reconciler import Context, controller
 from controllers.serving_plan import PlanningError, SizedPlan, plan_pool
@@ -16,17 +18,56 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 CAPACITY_LIMITED = "CapacityLimited"
 
 
-def _gpu_affinity(gpu_type: str) -> dict[str, Any]:
-    """Schedule only on nodes with the requested GPU, by short type or by NVIDIA's product label."""
+def _has_gpu(node: dict[str, Any], gpu_type: str) -> bool:
+    labels = node["metadata"].get("labels", {})
+    return gpu_type in (labels.get(GPU_TYPE_LABEL), labels.get(GPU_PRODUCT_LABEL))
+
+
+def _affinity(gpu_type: str, preferences: list[dict[str, Any]]) -> dict[str, Any]:
+    """Only nodes with the requested GPU (short type or NVIDIA's product label); warm ones first."""
     terms = [
         {"matchExpressions": [{"key": GPU_TYPE_LABEL, "operator": "In", "values": [gpu_type]}]},
         {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In", "values": [gpu_type]}]},
     ]
-    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}
+    node_affinity: dict[str, Any] = {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}
+    }
+    if preferences:
+        node_affinity["preferredDuringSchedulingIgnoredDuringExecution"] = preferences
+    return {"nodeAffinity": node_affinity}
+
+
+def warm_node_preferences(
+    nodes: list[dict[str, Any]], spec: ServingPoolSpec, tp: int
+) -> list[dict[str, Any]]:
+    """Node-affinity preferences for the nodes that start an engine fastest (ServerlessLLM's estimate).
+
+    Only the weights' cache tier (node labels models.ampacity.dev/<model>=<tier>) drives them, not
+    current GPU use: a preference that moved with load would rewrite the pod template, and so
+    restart the engines, on every change. Where no node holds the weights there is nothing to prefer.
+    """
+    caches = [
+        node_from_labels(
+            n["metadata"]["name"],
+            n["metadata"].get("labels", {}),
+            int(n.get("status", {}).get("allocatable", {}).get(GPU_RESOURCE, 0)),
+        )
+        for n in nodes
+        if _has_gpu(n, spec.gpu_type)
+    ]
+    estimates = rank(caches, spec.model.name, hardware.model(spec.model.name).weight_bytes, tp)
+    if len({e.tier for e in estimates}) < 2:
+        return []
+    return preferred_affinity(affinity_weights(estimates))
 
 
 def engine_deployment(
-    ctx: Context, spec: ServingPoolSpec, role: str, replicas: int, tp: int
+    ctx: Context,
+    spec: ServingPoolSpec,
+    role: str,
+    replicas: int,
+    tp: int,
+    preferences: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """One engine role (colocated, prefill or decode) as a Deployment.
 
@@ -60,7 +101,7 @@ def engine_deployment(
             "selector": {"matchLabels": labels},
             "template": {
                 "metadata": {"labels": labels},
-                "spec": {"containers": [container], "affinity": _gpu_affinity(spec.gpu_type)},
+                "spec": {"containers": [container], "affinity": _affinity(spec.gpu_type, preferences)},
             },
         },
     }
@@ -126,7 +167,11 @@ async def reconcile(ctx: Context) -> None:
     )
 
     wanted = roles(plan)
-    deployments = [engine_deployment(ctx, spec, role, r, tp) for role, (r, tp) in wanted.items()]
+    nodes = await ctx.kube.list_objects("Node", None)
+    deployments = [
+        engine_deployment(ctx, spec, role, r, tp, warm_node_preferences(nodes, spec, tp))
+        for role, (r, tp) in wanted.items()
+    ]
     # The front door routes to the first phase a request meets (prefill or the colocated engine).
     front_role = "prefill" if plan.mode == "disaggregated" else "engine"
     services = [role_service(ctx, spec, ctx.name, front_role)]
@@ -142,6 +187,10 @@ async def reconcile(ctx: Context) -> None:
     ctx.status.replicas, ctx.status.ready_replicas = desired, ready
     metrics.SERVING_POOL_GPUS.labels(ctx.namespace, ctx.name).set(plan.gpus)
     metrics.SERVING_POOL_READY_REPLICAS.labels(ctx.namespace, ctx.name).set(ready)
+    metrics.SERVING_POOL_REPLICAS.labels(ctx.namespace, ctx.name).set(desired)
+    metrics.SERVING_POOL_PREDICTED_ATTAINMENT.labels(ctx.namespace, ctx.name).set(plan.predicted_attainment)
+    metrics.SERVING_POOL_ATTAINMENT_OBJECTIVE.labels(ctx.namespace, ctx.name).set(spec.slo.attainment)
+    metrics.SERVING_POOL_CAPACITY.labels(ctx.namespace, ctx.name).set(plan.capacity)
     if desired == 0:
         ctx.set_ready(True, "ScaledToZero", "no engine instances are planned")
     elif ready < desired:

@@ -11,6 +11,7 @@ import yaml
 from ampacity.api.servingpool import ServingPoolSpec
 from ampacity.serving.lengths import SOURCES, load_profile, profile_from_trace
 from controllers.serving_plan import PlanningError, plan_pool
+from controllers.servingpool import warm_node_preferences
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "servingpool.yaml"
 
@@ -60,3 +61,27 @@ def test_unplannable_specs_say_why() -> None:
 @pytest.mark.parametrize("name", sorted(SOURCES))
 def test_shipped_length_profiles_match_the_traces(name: str) -> None:
     assert load_profile(name) == profile_from_trace(name), "run `python -m ampacity.serving.lengths`"
+
+
+def _node(name: str, labels: dict[str, str]) -> dict[str, Any]:
+    base = {"ampacity.dev/gpu-type": "h100", "kubernetes.io/hostname": name}
+    return {
+        "metadata": {"name": name, "labels": base | labels},
+        "status": {"allocatable": {"nvidia.com/gpu": "8"}},
+    }
+
+
+def test_engines_prefer_nodes_that_cache_the_weights() -> None:
+    cold = [_node(f"cold-{i}", {}) for i in range(3)]
+    assert warm_node_preferences(cold, spec(), tp=2) == [], "nothing cached: no preference"
+    nodes = [
+        *cold,
+        _node("warm-host", {"models.ampacity.dev/llama2-70b": "host"}),
+        _node("warm-ssd", {"models.ampacity.dev/llama2-70b": "ssd"}),
+        _node("a100", {"ampacity.dev/gpu-type": "a100", "models.ampacity.dev/llama2-70b": "gpu"}),
+    ]
+    terms = warm_node_preferences(nodes, spec(), tp=2)
+    order = [t["preference"]["matchExpressions"][0]["values"][0] for t in terms]
+    weights = [t["weight"] for t in terms]
+    assert order[:2] == ["warm-host", "warm-ssd"] and "a100" not in order
+    assert weights[0] == 100 and weights == sorted(weights, reverse=True) and weights[-1] < weights[1]
