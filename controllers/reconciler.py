@@ -39,6 +39,8 @@ class Context:
     kube: Kube
     logger: Any
     events: list[tuple[str, str, str]] = field(default_factory=list)
+    #: Per-object memory kept by the operator between reconciles (lost on restart).
+    memo: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -115,10 +117,23 @@ def _parse_status(resource: Resource, raw: Any) -> Status:
 
 
 async def _reconcile_once(
-    resource: Resource, reconcile: Reconcile, body: kopf.Body, kube: Kube, logger: Any
+    resource: Resource,
+    reconcile: Reconcile,
+    body: kopf.Body,
+    kube: Kube,
+    logger: Any,
+    memo: dict[str, Any] | None = None,
 ) -> Context:
     status = _parse_status(resource, body.get("status"))
-    ctx = Context(resource, body, spec=None, status=status, kube=kube, logger=logger)
+    ctx = Context(
+        resource,
+        body,
+        spec=None,
+        status=status,
+        kube=kube,
+        logger=logger,
+        memo=memo if memo is not None else {},
+    )
     try:
         spec: ApiModel = resource.spec.model_validate(body.get("spec") or {})
     except ValidationError as error:
@@ -145,7 +160,7 @@ def controller(resource: Resource, reconcile: Reconcile, interval: float = 10.0)
         result = "success"
         failure: Exception | None = None
         try:
-            ctx = await _reconcile_once(resource, reconcile, body, memo["kube"], logger)
+            ctx = await _reconcile_once(resource, reconcile, body, memo["kube"], logger, memo)
         except Exception as error:
             result, failure = "error", error
             metrics.RECONCILE_ERRORS.labels(name).inc()

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from datetime import UTC, datetime
 from typing import Any
 
+import httpx
+
 from ampacity.api import SERVING_POOL
-from ampacity.api.servingpool import ServingPlan, ServingPoolSpec
+from ampacity.api.servingpool import AutoscalingStatus, ServingPlan, ServingPoolSpec
 from ampacity.cluster.nodes import GPU_RESOURCE, GPU_TYPE_LABEL
 from ampacity.serving import hardware
 from ampacity.serving.placement import affinity_weights, node_from_labels, preferred_affinity, rank
+from ampacity.serving.replan import parse_metrics
 from controllers import metrics
 from controllers.reconciler import Context, controller
+from controllers.serving_autoscale import next_size, planned_size
 from controllers.serving_plan import PlanningError, SizedPlan, plan_pool
 
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 CAPACITY_LIMITED = "CapacityLimited"
+METRICS_AVAILABLE = "MetricsAvailable"
+METRICS_MEMO = "serving_metrics"
 
 
 def _has_gpu(node: dict[str, Any], gpu_type: str) -> bool:
@@ -119,14 +127,41 @@ def role_service(ctx: Context, spec: ServingPoolSpec, name: str, role: str) -> d
     }
 
 
-def roles(plan: ServingPlan) -> dict[str, tuple[int, int]]:
-    """Engine role -> (replicas, tensor-parallel degree) for a plan."""
+def roles(plan: ServingPlan, size: AutoscalingStatus) -> dict[str, tuple[int, int]]:
+    """Engine role -> (replicas, tensor-parallel degree) for a plan at a size."""
     if plan.mode == "disaggregated":
         return {
-            "prefill": (plan.prefill_replicas, plan.prefill_tensor_parallel),
-            "decode": (plan.decode_replicas, plan.decode_tensor_parallel),
+            "prefill": (size.prefill_replicas, plan.prefill_tensor_parallel),
+            "decode": (size.decode_replicas, plan.decode_tensor_parallel),
         }
-    return {"engine": (plan.prefill_replicas, plan.prefill_tensor_parallel)}
+    return {"engine": (size.prefill_replicas, plan.prefill_tensor_parallel)}
+
+
+async def _autoscale(ctx: Context, plan: ServingPlan) -> AutoscalingStatus:
+    """The size live metrics call for; the planned size when they cannot be read."""
+    spec: ServingPoolSpec = ctx.spec
+    assert spec.autoscaling is not None
+    # A new plan (spec change) starts again from its own size.
+    replanned = ctx.status.observed_generation != ctx.generation
+    previous = None if replanned else ctx.status.autoscaling
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            response = await client.get(spec.autoscaling.metrics_url)
+            response.raise_for_status()
+    except httpx.HTTPError as error:
+        ctx.status.set_condition(METRICS_AVAILABLE, "False", "ScrapeFailed", str(error), ctx.generation)
+        return previous or planned_size(plan)
+    ctx.status.set_condition(
+        METRICS_AVAILABLE, "True", "Scraped", spec.autoscaling.metrics_url, ctx.generation
+    )
+    snapshot = parse_metrics(response.text, time.time())
+    before = None if replanned else ctx.memo.get(METRICS_MEMO)
+    ctx.memo[METRICS_MEMO] = snapshot
+    size = next_size(spec, plan, previous, before, snapshot, datetime.now(UTC))
+    old = previous or planned_size(plan)
+    if (size.prefill_replicas, size.decode_replicas) != (old.prefill_replicas, old.decode_replicas):
+        ctx.event("Autoscaled", f"{size.reason} ({size.observed_rate:g} req/s)")
+    return size
 
 
 async def _plan(ctx: Context) -> SizedPlan:
@@ -166,7 +201,9 @@ async def reconcile(ctx: Context) -> None:
         ctx.generation,
     )
 
-    wanted = roles(plan)
+    size = await _autoscale(ctx, plan) if spec.autoscaling else planned_size(plan)
+    ctx.status.autoscaling = size if spec.autoscaling else None
+    wanted = roles(plan, size)
     nodes = await ctx.kube.list_objects("Node", None)
     deployments = [
         engine_deployment(ctx, spec, role, r, tp, warm_node_preferences(nodes, spec, tp))

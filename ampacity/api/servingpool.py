@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import StrEnum
 
 from pydantic import Field
@@ -79,6 +80,24 @@ class ServingWorkload(ApiModel):
     )
 
 
+class Autoscaling(ApiModel):
+    """Resizing each phase from the engines' live metrics between plans."""
+
+    metrics_url: str = Field(
+        min_length=1,
+        description="Prometheus text endpoint with the pool's vLLM metrics (vllm:request_success_total, "
+        "vllm:prompt_tokens_total, vllm:time_to_first_token_seconds, ...), e.g. the router's /metrics.",
+    )
+    cooldown: Duration = Field(
+        default=300.0, description="How long demand must stay low before a phase shrinks, e.g. 5m."
+    )
+    scale_to_zero_after: Duration | None = Field(
+        default=None,
+        description="Stop every engine after this long without a request (needs minGpus 0); the next "
+        "request brings the pool back. Unset: never scale to zero.",
+    )
+
+
 class ServingPoolSpec(ApiModel):
     """Desired state of a ServingPool."""
 
@@ -102,8 +121,18 @@ class ServingPoolSpec(ApiModel):
         default=0, ge=0, description="Fewest GPUs the pool may use (0 allows scale to zero)."
     )
     max_gpus: int = Field(ge=1, description="Most GPUs the pool may use.")
+    autoscaling: Autoscaling | None = Field(
+        default=None, description="Re-plan from live metrics; unset keeps the planned size."
+    )
 
-    validations = (cel("self.minGpus <= self.maxGpus", "minGpus must not exceed maxGpus", ".minGpus"),)
+    validations = (
+        cel("self.minGpus <= self.maxGpus", "minGpus must not exceed maxGpus", ".minGpus"),
+        cel(
+            "!has(self.autoscaling) || !has(self.autoscaling.scaleToZeroAfter) || self.minGpus == 0",
+            "autoscaling.scaleToZeroAfter needs minGpus 0",
+            ".autoscaling",
+        ),
+    )
 
 
 class ServingPlan(ApiModel):
@@ -131,10 +160,26 @@ class ServingPlan(ApiModel):
     capacity: float = Field(default=0, ge=0, description="Requests per second the planned pool sustains.")
 
 
+class AutoscalingStatus(ApiModel):
+    """What the last look at the live metrics decided."""
+
+    prefill_replicas: int = Field(
+        default=0, ge=0, description="Prefill instances (colocated: engine instances) chosen from live metrics."
+    )
+    decode_replicas: int = Field(default=0, ge=0, description="Decode instances chosen from live metrics.")
+    observed_rate: float = Field(default=0, ge=0, description="Requests per second over the last interval.")
+    reason: str = Field(default="", description="Why this size.")
+    last_request_time: datetime | None = Field(default=None, description="When a request was last seen.")
+    state: str = Field(default="", description="The re-planner's memory between intervals (JSON).")
+
+
 class ServingPoolStatus(Status):
     """Observed state of a ServingPool."""
 
     plan: ServingPlan | None = Field(default=None, description="The plan in force.")
+    autoscaling: AutoscalingStatus | None = Field(
+        default=None, description="Sizing from live metrics, when spec.autoscaling is set."
+    )
     replicas: int = Field(default=0, ge=0, description="Engine instances created (prefill plus decode).")
     ready_replicas: int = Field(default=0, ge=0, description="Engine instances that are ready.")
 
