@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "ampacity.demo",
     "ampacity.training.cli",
     "ampacity.federated.cli",
+    "ampacity.observability",
 ]
 
 

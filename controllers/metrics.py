@@ -59,3 +59,96 @@ def forget_object(kind: str, namespace: str, name: str) -> None:
     for gauge in OBJECT_GAUGES[kind]:
         with contextlib.suppress(KeyError):
             gauge.remove(namespace, name)
+
+
+# PowerBudget power state, set on every policy round (not only on the timer).
+POWER_BUDGET_POWER = Gauge(
+    "ampacity_powerbudget_power_watts", "Total GPU power of the budget.", OBJECT_LABELS
+)
+POWER_BUDGET_PEAK = Gauge("ampacity_powerbudget_peak_watts", "Highest total GPU power seen.", OBJECT_LABELS)
+POWER_BUDGET_HEADROOM = Gauge(
+    "ampacity_powerbudget_headroom_watts", "Limit minus current power of the budget.", OBJECT_LABELS
+)
+POWER_BUDGET_CAPPED_GPUS = Gauge("ampacity_powerbudget_capped_gpus", "GPUs under a cap.", OBJECT_LABELS)
+POWER_BUDGET_LEVEL = Gauge(
+    "ampacity_powerbudget_level", "Threshold the budget's power is above: 0 none, 1 T1, 2 T2.", OBJECT_LABELS
+)
+POWER_BUDGET_CROSSINGS = Counter(
+    "ampacity_powerbudget_threshold_crossings_total",
+    "Threshold crossings and telemetry changes, by Event reason (EnteredT1, ExitedT2, LimitExceeded, ...).",
+    [*OBJECT_LABELS, "reason"],
+)
+POWER_BUDGET_ROUND_DURATION = Histogram(
+    "ampacity_powerbudget_round_duration_seconds",
+    "Time for one capping round: telemetry to assignments written.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+OBJECT_GAUGES["PowerBudget"] = (
+    *OBJECT_GAUGES["PowerBudget"],
+    POWER_BUDGET_POWER,
+    POWER_BUDGET_PEAK,
+    POWER_BUDGET_HEADROOM,
+    POWER_BUDGET_CAPPED_GPUS,
+    POWER_BUDGET_LEVEL,
+)
+
+
+# ServingPool objectives and plan, for the SLO recording rules and alerts (rules/ampacity.rules.yaml).
+SERVING_POOL_REPLICAS = Gauge(
+    "ampacity_servingpool_replicas", "Engine instances the ServingPool's plan asks for.", OBJECT_LABELS
+)
+SERVING_POOL_PREDICTED_ATTAINMENT = Gauge(
+    "ampacity_servingpool_predicted_slo_attainment_ratio",
+    "Predicted fraction of requests meeting both latency objectives under the plan.",
+    OBJECT_LABELS,
+)
+SERVING_POOL_ATTAINMENT_OBJECTIVE = Gauge(
+    "ampacity_servingpool_slo_attainment_objective_ratio",
+    "Fraction of requests that must meet both latency objectives (spec.slo.attainment).",
+    OBJECT_LABELS,
+)
+SERVING_POOL_CAPACITY = Gauge(
+    "ampacity_servingpool_capacity_requests_per_second",
+    "Requests per second the planned pool sustains.",
+    OBJECT_LABELS,
+)
+OBJECT_GAUGES["ServingPool"] = (
+    *OBJECT_GAUGES["ServingPool"],
+    SERVING_POOL_REPLICAS,
+    SERVING_POOL_PREDICTED_ATTAINMENT,
+    SERVING_POOL_ATTAINMENT_OBJECTIVE,
+    SERVING_POOL_CAPACITY,
+)
+
+# Error counters exist at zero from start-up, so rate() and alerts see the first error.
+for _controller in ("servingpool", "trainingjob", "federatedround", "powerbudget"):
+    RECONCILE_ERRORS.labels(_controller)
+
+TRAINING_JOB_GPU_SECONDS_LOST = Gauge(
+    "ampacity_trainingjob_gpu_seconds_lost",
+    "GPU-seconds of work the TrainingJob lost to failures.",
+    OBJECT_LABELS,
+)
+TRAINING_JOB_CHECKPOINT_INTERVAL = Gauge(
+    "ampacity_trainingjob_checkpoint_interval_seconds", "Checkpoint interval in force.", OBJECT_LABELS
+)
+OBJECT_GAUGES["TrainingJob"] += (TRAINING_JOB_GPU_SECONDS_LOST, TRAINING_JOB_CHECKPOINT_INTERVAL)
+
+# Checkpoint age and round deadlines, for the alerts in rules/ampacity.rules.yaml.
+TRAINING_JOB_LAST_CHECKPOINT = Gauge(
+    "ampacity_trainingjob_last_checkpoint_timestamp_seconds",
+    "Unix time of the TrainingJob's latest complete (committed) checkpoint; absent before the first.",
+    OBJECT_LABELS,
+)
+OBJECT_GAUGES["TrainingJob"] += (TRAINING_JOB_LAST_CHECKPOINT,)
+FEDERATED_ROUND_DEADLINE = Gauge(
+    "ampacity_federatedround_deadline_timestamp_seconds",
+    "Unix time of the FederatedRound's deadline, once the round is open.",
+    OBJECT_LABELS,
+)
+FEDERATED_ROUND_OPEN = Gauge(
+    "ampacity_federatedround_open",
+    "1 while the FederatedRound is open (Training or Aggregating), 0 otherwise.",
+    OBJECT_LABELS,
+)
+OBJECT_GAUGES["FederatedRound"] += (FEDERATED_ROUND_DEADLINE, FEDERATED_ROUND_OPEN)

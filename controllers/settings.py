@@ -1,4 +1,4 @@
-"""Operator start-up and shutdown: kopf settings, the shared client, the metrics endpoint, probes."""
+"""Operator start-up and shutdown: kopf settings, the shared client, metrics and report endpoints, probes."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import kopf
 from prometheus_client import start_http_server
 
 from ampacity.api.meta import GROUP
+from controllers import reports
 from controllers.kube import Kube
 
 #: Port of the Prometheus /metrics endpoint (probes are served by kopf's --liveness endpoint).
@@ -31,10 +32,13 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.server_timeout = 300
     memo["kube"] = Kube()
     start_http_server(METRICS_PORT)
+    memo["reports"] = await reports.start(memo["kube"], reports.REPORT_PORT)
 
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
+    if "reports" in memo:
+        await reports.stop(memo["reports"])
     await memo["kube"].close()
 
 

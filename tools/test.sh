@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # Every check and test, on a fresh machine too: creates .venv, builds the local
 # control plane into ~/.cache/ampacity on first use (about 15 min on 2 cores),
-# then runs lint, types, CRD drift, unit, integration and end-to-end tests.
+# installs Prometheus (apt) when missing, then runs lint, types, CRD drift, unit,
+# integration and end-to-end tests.
 # Extra arguments go to pytest (e.g. tools/test.sh tests/unit -k planner).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/bootstrap.sh
 
+echo "== prometheus and promtool (Debian's prometheus package)" >&2
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  sudo=$([ "$(id -u)" -eq 0 ] && echo "" || echo sudo)
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 echo "== control plane binaries" >&2
 tools/controlplane/build.sh >/dev/null
 echo "== ruff" >&2

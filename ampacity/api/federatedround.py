@@ -129,8 +129,8 @@ class ClientAssignment(ApiModel):
     client: str = Field(description="Client id, as registered with the aggregator.")
     local_steps: int = Field(ge=1, description="Local steps assigned (FedCompass: from its speed).")
     group: int = Field(default=0, ge=0, description="FedCompass arrival group (0 for fedavg and fedbuff).")
-    seconds_per_step: float | None = Field(
-        default=None, gt=0, description="Speed estimate the assignment used; unset when none was known."
+    seconds_per_step: float = Field(
+        default=0, ge=0, description="Speed estimate the assignment used; 0 when none was known."
     )
 
 

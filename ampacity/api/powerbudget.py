@@ -100,6 +100,10 @@ class PowerBudgetSpec(ApiModel):
     telemetry_staleness: Duration = Field(
         default=10.0, description="How old telemetry or assignments may be before they are distrusted."
     )
+    release_hold: Duration = Field(
+        default=30.0,
+        description="How long power must stay below a threshold (minus hysteresis) before caps are loosened.",
+    )
 
     validations = (
         cel(

@@ -164,7 +164,9 @@ class AutoscalingStatus(ApiModel):
     """What the last look at the live metrics decided."""
 
     prefill_replicas: int = Field(
-        default=0, ge=0, description="Prefill instances (colocated: engine instances) chosen from live metrics."
+        default=0,
+        ge=0,
+        description="Prefill instances (colocated: engine instances) chosen from live metrics.",
     )
     decode_replicas: int = Field(default=0, ge=0, description="Decode instances chosen from live metrics.")
     observed_rate: float = Field(default=0, ge=0, description="Requests per second over the last interval.")

@@ -187,6 +187,11 @@ class TrainingJobStatus(Status):
     gang_start_time: datetime | None = Field(
         default=None, description="When every worker of the current gang was first seen running."
     )
+    report_token_hash: str = Field(
+        default="",
+        description="SHA-256 (hex) of the token in the <name>-report-token Secret that workers present "
+        "to the report endpoint; the operator writes that Secret but never reads it back.",
+    )
     exposure_node_hours: float = Field(
         default=0,
         ge=0,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -16,22 +18,42 @@ from ampacity.cluster.polling import wait_for
 class LocalOperator:
     """`kopf run -m controllers` with its own metrics and health ports and a log file."""
 
-    def __init__(self, kubeconfig: Path, log: Path) -> None:
+    def __init__(self, kubeconfig: Path, log: Path, env: Mapping[str, str] | None = None) -> None:
         self.kubeconfig = kubeconfig
         self.log = log
+        #: Extra environment for the operator process (e.g. AMPACITY_AGGREGATOR_URL_OVERRIDE), applied
+        #: on every start.
+        self.env = dict(env or {})
         self.metrics_port = free_port()
         self.health_port = free_port()
+        self.report_port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
+    @property
+    def report_url(self) -> str:
+        """Where the trainer reports go (the test process plays the trainer)."""
+        return f"http://127.0.0.1:{self.report_port}"
+
+    def _token_key(self) -> str:
+        """The operator key, kept beside the kubeconfig so restarts derive the same tokens."""
+        path = self.kubeconfig.parent / "operator-token.key"
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(32))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
     def start(self, timeout: float = 60) -> None:
         env = {
             **os.environ,
+            **self.env,
             "KUBECONFIG": str(self.kubeconfig),
             "AMPACITY_METRICS_PORT": str(self.metrics_port),
+            "AMPACITY_REPORT_PORT": str(self.report_port),
+            "AMPACITY_TOKEN_KEY": self._token_key(),
         }
         with self.log.open("ab") as log:
             self._process = subprocess.Popen(

@@ -728,6 +728,10 @@ def create_app(config: AggregatorConfig, registry: CollectorRegistry) -> web.App
             return _error(401, "client or admin token required")
         if service.model is None or service.state.model_file is None:
             return _error(404, "no global model yet")
+        wanted = request.query.get("version")
+        if wanted is not None and wanted != str(service.state.version):
+            # A pinned reference (a FederatedRound's status.result) must not silently get another model.
+            return _error(404, f"model version {wanted} is not the current one ({service.state.version})")
         data = await asyncio.to_thread((service.root / service.state.model_file).read_bytes)
         return web.Response(
             body=data,
@@ -810,9 +814,17 @@ def create_app(config: AggregatorConfig, registry: CollectorRegistry) -> web.App
 def run(
     config: AggregatorConfig, host: str = "0.0.0.0", port: int = 8470, initial_model: Path | None = None
 ) -> None:
-    """Serve until interrupted; `initial_model` (.npz) seeds an empty state directory."""
+    """Serve until interrupted; `initial_model` (.npz) seeds an empty state directory.
+
+    A missing `initial_model` is not fatal: the service starts without a model and refuses to open
+    a round (409, "no global model") until one is PUT, so its controller can say what is missing
+    instead of watching a crash loop.
+    """
     app = create_app(config, CollectorRegistry())
     service = app[SERVICE]
     if initial_model is not None and service.model is None:
-        service.seed_model(decode_arrays(initial_model.read_bytes())[0])
+        if initial_model.is_file():
+            service.seed_model(decode_arrays(initial_model.read_bytes())[0])
+        else:
+            log.warning("initial model %s not found; waiting for PUT /v1/model", initial_model)
     web.run_app(app, host=host, port=port)

@@ -60,6 +60,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     client.add_argument(
         "--step-delay-seconds", type=float, default=0.0, help="sleep per step (a slow device)"
     )
+    client.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="label to register with (repeatable)",
+    )
+    client.add_argument(
+        "--seconds-per-step",
+        type=float,
+        help="speed to register with (FedCompass's initial estimate); default: one timed local step",
+    )
     client.add_argument("--tasks", type=int, default=1, help="exit after uploading this many updates")
     client.add_argument("--poll-seconds", type=float, default=0.5)
     client.add_argument("--timeout-seconds", type=float, default=300.0, help="give up waiting for tasks")
@@ -107,13 +119,36 @@ def _init_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _labels(pairs: list[str]) -> dict[str, str]:
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--label wants KEY=VALUE, got {pair!r}")
+        labels[key] = value
+    return labels
+
+
 def _client(args: argparse.Namespace) -> int:
+    labels = _labels(args.label)
     # Load the data first: a client registers only once it is ready to train.
     data = evaluation.load_federated_digits(args.shards, 0.5, args.seed)
     x, y = data.client_x[args.shard], data.client_y[args.shard]
+    speed = args.seconds_per_step
+    if speed is None:
+        # One timed step (on its own generator, so training stays reproducible) plus the simulated delay.
+        started = time.perf_counter()
+        evaluation.local_train(
+            evaluation.initial_model(), x, y, 1, args.batch_size, args.learning_rate, np.random.default_rng(0)
+        )
+        speed = time.perf_counter() - started + args.step_delay_seconds
     # Tokens come from the environment, not argv, so they do not show up in `ps`.
     token = os.environ.get(CLIENT_TOKEN_ENV) or register_client(
-        args.url, _token(ADMIN_TOKEN_ENV, f"admin token (or set {CLIENT_TOKEN_ENV})"), args.client_id
+        args.url,
+        _token(ADMIN_TOKEN_ENV, f"admin token (or set {CLIENT_TOKEN_ENV})"),
+        args.client_id,
+        labels=labels,
+        seconds_per_step=max(speed, 1e-6),
     )
     rng = np.random.default_rng([args.seed, args.shard])
 

@@ -48,6 +48,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     curve = commands.add_parser("curve", help="print the Zeus-fitted cap-to-throughput curve and its error")
     curve.set_defaults(func=_run_curve)
 
+    bench = commands.add_parser(
+        "bench-reaction",
+        help="time from a surge above T2 to caps assigned, on a local control plane with kwok nodes",
+    )
+    bench.add_argument("--nodes", type=int, default=100, help="kwok GPU nodes (8 GPUs each)")
+    bench.add_argument("--trials", type=int, default=5)
+    bench.add_argument("--concurrency", type=int, default=32, help="status writes in flight at once")
+    bench.set_defaults(func=_run_bench_reaction)
+
 
 def _row_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit-kw", type=float, default=_DEFAULT_LIMIT_KW, help="budget limit (breaker) in kW")
@@ -190,4 +199,12 @@ def _run_curve(args: argparse.Namespace) -> int:
         f"{len(points)} points: median |error| {np.median(residual):.3f}, "
         f"p90 {np.percentile(residual, 90):.3f} (job-to-job spread, not fit bias)"
     )
+    return 0
+
+
+def _run_bench_reaction(args: argparse.Namespace) -> int:
+    from ampacity.power.bench import bench_reaction, summarize
+
+    trials = bench_reaction(args.nodes, args.trials, args.concurrency)
+    print(summarize(trials, args.nodes))
     return 0

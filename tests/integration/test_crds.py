@@ -27,6 +27,7 @@ def test_all_kinds_are_served(kubectl: Kubectl, crds: None) -> None:
             "trainingjobs.ampacity.dev",
             "federatedrounds.ampacity.dev",
             "powerbudgets.ampacity.dev",
+            "nodepowers.ampacity.dev",
         ]
     )
 

@@ -63,7 +63,7 @@ def test_chart_ships_the_generated_crds(cluster: LocalCluster) -> None:
     crds = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "CustomResourceDefinition"}
     assert sorted(crds) == sorted(
         f"{plural}.ampacity.dev"
-        for plural in ("servingpools", "trainingjobs", "federatedrounds", "powerbudgets")
+        for plural in ("servingpools", "trainingjobs", "federatedrounds", "powerbudgets", "nodepowers")
     )
     checked_in = yaml.safe_load((CHART.parents[1] / "crds" / "ampacity.dev_servingpools.yaml").read_text())
     assert crds["servingpools.ampacity.dev"]["spec"] == checked_in["spec"]

@@ -139,6 +139,14 @@ def attempt_from_env() -> int:
     return int(os.environ.get("AMPACITY_ATTEMPT", "0"))
 
 
+def retention_from_env() -> RetentionPolicy | None:
+    """The job's retention, set by the controller as AMPACITY_RETENTION_KEEP_LAST / _KEEP_EVERY."""
+    keep_last = os.environ.get("AMPACITY_RETENTION_KEEP_LAST")
+    if not keep_last:
+        return None
+    return RetentionPolicy(int(keep_last), int(os.environ.get("AMPACITY_RETENTION_KEEP_EVERY", "0")))
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new entry in `path` durable."""
     fd = os.open(path, os.O_RDONLY)

@@ -13,7 +13,8 @@ logs and counts failures and returns None; `send` raises for callers that care.
 Environment read by `Reporter.from_env` (set by the controller on the worker pods):
 AMPACITY_REPORT_URL, AMPACITY_REPORT_TOKEN or AMPACITY_REPORT_TOKEN_FILE (re-read on every
 report, since projected service-account tokens rotate), AMPACITY_JOB_NAMESPACE,
-AMPACITY_JOB_NAME, and the torchrun-style RANK and WORLD_SIZE.
+AMPACITY_JOB_NAME, AMPACITY_ATTEMPT (the gang, so the operator can tell a late report of a
+stopped gang) and the torchrun-style RANK and WORLD_SIZE.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class TrainerReport(BaseModel):
     sent_at: datetime
     step_seconds: float | None = Field(default=None, ge=0)  # recent mean time per step
     checkpoint: CheckpointReport | None = None
+    attempt: int | None = Field(default=None, ge=0)  # AMPACITY_ATTEMPT: which gang sent it
 
 
 class TrainerReportAck(BaseModel):
@@ -90,6 +92,7 @@ class Reporter:
         token_file: Path | None = None,
         rank: int = 0,
         world_size: int = 1,
+        attempt: int | None = None,
         timeout_seconds: float = 5.0,
     ) -> None:
         if token is None and token_file is None:
@@ -99,6 +102,7 @@ class Reporter:
         self.job = job
         self.rank = rank
         self.world_size = world_size
+        self.attempt = attempt
         self.failures = 0
         self._token = token
         self._token_file = token_file
@@ -119,6 +123,7 @@ class Reporter:
             token_file=Path(token_file) if token_file else None,
             rank=int(os.environ.get("RANK", "0")),
             world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            attempt=int(attempt) if (attempt := os.environ.get("AMPACITY_ATTEMPT")) else None,
         )
 
     def build(
@@ -133,6 +138,7 @@ class Reporter:
             sent_at=datetime.now(UTC),
             step_seconds=step_seconds,
             checkpoint=CheckpointReport.from_result(checkpoint) if checkpoint is not None else None,
+            attempt=self.attempt,
         )
 
     def send(self, report: TrainerReport) -> TrainerReportAck | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import os
 import threading
 import time
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ampacity.training.retention import RetentionPolicy
 from ampacity.training.sdk.layout import (
     MANIFEST,
     Fragment,
@@ -38,16 +40,19 @@ from ampacity.training.sdk.layout import (
     ParamEntry,
     RankIndex,
     ShardSpec,
+    apply_retention,
     atomic_write_text,
     attempt_from_env,
     fragment_file,
     fsync_dir,
     rank_index_file,
+    retention_from_env,
     step_dir,
 )
 from ampacity.training.sdk.tensors import to_numpy
 
 State = Mapping[str, Any]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -182,6 +187,21 @@ def try_commit(directory: Path, world_size: int, attempt: int) -> bool:
     return True
 
 
+def retain(root: Path, rank: int, policy: RetentionPolicy | None) -> list[int]:
+    """Garbage-collect old checkpoints after a save, on rank 0 only; never raises into training.
+
+    `plan_retention` keeps the latest complete checkpoint and anything newer still
+    persisting, so running it while other ranks write is safe.
+    """
+    if rank != 0 or policy is None:
+        return []
+    try:
+        return apply_retention(root, policy)
+    except OSError as error:
+        log.warning("checkpoint retention under %s failed: %s", root, error)
+        return []
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -192,11 +212,13 @@ def save_checkpoint(
     shards: Mapping[str, ShardSpec] | None = None,
     extra: Mapping[str, Any] | None = None,
     attempt: int | None = None,
+    retention: RetentionPolicy | None = None,
 ) -> SaveResult:
     """Synchronous save: training waits for the whole write, fsync and commit.
 
     `attempt` (default: AMPACITY_ATTEMPT) must be the same on every rank of the gang
-    and grow with every restart.
+    and grow with every restart. Rank 0 then applies `retention` (default: the job's,
+    from AMPACITY_RETENTION_KEEP_LAST / _KEEP_EVERY; none outside a TrainingJob).
     """
     started = time.perf_counter()
     items = _items(state, shards, rank)
@@ -211,6 +233,7 @@ def save_checkpoint(
         stall_seconds=None,
     )
     stall = time.perf_counter() - started
+    retain(root, rank, retention or retention_from_env())
     return dataclasses.replace(result, stall_seconds=stall)
 
 
@@ -221,6 +244,8 @@ class AsyncCheckpointer:
     background thread with the result once the persist is done. An error in a
     background persist is raised by the next `save`, `wait` or `close`. `attempt`
     (default: AMPACITY_ATTEMPT) is the gang's restart count, the same on every rank.
+    After each persist, rank 0 applies `retention` (default: the job's, from
+    AMPACITY_RETENTION_KEEP_LAST / _KEEP_EVERY; none outside a TrainingJob).
     """
 
     def __init__(
@@ -231,6 +256,7 @@ class AsyncCheckpointer:
         world_size: int = 1,
         attempt: int | None = None,
         on_complete: Callable[[SaveResult], None] | None = None,
+        retention: RetentionPolicy | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -239,6 +265,7 @@ class AsyncCheckpointer:
         self.world_size = world_size
         self.attempt = attempt_from_env() if attempt is None else attempt
         self._on_complete = on_complete
+        self.retention = retention or retention_from_env()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ckpt-persist-{rank}")
         self._pending: Future[SaveResult] | None = None
         self._buffers: dict[str, np.ndarray] = {}
@@ -297,6 +324,7 @@ class AsyncCheckpointer:
         )
         if self._on_complete is not None:
             self._on_complete(result)
+        retain(self.root, self.rank, self.retention)
         return result
 
     def _wait_pending(self) -> SaveResult | None:

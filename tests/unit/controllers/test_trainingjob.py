@@ -1,0 +1,241 @@
+"""TrainingJob controller helpers without a cluster: admission, accounting, worker pods."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import kopf
+import pytest
+
+from ampacity.api import TRAINING_JOB
+from ampacity.api.trainingjob import CheckpointRecord, TrainingJobSpec, TrainingJobStatus
+from controllers import reports
+from controllers.kube import KubeError
+from controllers.reconciler import Context
+from controllers.trainingjob import (
+    broken_workers,
+    close_exposure,
+    first_fit,
+    free_gpus,
+    interval_stale,
+    issue_token,
+    node_matches,
+    node_ready,
+    pod_gpus,
+    resume_step,
+    spec_revision,
+    token_secret,
+    work_lost,
+    worker_pod,
+)
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def spec(**workers: Any) -> TrainingJobSpec:
+    return TrainingJobSpec.model_validate(
+        {
+            "workers": {"replicas": 4, "gpusPerWorker": 2, **workers},
+            "template": {"spec": {"containers": [{"name": "t", "image": "i"}]}},
+            "checkpoint": {"storage": {"uri": "s3://b/p"}, "retention": {"keepLast": 2, "keepEvery": 100}},
+            "failurePolicy": {"backoff": "5s"},
+        }
+    )
+
+
+def context(job_spec: TrainingJobSpec, status: TrainingJobStatus | None = None) -> Context:
+    body = kopf.Body({"metadata": {"name": "llm", "namespace": "ns", "uid": "u-1", "generation": 1}})
+    return Context(TRAINING_JOB, body, job_spec, status or TrainingJobStatus(), kube=None, logger=None)  # type: ignore[arg-type]
+
+
+def node(name: str, gpus: int, **spec_: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "labels": {"pool": "a"}},
+        "spec": spec_,
+        "status": {"allocatable": {"nvidia.com/gpu": str(gpus)}},
+    }
+
+
+def pod(node_name: str | None, gpus: int, phase: str = "Running") -> dict[str, Any]:
+    return {
+        "spec": {
+            "nodeName": node_name,
+            "containers": [{"resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}, {"resources": {}}],
+        },
+        "status": {"phase": phase},
+    }
+
+
+def test_pod_gpus_prefers_requests_and_sums_containers() -> None:
+    assert pod_gpus(pod("n", 3)) == 3
+    both = {"spec": {"containers": [{"resources": {"requests": {"nvidia.com/gpu": "2"}}}] * 2}}
+    assert pod_gpus(both) == 4
+    assert pod_gpus({"spec": {}}) == 0
+
+
+def test_free_gpus_subtract_bound_unfinished_pods() -> None:
+    nodes = [node("a", 8), node("b", 8)]
+    pods = [pod("a", 4), pod("a", 2, "Succeeded"), pod("b", 8, "Failed"), pod(None, 8), pod("c", 1)]
+    assert free_gpus(nodes, pods) == {"a": 4, "b": 8}
+
+
+def test_first_fit_never_admits_part_of_a_gang() -> None:
+    free = {"a": 8, "b": 8, "c": 8, "d": 8}
+    assert first_fit(free, 4, 8)
+    assert not first_fit(free, 6, 8)
+    # 3 + 3 + 3 GPUs free: three 2-GPU workers fit, a fourth does not (no node keeps 2 free after one).
+    assert first_fit({"a": 3, "b": 3, "c": 3}, 3, 2)
+    assert not first_fit({"a": 3, "b": 3, "c": 3}, 4, 2)
+    assert first_fit({}, 10, 0)
+
+
+def test_node_matching_honours_selector_cordon_and_taints() -> None:
+    assert node_matches(node("a", 8), {"nodeSelector": {"pool": "a"}})
+    assert not node_matches(node("a", 8), {"nodeSelector": {"pool": "b"}})
+    assert not node_matches(node("a", 8, unschedulable=True), {})
+    tainted = node("a", 8, taints=[{"key": "gpu", "value": "x", "effect": "NoSchedule"}])
+    assert not node_matches(tainted, {})
+    assert node_matches(tainted, {"tolerations": [{"key": "gpu", "operator": "Exists"}]})
+    assert node_matches(tainted, {"tolerations": [{"key": "gpu", "value": "x", "effect": "NoSchedule"}]})
+    assert not node_matches(tainted, {"tolerations": [{"key": "gpu", "value": "y"}]})
+    assert node_matches(tainted, {"tolerations": [{"operator": "Exists"}]})
+    soft = node("a", 8, taints=[{"key": "k", "effect": "PreferNoSchedule"}])
+    assert node_matches(soft, {})
+
+
+def test_work_lost_counts_steps_since_the_checkpoint_and_the_backoff_on_every_gpu() -> None:
+    status = TrainingJobStatus(
+        replicas=4,
+        current_step=150,
+        step_seconds=2.0,
+        latest_checkpoint=CheckpointRecord(step=100, time=NOW),
+    )
+    assert resume_step(spec(), status) == 100
+    assert work_lost(spec(), status) == pytest.approx((50 * 2.0 + 5.0) * 8)
+    # Nothing reported: only the backoff; no GPUs: nothing.
+    assert work_lost(spec(), TrainingJobStatus(replicas=4)) == pytest.approx(5.0 * 8)
+    assert work_lost(spec(gpusPerWorker=0), status) == 0.0
+
+
+def test_exposure_folds_the_stopped_gang_in() -> None:
+    status = TrainingJobStatus(nodes=2, exposure_node_hours=1.0, gang_start_time=NOW - timedelta(hours=3))
+    close_exposure(status, NOW)
+    assert status.exposure_node_hours == pytest.approx(7.0)
+    assert status.gang_start_time is None
+
+
+def test_interval_is_redecided_when_the_policy_changes() -> None:
+    auto = spec()
+    fixed = TrainingJobSpec.model_validate(
+        auto.model_dump(by_alias=True)
+        | {"checkpoint": {"storage": {"uri": "s3://b"}, "interval": {"policy": "fixed", "every": "30m"}}}
+    )
+    assert interval_stale(auto, TrainingJobStatus())
+    decided = TrainingJobStatus(
+        checkpoint_interval=1800.0, checkpoint_interval_reason="fixed: 30 min as declared"
+    )
+    assert not interval_stale(fixed, decided)
+    assert interval_stale(auto, decided)
+    assert interval_stale(fixed, decided.model_copy(update={"checkpoint_interval": 60.0}))
+    measured = TrainingJobStatus(checkpoint_interval=900.0, checkpoint_interval_reason="auto: 15 min, ...")
+    assert not interval_stale(auto, measured)
+    assert interval_stale(fixed, measured)
+
+
+def test_worker_env_carries_gang_report_and_retention_settings() -> None:
+    status = TrainingJobStatus(
+        latest_checkpoint=CheckpointRecord(step=70, time=NOW), checkpoint_interval=900.0
+    )
+    ctx = context(spec(), status)
+    manifest = worker_pod(ctx, ctx.spec, 1, 4, gang=3)
+    container = manifest["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["AMPACITY_ATTEMPT"] == "3"
+    assert env["AMPACITY_RESUME_STEP"] == "70"
+    assert env["AMPACITY_REPORT_URL"].endswith("/v1/namespaces/ns/trainingjobs/llm/reports")
+    assert env["AMPACITY_REPORT_TOKEN_FILE"] == "/var/run/ampacity/report/token"
+    assert (env["AMPACITY_RETENTION_KEEP_LAST"], env["AMPACITY_RETENTION_KEEP_EVERY"]) == ("2", "100")
+    assert env["AMPACITY_CHECKPOINT_INTERVAL_SECONDS"] == "900"
+    assert manifest["metadata"]["labels"]["ampacity.dev/world-size"] == "4"
+    assert manifest["spec"]["volumes"] == [
+        {"name": "ampacity-report-token", "secret": {"secretName": "llm-report-token", "defaultMode": 0o400}}
+    ]
+    assert container["volumeMounts"][0]["mountPath"] == "/var/run/ampacity/report"
+
+
+def test_token_secret_is_random_and_owned() -> None:
+    ctx = context(spec())
+    a, b = token_secret(ctx), token_secret(ctx)
+    assert a["data"]["token"] != b["data"]["token"]
+    assert a["metadata"]["name"] == "llm-report-token"
+    assert a["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert a["metadata"]["labels"]["ampacity.dev/trainingjob"] == "llm"
+
+
+def test_a_failed_worker_or_a_lost_node_breaks_the_gang() -> None:
+    def worker(name: str, node_name: str | None, phase: str = "Running", **meta: Any) -> dict[str, Any]:
+        return {
+            "metadata": {"name": name, **meta},
+            "spec": {"nodeName": node_name},
+            "status": {"phase": phase},
+        }
+
+    ready = {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    silent = {"status": {"conditions": [{"type": "Ready", "status": "Unknown"}]}}
+    assert node_ready(ready) and node_ready({}) and not node_ready(silent)
+    nodes = {"a": ready, "b": silent, "c": None}
+    pods = [
+        worker("w-0", "a"),
+        worker("w-1", "b"),
+        worker("w-2", "c"),
+        worker("w-3", "a", "Failed"),
+        worker("w-4", None),
+        worker("w-5", "b", deletionTimestamp="2026-01-01T00:00:00Z"),
+    ]
+    assert broken_workers(pods, nodes) == [
+        "node b of worker w-1 is not ready",
+        "node c of worker w-2 is gone",
+        "worker w-3 failed",
+    ]
+    assert broken_workers(pods[:1] + pods[4:], nodes) == []
+
+
+def test_revision_moves_with_what_a_running_worker_cannot_change() -> None:
+    base = spec()
+    assert spec_revision(base) == spec_revision(spec())
+    assert spec_revision(spec(replicas=2, minReplicas=1)) == spec_revision(base)  # a resize, not an update
+    assert spec_revision(spec(gpusPerWorker=4)) != spec_revision(base)
+    edited = base.model_copy(update={"template": {"spec": {"containers": [{"name": "t", "image": "j"}]}}})
+    assert spec_revision(edited) != spec_revision(base)
+    ctx = context(base)
+    assert worker_pod(ctx, base, 0, 4, gang=0)["metadata"]["labels"][
+        "ampacity.dev/revision"
+    ] == spec_revision(base)
+
+
+async def test_a_lost_token_secret_is_replaced_never_read() -> None:
+    class Secrets:
+        def __init__(self) -> None:
+            self.data: dict[str, str] = {"llm-report-token": "old"}
+            self.calls: list[str] = []
+
+        async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+            self.calls.append("create")
+            name = obj["metadata"]["name"]
+            if name in self.data:
+                raise KubeError(409, "exists")
+            self.data[name] = base64.b64decode(obj["data"]["token"]).decode()
+            return obj
+
+        async def delete(self, kind: str, namespace: str, name: str) -> None:
+            self.calls.append("delete")
+            self.data.pop(name, None)
+
+    kube = Secrets()
+    ctx = context(spec())
+    ctx.kube = kube  # type: ignore[assignment]
+    digest = await issue_token(ctx)
+    assert kube.calls == ["create", "delete", "create"]
+    assert digest == reports.token_hash(kube.data["llm-report-token"]) != reports.token_hash("old")
