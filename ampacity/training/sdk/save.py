@@ -68,6 +68,25 @@ class SaveResult:
     finished_at: float  # unix time this rank's persist ended (the commit time when committed)
 
 
+_COPY_CHUNK_BYTES = 32 << 20
+
+
+def _parallel_copy(pool: ThreadPoolExecutor, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Copy each (destination, source) pair, in chunks spread over the pool's threads."""
+    chunks: list[Future[None]] = []
+    for destination, source in pairs:
+        if not (destination.flags.c_contiguous and source.flags.c_contiguous):
+            np.copyto(destination, source)
+            continue
+        flat_destination, flat_source = destination.reshape(-1), source.reshape(-1)
+        step = max(1, _COPY_CHUNK_BYTES // max(1, source.itemsize))
+        for start in range(0, flat_source.size, step):
+            chunk = slice(start, start + step)
+            chunks.append(pool.submit(np.copyto, flat_destination[chunk], flat_source[chunk]))
+    for done in chunks:
+        done.result()
+
+
 @dataclass(frozen=True)
 class _Item:
     name: str
@@ -267,6 +286,11 @@ class AsyncCheckpointer:
         self._on_complete = on_complete
         self.retention = retention or retention_from_env()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ckpt-persist-{rank}")
+        # The snapshot is the whole stall and one core does not saturate memory bandwidth:
+        # copy on every core (numpy releases the GIL while it copies).
+        self._copiers = ThreadPoolExecutor(
+            max_workers=os.cpu_count() or 1, thread_name_prefix=f"ckpt-copy-{rank}"
+        )
         self._pending: Future[SaveResult] | None = None
         self._buffers: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
@@ -283,9 +307,12 @@ class AsyncCheckpointer:
         started = time.perf_counter()
         with self._lock:
             self._wait_pending()
+            items = _items(state, shards, self.rank)
+            buffers = [self._buffer(item.name, item.array) for item in items]
+            _parallel_copy(self._copiers, [(b, item.array) for b, item in zip(buffers, items, strict=True)])
             snapshot = [
-                _Item(item.name, self._snapshot(item.name, item.array), item.torch_dtype, item.spec)
-                for item in _items(state, shards, self.rank)
+                _Item(item.name, buffer, item.torch_dtype, item.spec)
+                for item, buffer in zip(items, buffers, strict=True)
             ]
             # The extras are small; copy them now, training may mutate them meanwhile.
             extra_copy = copy.deepcopy(dict(extra or {}))
@@ -298,15 +325,16 @@ class AsyncCheckpointer:
         first save is a plain copy too, as DataStates-LLM pre-allocates its host buffers."""
         with self._lock:
             self._wait_pending()
-            for item in _items(state, shards, self.rank):
-                self._snapshot(item.name, item.array)
+            items = _items(state, shards, self.rank)
+            # Touch every page now so that the first save is a plain copy too.
+            _parallel_copy(self._copiers, [(self._buffer(i.name, i.array), i.array) for i in items])
 
-    def _snapshot(self, name: str, array: np.ndarray) -> np.ndarray:
+    def _buffer(self, name: str, array: np.ndarray) -> np.ndarray:
+        """The reused host buffer for a parameter (C order, like the fragments it is written to)."""
         buffer = self._buffers.get(name)
         if buffer is None or buffer.shape != array.shape or buffer.dtype != array.dtype:
-            buffer = np.empty_like(array)
+            buffer = np.empty(array.shape, array.dtype)
             self._buffers[name] = buffer
-        np.copyto(buffer, array)
         return buffer
 
     def _persist_and_notify(
@@ -342,6 +370,7 @@ class AsyncCheckpointer:
             self.wait()
         finally:
             self._executor.shutdown(wait=True)
+            self._copiers.shutdown(wait=True)
 
     def __enter__(self) -> AsyncCheckpointer:
         return self
