@@ -1,7 +1,6 @@
 """Ampacity's Kubernetes I/O: an async client that applies desired objects with server-side apply.
 
-The operator (`controllers`, through the `controllers.kube` re-export) and the node agent
-(`agents`) share it.
+The operator (`controllers`) and the node agent (`agents`) share it.
 
 Reconcilers compute the full desired state of their children and `apply`
 it; server-side apply makes that idempotent, and `prune` deletes children
@@ -11,6 +10,7 @@ client's loader (kubeconfig or in-cluster service account).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 from collections.abc import AsyncIterator
@@ -22,6 +22,7 @@ import httpx
 import kubernetes
 
 FIELD_MANAGER = "ampacity-operator"
+RETRIES_ON_TOO_MANY_REQUESTS = 3
 
 Object = dict[str, Any]
 
@@ -93,6 +94,13 @@ class Kube:
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> Object:
         response = await self._http.request(method, path, **kwargs)
+        for _ in range(RETRIES_ON_TOO_MANY_REQUESTS):
+            # As client-go does: 429 (e.g. "storage is (re)initializing" right after a CRD is
+            # established, or API priority and fairness) is retried after its Retry-After.
+            if response.status_code != 429:
+                break
+            await asyncio.sleep(min(float(response.headers.get("Retry-After", "1") or 1), 2.0))
+            response = await self._http.request(method, path, **kwargs)
         if response.status_code >= 400:
             try:
                 message = response.json().get("message", response.text)

@@ -31,11 +31,11 @@ from ampacity.api.meta import API_VERSION, GROUP, LABEL_PREFIX, VERSION
 from ampacity.api.nodepower import GpuAssignment, NodePowerSpec, NodePowerStatus
 from ampacity.api.powerbudget import CappedNode, NodeSelector, PowerBudgetSpec
 from ampacity.cluster.nodes import GPU_RESOURCE
+from ampacity.kube import Kube, KubeError
 from ampacity.power.budget import BudgetSpec, PriorityClass
 from ampacity.power.policy import EventKind, Level, PolicyResult, PolicyState, evaluate
 from ampacity.power.telemetry import GpuId, GpuTelemetry
 from controllers import metrics
-from controllers.kube import Kube, KubeError
 from controllers.reconciler import Context, controller
 
 #: Pods choose their GPUs' power priority class with this label.
@@ -389,14 +389,22 @@ async def reconcile(ctx: Context) -> None:
         rt.state = _restore_state(ctx.status.policy_state)
     rt.spec, rt.budget = spec, policy_budget(spec)
 
-    # A node already assigned by another existing budget stays with it.
-    for obj in await kube.list_objects("NodePower", None):
+    # A node already assigned by another existing budget stays with it. Budgets that no longer
+    # exist (their deletion was missed) lose their memory and their NodePowers.
+    existing = {b["metadata"]["name"] for b in await kube.list_objects(POWER_BUDGET.kind, None)}
+    for gone in [name for name in RUNTIMES if name not in existing]:
+        RUNTIMES.pop(gone).close()
+    node_powers = await kube.list_objects(NODE_POWER.kind, None)
+    for obj in node_powers:
         _remember(obj)
-    others = {
-        n
-        for n, obj in NODE_POWERS.items()
-        if obj.get("spec", {}).get("budget") not in ("", ctx.name, None) and obj["spec"]["budget"] in RUNTIMES
-    }
+    owner = {o["metadata"]["name"]: str(o.get("spec", {}).get("budget", "")) for o in node_powers}
+    others = {n for n, b in owner.items() if b != ctx.name and b in existing}
+    orphans = [
+        n for n, b in owner.items() if b not in existing and n not in {x["metadata"]["name"] for x in nodes}
+    ]
+    for name in orphans:  # no budget covers the node any more: its agent restores full limits
+        await kube.delete(NODE_POWER.kind, None, name)
+        NODE_POWERS.pop(name, None)
     claimed = [n for n in nodes if n["metadata"]["name"] not in others]
     rt.nodes = {n["metadata"]["name"]: n["metadata"]["uid"] for n in claimed}
     gpus = sum(int(n.get("status", {}).get("capacity", {}).get(GPU_RESOURCE, 0)) for n in claimed)
@@ -445,7 +453,7 @@ async def reconcile(ctx: Context) -> None:
         ctx.set_ready(
             False,
             "TelemetryStale",
-            f"{missing} of {len(rt.nodes)} nodes without fresh telemetry (counted at their limits); "
+            f"{missing} of {len(rt.nodes)} nodes without fresh telemetry (stale GPUs count at their limits); "
             f"power {status.current_watts:.0f} W of {spec.limit_watts:.0f} W{shared}",
         )
     else:

@@ -21,8 +21,8 @@ from pydantic import ValidationError
 
 from ampacity.api import Resource
 from ampacity.api.meta import LABEL_PREFIX, ApiModel, ConditionStatus, Status
+from ampacity.kube import Kube, KubeError
 from controllers import metrics
-from controllers.kube import Kube, KubeError
 
 READY = "Ready"
 MANAGED_BY = "ampacity-operator"

@@ -45,6 +45,7 @@ from ampacity.api.trainingjob import (
     TrainingJobSpec,
     TrainingJobStatus,
 )
+from ampacity.kube import Kube, KubeError
 from ampacity.training.checkpoint_interval import (
     FailureRatePrior,
     IntervalDecision,
@@ -53,7 +54,6 @@ from ampacity.training.checkpoint_interval import (
 )
 from ampacity.training.failure_trace import load_failure_trace
 from ampacity.training.sdk.report import TrainerReport, TrainerReportAck
-from controllers.kube import Kube, KubeError
 
 log = logging.getLogger(__name__)
 

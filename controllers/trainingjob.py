@@ -37,9 +37,9 @@ from ampacity.api import TRAINING_JOB
 from ampacity.api.meta import LABEL_PREFIX
 from ampacity.api.trainingjob import IntervalPolicy, TrainingJobSpec, TrainingJobStatus, TrainingPhase
 from ampacity.cluster.nodes import GPU_RESOURCE
+from ampacity.kube import KubeError
 from ampacity.training.accounting import lost_gpu_seconds
 from controllers import metrics, reports
-from controllers.kube import KubeError
 from controllers.reconciler import Context, controller
 
 RENDEZVOUS_PORT = 29500

@@ -125,7 +125,16 @@ def test_deleting_a_pool_deletes_its_children(
 def test_spec_change_replans_and_prunes(kubectl: Kubectl, operator: LocalOperator, namespace: str) -> None:
     pool = load("servingpool", namespace)
     assert kubectl.apply(pool).returncode == 0
-    wait_for(lambda: current(kubectl, "servingpool", "llama2-70b-chat", namespace), what="first plan")
+    first = wait_for(lambda: current(kubectl, "servingpool", "llama2-70b-chat", namespace), what="first plan")
+    # A tighter TPOT needs more decode capacity per request: the pool is re-planned.
+    pool["spec"]["slo"]["tpot"] = "50ms"
+    assert kubectl.apply(pool).returncode == 0
+    tighter = wait_for(
+        lambda: current(kubectl, "servingpool", "llama2-70b-chat", namespace),
+        what="re-plan for the tighter TPOT",
+    )
+    assert tighter["status"]["plan"]["predictedGoodput"] < first["status"]["plan"]["predictedGoodput"]
+    assert tighter["status"]["plan"]["gpus"] > first["status"]["plan"]["gpus"]
     pool["spec"]["mode"] = "disaggregated"
     assert kubectl.apply(pool).returncode == 0
     engines = "ampacity.dev/servingpool=llama2-70b-chat"

@@ -11,8 +11,8 @@ import pytest
 
 from ampacity.api import TRAINING_JOB
 from ampacity.api.trainingjob import CheckpointRecord, TrainingJobSpec, TrainingJobStatus
+from ampacity.kube import KubeError
 from controllers import reports
-from controllers.kube import KubeError
 from controllers.reconciler import Context
 from controllers.trainingjob import (
     broken_workers,

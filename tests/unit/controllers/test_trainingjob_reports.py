@@ -10,11 +10,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from ampacity.api.trainingjob import CheckpointCost, TrainingJobSpec, TrainingJobStatus
+from ampacity.kube import KubeError
 from ampacity.training.retention import RetentionPolicy
 from ampacity.training.sdk.layout import retention_from_env
 from ampacity.training.sdk.report import CheckpointReport, Reporter, TrainerReport
 from controllers import reports
-from controllers.kube import KubeError
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

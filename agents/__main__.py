@@ -1,0 +1,101 @@
+"""`python -m agents`: the node agent (a DaemonSet process per GPU node).
+
+    python -m agents --node gpu-node-0                      # NVML (needs nvidia-ml-py and a GPU)
+    python -m agents --node gpu-node-0 --simulate --load-file load.json --kubeconfig agent.kubeconfig
+
+The node name defaults to $NODE_NAME (the DaemonSet sets it from spec.nodeName). With no GPU
+(or `--simulate`, or AMPACITY_AGENT_SIMULATE=1) the agent drives simulated H100s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from agents.agent import Agent, LoadFile
+from agents.gpu import GpuBackend, NvmlBackend, SimulatedGpuBackend
+from agents.metrics import AgentMetrics
+from ampacity.kube import Kube
+
+log = logging.getLogger("ampacity.agent")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    env = os.environ
+    p = argparse.ArgumentParser(prog="python -m agents", description="Ampacity node power agent.")
+    p.add_argument("--node", default=env.get("NODE_NAME", ""), help="node name (default $NODE_NAME)")
+    p.add_argument(
+        "--interval", type=float, default=float(env.get("AMPACITY_AGENT_INTERVAL", "1")), help="seconds"
+    )
+    p.add_argument(
+        "--metrics-port", type=int, default=int(env.get("AMPACITY_AGENT_METRICS_PORT", "9400")), help="0: off"
+    )
+    p.add_argument("--metrics-address", default=env.get("AMPACITY_AGENT_METRICS_ADDRESS", "0.0.0.0"))
+    p.add_argument("--kubeconfig", default=env.get("AMPACITY_AGENT_KUBECONFIG") or None)
+    p.add_argument(
+        "--simulate",
+        action="store_true",
+        default=env.get("AMPACITY_AGENT_SIMULATE") == "1",
+        help="simulated GPUs instead of NVML",
+    )
+    p.add_argument("--gpus", type=int, default=8, help="simulated GPUs")
+    p.add_argument("--load-file", type=Path, default=None, help="JSON load for the simulated GPUs")
+    p.add_argument(
+        "--request-timeout", type=float, default=3.0, help="API request timeout (s): past it, fail-safe"
+    )
+    args = p.parse_args(argv)
+    if not args.node:
+        p.error("--node or $NODE_NAME is required")
+    return args
+
+
+def make_backend(args: argparse.Namespace) -> tuple[GpuBackend, str, LoadFile | None]:
+    if not args.simulate:
+        try:
+            return NvmlBackend(), "nvml", None
+        except Exception as error:  # no pynvml, no driver, or no GPU
+            log.warning("NVML unavailable (%s); simulating %d GPUs", error, args.gpus)
+    simulated = SimulatedGpuBackend(args.gpus)
+    load = LoadFile(args.load_file, simulated) if args.load_file else None
+    return simulated, "simulated", load
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    backend, name, load = make_backend(args)
+    metrics = AgentMetrics(args.node)
+    if args.metrics_port:
+        metrics.serve(args.metrics_port, args.metrics_address)
+    kube = Kube(kubeconfig=args.kubeconfig, timeout=args.request_timeout)
+    agent = Agent(
+        args.node, backend, kube, metrics, backend_name=name, before_round=load.refresh if load else None
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "agent for %s: %d GPUs (%s), every %.2fs", args.node, backend.device_count(), name, args.interval
+    )
+    try:
+        await agent.run(args.interval, stop)
+    finally:
+        await kube.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    asyncio.run(main_async(parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

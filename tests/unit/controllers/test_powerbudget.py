@@ -1,0 +1,102 @@
+"""PowerBudget controller helpers: spec to policy budget, pods to GPU priorities, reports to telemetry."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from ampacity.api.nodepower import NodePowerStatus
+from ampacity.api.powerbudget import PowerBudgetSpec
+from controllers.powerbudget import PRIORITY_LABEL, gpu_priorities, policy_budget, telemetry_of
+
+
+def spec() -> PowerBudgetSpec:
+    return PowerBudgetSpec.model_validate(
+        {
+            "nodeSelector": {"matchLabels": {"row": "a"}},
+            "limitWatts": 20000,
+            "safeCapWatts": 450,
+            "telemetryStaleness": "5s",
+            "releaseHold": "3s",
+        }
+    )
+
+
+def pod(name: str, node: str, gpus: int, created: str, priority: str | None = None) -> dict[str, Any]:
+    labels = {PRIORITY_LABEL: priority} if priority else {}
+    return {
+        "metadata": {"name": name, "namespace": "ns", "creationTimestamp": created, "labels": labels},
+        "spec": {"nodeName": node, "containers": [{"resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}]},
+    }
+
+
+def test_spec_maps_to_the_policy_budget() -> None:
+    budget = policy_budget(spec())
+    assert budget.limit_watts == 20000 and budget.safe_cap_watts == 450
+    assert budget.staleness_seconds == 5 and budget.hold_seconds == 3
+    assert budget.t1_watts == 17000 and budget.t2_watts == 19000
+    assert {c.name: c.rank for c in budget.classes} == {"batch": 0, "interactive": 100}
+
+
+def test_pods_give_their_gpus_a_priority_in_creation_order() -> None:
+    pods = [
+        pod("b", "n0", 2, "2026-01-01T00:00:02Z", "interactive"),
+        pod("a", "n0", 4, "2026-01-01T00:00:01Z"),
+        pod("elsewhere", "n9", 8, "2026-01-01T00:00:00Z", "interactive"),
+        {"metadata": {"name": "cpu"}, "spec": {"nodeName": "n0", "containers": [{}]}},
+    ]
+    result = gpu_priorities(pods, {"n0", "n1"}, "batch")
+    assert result == {
+        "n0": {0: "batch", 1: "batch", 2: "batch", 3: "batch", 4: "interactive", 5: "interactive"},
+        "n1": {},
+    }
+
+
+def test_a_report_becomes_telemetry_and_idle_gpus_get_no_class() -> None:
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    status = NodePowerStatus.model_validate(
+        {
+            "sampledAt": at.isoformat(),
+            "gpus": [
+                {
+                    "index": i,
+                    "powerWatts": 500,
+                    "energyJoules": 1,
+                    "limitWatts": 700,
+                    "minLimitWatts": 200,
+                    "maxLimitWatts": 700,
+                }
+                for i in range(2)
+            ],
+        }
+    )
+    samples = telemetry_of("n0", status, {0: "interactive"})
+    assert [(s.gpu.index, s.priority, s.timestamp) for s in samples] == [
+        (0, "interactive", at.timestamp()),
+        (1, "", at.timestamp()),
+    ]
+    assert policy_budget(spec()).priority_class("").name == "batch"
+    assert telemetry_of("n0", NodePowerStatus(), {}) == []
+
+
+async def test_the_client_retries_too_many_requests() -> None:
+    """Right after a CRD is established the API server answers 429 for a moment; the first
+    PowerBudget reconcile must not report that as a failure."""
+    import httpx
+
+    from ampacity.kube import Kube
+
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if len(calls) == 1:
+            return httpx.Response(
+                429, headers={"Retry-After": "0"}, json={"message": "storage is (re)initializing"}
+            )
+        return httpx.Response(200, json={"items": [{"metadata": {"name": "n0"}}]})
+
+    kube = Kube(http=httpx.AsyncClient(base_url="https://api", transport=httpx.MockTransport(handler)))
+    assert await kube.list_objects("NodePower", None) == [{"metadata": {"name": "n0"}}]
+    assert calls == ["/apis/ampacity.dev/v1alpha1/nodepowers"] * 2
+    await kube.close()
