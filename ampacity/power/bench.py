@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from ampacity.cluster.kubectl import Kubectl
+from ampacity.cluster.kubectl import Kubectl, install_crds
 from ampacity.cluster.local_operator import LocalOperator
 from ampacity.cluster.localcluster import LocalCluster
 from ampacity.cluster.polling import wait_for
@@ -209,16 +209,7 @@ def bench_reaction(
         operator = LocalOperator(cluster.kubeconfig, state / "operator.log")
         try:
             kubectl = Kubectl(cluster.kubeconfig)
-            kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-            kubectl(
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "crd",
-                "-l",
-                "app.kubernetes.io/part-of=ampacity",
-            )
-            wait_for(lambda: kubectl.ok("explain", "nodepowers.spec"), 60, "NodePower schema")
+            install_crds(kubectl, REPO / "crds")
             operator.start()
             return asyncio.run(_trials(cluster, kubectl, nodes, trials, concurrency))
         finally:
