@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every check and test, on a fresh machine too: creates .venv, builds the local
-# control plane into ~/.cache/ampacity on first use (about 15 min on 2 cores),
+# control plane into ~/.cache/ampacity on first use (about 20 min on 2 cores),
 # installs Prometheus (apt) when missing, then runs lint, types, CRD drift, unit,
 # integration and end-to-end tests.
 # Extra arguments go to pytest (e.g. tools/test.sh tests/unit -k planner).
