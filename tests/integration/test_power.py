@@ -433,6 +433,18 @@ def _scenario(kubectl: Kubectl, operator: LocalOperator, agents: dict[str, Agent
     )
 
 
+def assert_writes_only_its_own_status(agent: Kubectl) -> None:
+    """gpu-node-0's agent is refused another node's NodePower status and may patch its own."""
+    status = json.dumps({"status": {"powerWatts": 1.0}})
+    other = agent.run(
+        "patch", "nodepower", "gpu-node-1", "--subresource=status", "--type=merge", "-p", status
+    )
+    assert other.returncode != 0
+    assert "may write only the NodePower of its own node (gpu-node-0), not gpu-node-1" in other.stderr
+    own = agent.run("patch", "nodepower", "gpu-node-0", "--subresource=status", "--type=merge", "-p", status)
+    assert own.returncode == 0, own.stderr
+
+
 def test_an_agent_cannot_write_another_nodes_nodepower(
     cluster: LocalCluster, kubectl: Kubectl, agent_policy: str, tmp_path: Path
 ) -> None:
@@ -447,17 +459,8 @@ def test_an_agent_cannot_write_another_nodes_nodepower(
         )
     try:
         agent0 = Kubectl(agent_kubeconfig(cluster, "gpu-node-0", tmp_path))
-        status = json.dumps({"status": {"powerWatts": 1.0}})
-        denied = agent0.run(
-            "patch", "nodepower", "gpu-node-1", "--subresource=status", "--type=merge", "-p", status
-        )
-        assert denied.returncode != 0
-        assert "may write only the NodePower of its own node (gpu-node-0), not gpu-node-1" in denied.stderr
-        # Its own node's status is fine; specs (the operator's assignment) are out of reach (RBAC).
-        own = agent0.run(
-            "patch", "nodepower", "gpu-node-0", "--subresource=status", "--type=merge", "-p", status
-        )
-        assert own.returncode == 0, own.stderr
+        assert_writes_only_its_own_status(agent0)
+        # Specs (the operator's assignment) are out of reach (RBAC).
         spec = agent0.run(
             "patch", "nodepower", "gpu-node-0", "--type=merge", "-p", json.dumps({"spec": {"budget": "x"}})
         )
@@ -525,17 +528,7 @@ def test_the_daemonset_service_account_is_confined_to_its_pods_node(
                 }
             )
         )
-        agent = Kubectl(config)
-        status = json.dumps({"status": {"powerWatts": 1.0}})
-        other = agent.run(
-            "patch", "nodepower", "gpu-node-1", "--subresource=status", "--type=merge", "-p", status
-        )
-        assert other.returncode != 0
-        assert "may write only the NodePower of its own node (gpu-node-0), not gpu-node-1" in other.stderr
-        own = agent.run(
-            "patch", "nodepower", "gpu-node-0", "--subresource=status", "--type=merge", "-p", status
-        )
-        assert own.returncode == 0, own.stderr
+        assert_writes_only_its_own_status(Kubectl(config))
     finally:
         kubectl.run("delete", "pod", "agent-on-node-0", "-n", RELEASE_NAMESPACE, "--wait=false")
         kubectl.run("delete", "nodepower", "gpu-node-0", "gpu-node-1", "--ignore-not-found")
