@@ -9,6 +9,7 @@ a test fails if they drift.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +48,12 @@ def profile_from_trace(name: str) -> LengthProfile:
     )
 
 
+@functools.cache
 def load_profile(name: str) -> LengthProfile:
-    """A shipped profile by trace name (`azure-conv`, `mooncake`)."""
+    """A shipped profile by trace name (`azure-conv`, `mooncake`).
+
+    Cached: the reconciler asks on every pass, and the files ship with the package.
+    """
     path = PROFILE_DIR / f"{name}.json"
     if not path.exists():
         raise KeyError(f"unknown workload profile {name!r}; known: {', '.join(sorted(SOURCES))}")
