@@ -10,10 +10,10 @@ from collections.abc import Sequence
 # Each module registers its own subcommands through `register(subparsers)`.
 COMMAND_MODULES = [
     "ampacity.api.cli",
-    "ampacity.cluster.cli",
+    "ampacity.dev.cluster.cli",
     "ampacity.serving.cli",
     "ampacity.power.cli",
-    "ampacity.demo",
+    "ampacity.dev.demo",
     "ampacity.training.cli",
     "ampacity.federated.cli",
     "ampacity.observability",

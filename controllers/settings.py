@@ -11,7 +11,7 @@ from prometheus_client import start_http_server
 
 from ampacity.api.meta import GROUP
 from ampacity.kube import Kube
-from controllers import reports
+from controllers.trainingjob import reports
 
 #: Port of the Prometheus /metrics endpoint (probes are served by kopf's --liveness endpoint).
 METRICS_PORT = int(os.environ.get("AMPACITY_METRICS_PORT", "8080"))

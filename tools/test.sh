@@ -19,6 +19,8 @@ tools/controlplane/build.sh >/dev/null
 echo "== ruff" >&2
 ruff check .
 ruff format --check .
+echo "== import contracts" >&2
+lint-imports --no-cache
 echo "== mypy" >&2
 mypy
 echo "== CRDs match the models" >&2

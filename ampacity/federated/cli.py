@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ampacity.federated import evaluation
 from ampacity.federated.aggregator import AggregatorConfig, Arrays, atomic_write, encode_arrays, run
 from ampacity.federated.client import FederatedClient, Task, TrainResult
 from ampacity.federated.client import register as register_client
+from ampacity.federated.eval import evaluation
 
 ADMIN_TOKEN_ENV = "AMPACITY_FL_ADMIN_TOKEN"
 PARENT_TOKEN_ENV = "AMPACITY_FL_PARENT_TOKEN"

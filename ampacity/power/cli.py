@@ -11,9 +11,8 @@ from typing import Any
 import numpy as np
 
 from ampacity.power.calibration import load_zeus_points, zeus_cap_curve
-from ampacity.power.gpu_model import H100_SXM
-from ampacity.power.plot import plot_row_power
-from ampacity.power.simulation import (
+from ampacity.power.eval.plot import plot_row_power
+from ampacity.power.eval.simulation import (
     Comparison,
     Criteria,
     RowConfig,
@@ -21,6 +20,7 @@ from ampacity.power.simulation import (
     fit_servers,
     row_budget,
 )
+from ampacity.power.gpu_model import H100_SXM
 
 # One row of 16 servers provisioned at nameplate: 16 x 8 x 700 W (H100 SXM max limit).
 _DEFAULT_LIMIT_KW = 16 * 8 * H100_SXM.max_limit_watts / 1000
@@ -203,7 +203,7 @@ def _run_curve(args: argparse.Namespace) -> int:
 
 
 def _run_bench_reaction(args: argparse.Namespace) -> int:
-    from ampacity.power.bench import bench_reaction, summarize
+    from ampacity.dev.power_bench import bench_reaction, summarize
 
     trials = bench_reaction(args.nodes, args.trials, args.concurrency)
     print(summarize(trials, args.nodes))

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ampacity.serving import coldstart, hardware, replan, replay
+from ampacity.serving import hardware, replan
+from ampacity.serving.eval import coldstart, replay
 from ampacity.serving.keepalive import KeepAlivePolicy
 from ampacity.serving.planner import (
     TP_DEGREES,

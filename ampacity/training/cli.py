@@ -8,10 +8,10 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from ampacity.training.bench import bench_checkpoint_stall
 from ampacity.training.checkpoint_interval import FailureRatePrior, auto_interval
+from ampacity.training.eval.bench import bench_checkpoint_stall
+from ampacity.training.eval.simulation import JobConfig, compare_policies
 from ampacity.training.failure_trace import load_failure_trace
-from ampacity.training.simulation import JobConfig, compare_policies
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from ampacity.cluster.kubectl import Kubectl, install_crds
-from ampacity.cluster.local_operator import LocalOperator
-from ampacity.cluster.localcluster import LocalCluster
-from ampacity.cluster.polling import wait_for
+from ampacity.dev.cluster.kubectl import Kubectl, install_crds
+from ampacity.dev.cluster.local_operator import LocalOperator
+from ampacity.dev.cluster.localcluster import LocalCluster
+from ampacity.dev.cluster.polling import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_NODES = 4

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ampacity.cluster.kubectl import Kubectl
+from ampacity.dev.cluster.kubectl import Kubectl
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

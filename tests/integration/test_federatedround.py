@@ -3,7 +3,7 @@
 kwok runs no containers, so the round's aggregator Deployment never runs code here: each test starts
 the same `ampacity federated aggregator` command locally with the admin token the operator put in the
 round's Secret, and the operator reaches it through AMPACITY_AGGREGATOR_URL_OVERRIDE and the round's
-`ampacity.dev/aggregator-port` annotation (see controllers/federatedround.py).
+`ampacity.dev/aggregator-port` annotation (see controllers/federatedround/controller.py).
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ import httpx
 import numpy as np
 import pytest
 
-from ampacity.cluster.kubectl import Kubectl, condition
-from ampacity.cluster.local_operator import LocalOperator
-from ampacity.cluster.localcluster import free_port
-from ampacity.cluster.polling import wait_for
-from ampacity.federated import evaluation
+from ampacity.dev.cluster.kubectl import Kubectl, condition
+from ampacity.dev.cluster.local_operator import LocalOperator
+from ampacity.dev.cluster.localcluster import free_port
+from ampacity.dev.cluster.polling import wait_for
 from ampacity.federated.aggregator import (
     BASE_VERSION_HEADER,
     ROUND_HEADER,
@@ -35,7 +34,8 @@ from ampacity.federated.aggregator import (
     encode_arrays,
 )
 from ampacity.federated.client import FederatedClient
-from controllers.federatedround import POLL_INTERVAL_ENV, PORT_ANNOTATION, URL_OVERRIDE_ENV
+from ampacity.federated.eval import evaluation
+from controllers.federatedround.controller import POLL_INTERVAL_ENV, PORT_ANNOTATION, URL_OVERRIDE_ENV
 
 OVERRIDE = "http://127.0.0.1:{port}"
 SELECTOR = {"federated.ampacity.dev/population": "digits"}

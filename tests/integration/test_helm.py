@@ -7,10 +7,10 @@ from pathlib import Path
 
 import yaml
 
-from ampacity.cluster.binaries import ensure_binaries
-from ampacity.cluster.kubectl import Kubectl
-from ampacity.cluster.localcluster import LocalCluster
-from ampacity.cluster.polling import wait_for
+from ampacity.dev.cluster.binaries import ensure_binaries
+from ampacity.dev.cluster.kubectl import Kubectl
+from ampacity.dev.cluster.localcluster import LocalCluster
+from ampacity.dev.cluster.polling import wait_for
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "ampacity"
 

@@ -26,11 +26,11 @@ import httpx
 import pytest
 import yaml
 
-from ampacity.cluster.binaries import ensure_binaries
-from ampacity.cluster.kubectl import Kubectl
-from ampacity.cluster.local_operator import LocalOperator
-from ampacity.cluster.localcluster import LocalCluster, free_port
-from ampacity.cluster.polling import wait_for
+from ampacity.dev.cluster.binaries import ensure_binaries
+from ampacity.dev.cluster.kubectl import Kubectl
+from ampacity.dev.cluster.local_operator import LocalOperator
+from ampacity.dev.cluster.localcluster import LocalCluster, free_port
+from ampacity.dev.cluster.polling import wait_for
 from ampacity.observability import (
     DASHBOARDS,
     RULES,

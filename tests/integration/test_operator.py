@@ -7,9 +7,9 @@ from typing import Any
 
 import yaml
 
-from ampacity.cluster.kubectl import Kubectl, condition, reconciled
-from ampacity.cluster.local_operator import LocalOperator
-from ampacity.cluster.polling import wait_for
+from ampacity.dev.cluster.kubectl import Kubectl, condition, reconciled
+from ampacity.dev.cluster.local_operator import LocalOperator
+from ampacity.dev.cluster.polling import wait_for
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

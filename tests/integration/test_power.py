@@ -21,12 +21,12 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from ampacity.cluster.binaries import ensure_binaries
-from ampacity.cluster.kubectl import Kubectl, condition
-from ampacity.cluster.local_operator import LocalOperator
-from ampacity.cluster.localcluster import LocalCluster, free_port
-from ampacity.cluster.pki import CertPair
-from ampacity.cluster.polling import wait_for
+from ampacity.dev.cluster.binaries import ensure_binaries
+from ampacity.dev.cluster.kubectl import Kubectl, condition
+from ampacity.dev.cluster.local_operator import LocalOperator
+from ampacity.dev.cluster.localcluster import LocalCluster, free_port
+from ampacity.dev.cluster.pki import CertPair
+from ampacity.dev.cluster.polling import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 NODES = [f"gpu-node-{i}" for i in range(4)]

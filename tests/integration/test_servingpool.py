@@ -9,9 +9,9 @@ from typing import Any
 
 import yaml
 
-from ampacity.cluster.kubectl import Kubectl
-from ampacity.cluster.local_operator import LocalOperator
-from ampacity.cluster.polling import wait_for
+from ampacity.dev.cluster.kubectl import Kubectl
+from ampacity.dev.cluster.local_operator import LocalOperator
+from ampacity.dev.cluster.polling import wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "servingpool.yaml"
 WARM_NODE = "gpu-node-3"

@@ -18,10 +18,10 @@ import httpx
 import numpy as np
 import pytest
 
-from ampacity.cluster.kubectl import Kubectl, condition, reconciled
-from ampacity.cluster.local_operator import LocalOperator
-from ampacity.cluster.nodes import GpuNodeShape, gpu_node
-from ampacity.cluster.polling import wait_for
+from ampacity.dev.cluster.kubectl import Kubectl, condition, reconciled
+from ampacity.dev.cluster.local_operator import LocalOperator
+from ampacity.dev.cluster.nodes import GpuNodeShape, gpu_node
+from ampacity.dev.cluster.polling import wait_for
 from ampacity.training.sdk import (
     AsyncCheckpointer,
     Reporter,
@@ -33,7 +33,7 @@ from ampacity.training.sdk import (
     shard_array,
 )
 from ampacity.training.sdk.layout import even_shard, retention_from_env
-from controllers.reports import report_path, token_hash
+from controllers.trainingjob.reports import report_path, token_hash
 
 SELECTOR = "ampacity.dev/trainingjob"
 WEIGHTS = np.arange(96, dtype=np.float32).reshape(24, 4)

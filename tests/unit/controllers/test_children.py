@@ -12,9 +12,9 @@ import yaml
 from ampacity.api import POWER_BUDGET, TRAINING_JOB, Resource
 from ampacity.api.powerbudget import NodeSelector
 from ampacity.api.trainingjob import CheckpointRecord
-from controllers.powerbudget import label_selector
+from controllers.powerbudget.controller import label_selector
 from controllers.reconciler import Context, _reconcile_once
-from controllers.trainingjob import worker_pod
+from controllers.trainingjob.controller import worker_pod
 
 REPO = Path(__file__).resolve().parents[3]
 

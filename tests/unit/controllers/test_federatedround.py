@@ -22,8 +22,8 @@ from ampacity.cli import build_parser
 from ampacity.federated import cli as fed_cli
 from ampacity.federated.aggregator import AggregatorConfig, create_app, encode_arrays
 from ampacity.federated.client import FederatedClient
-from controllers import federatedround as fr
-from controllers.aggregator_client import AggregatorClient, AggregatorUnavailable
+from controllers.federatedround import controller as fr
+from controllers.federatedround.aggregator_client import AggregatorClient, AggregatorUnavailable
 from controllers.reconciler import Context
 
 ADMIN = "admin-token"

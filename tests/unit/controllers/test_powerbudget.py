@@ -7,7 +7,7 @@ from typing import Any
 
 from ampacity.api.nodepower import NodePowerStatus
 from ampacity.api.powerbudget import PowerBudgetSpec
-from controllers.powerbudget import PRIORITY_LABEL, gpu_priorities, policy_budget, telemetry_of
+from controllers.powerbudget.controller import PRIORITY_LABEL, gpu_priorities, policy_budget, telemetry_of
 
 
 def spec() -> PowerBudgetSpec:

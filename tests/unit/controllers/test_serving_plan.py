@@ -10,8 +10,8 @@ import yaml
 
 from ampacity.api.servingpool import ServingPoolSpec
 from ampacity.serving.lengths import SOURCES, load_profile, profile_from_trace
-from controllers.serving_plan import PlanningError, plan_pool
-from controllers.servingpool import warm_node_preferences
+from controllers.servingpool.controller import warm_node_preferences
+from controllers.servingpool.plan import PlanningError, plan_pool
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "servingpool.yaml"
 

@@ -12,9 +12,9 @@ import pytest
 from ampacity.api import TRAINING_JOB
 from ampacity.api.trainingjob import CheckpointRecord, TrainingJobSpec, TrainingJobStatus
 from ampacity.kube import KubeError
-from controllers import reports
 from controllers.reconciler import Context
-from controllers.trainingjob import (
+from controllers.trainingjob import reports
+from controllers.trainingjob.controller import (
     broken_workers,
     close_exposure,
     first_fit,
@@ -68,7 +68,7 @@ def pod(node_name: str | None, gpus: int, phase: str = "Running") -> dict[str, A
     }
 
 
-def test_pod_gpus_prefers_requests_and_sums_containers() -> None:
+def test_pod_gpus_reads_limits_or_requests_and_sums_containers() -> None:
     assert pod_gpus(pod("n", 3)) == 3
     both = {"spec": {"containers": [{"resources": {"requests": {"nvidia.com/gpu": "2"}}}] * 2}}
     assert pod_gpus(both) == 4

@@ -14,7 +14,7 @@ from ampacity.kube import KubeError
 from ampacity.training.retention import RetentionPolicy
 from ampacity.training.sdk.layout import retention_from_env
 from ampacity.training.sdk.report import CheckpointReport, Reporter, TrainerReport
-from controllers import reports
+from controllers.trainingjob import reports
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

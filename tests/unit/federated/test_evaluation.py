@@ -3,8 +3,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from ampacity.federated import evaluation
 from ampacity.federated.aggregation import Rule
+from ampacity.federated.eval import evaluation
 
 TINY = evaluation.SimConfig(
     clients=10, q_min=2, q_max=8, target_accuracy=0.6, max_time_s=5_000.0, byzantine_rounds=6

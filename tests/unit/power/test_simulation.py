@@ -12,8 +12,8 @@ import pytest
 
 from ampacity.data import data_dir
 from ampacity.power import cli
-from ampacity.power.plot import plot_row_power
-from ampacity.power.simulation import (
+from ampacity.power.eval.plot import plot_row_power
+from ampacity.power.eval.simulation import (
     Criteria,
     RowConfig,
     Trace,

@@ -6,7 +6,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from ampacity.serving import coldstart, keepalive
+from ampacity.serving import keepalive
+from ampacity.serving.eval import coldstart
 from ampacity.serving.keepalive import IdleTimeHistogram, KeepAliveDecision, KeepAlivePolicy
 
 

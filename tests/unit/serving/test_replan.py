@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ampacity.serving import replan, replay
+from ampacity.serving import replan
+from ampacity.serving.eval import replay
 from ampacity.serving.hardware import gpu, model
 from ampacity.serving.planner import PoolPlan
 from ampacity.serving.replan import Observation, PlannedMix, ReplanConfig, ReplanState

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from ampacity.training.eval.simulation import IntervalFn, JobConfig, compare_policies, simulate_run
 from ampacity.training.failure_trace import load_failure_trace
-from ampacity.training.simulation import IntervalFn, JobConfig, compare_policies, simulate_run
 
 JOB = JobConfig(nodes=1, gpus_per_node=1, stall_seconds=10.0, persist_seconds=20.0, restart_seconds=50.0)
 

@@ -58,7 +58,11 @@ from ampacity.api.meta import LABEL_PREFIX
 from ampacity.federated import scheduler, speed
 from ampacity.kube import KubeError
 from controllers import metrics
-from controllers.aggregator_client import AggregatorClient, AggregatorRefused, AggregatorUnavailable
+from controllers.federatedround.aggregator_client import (
+    AggregatorClient,
+    AggregatorRefused,
+    AggregatorUnavailable,
+)
 from controllers.reconciler import Context, controller
 from controllers.tokens import derive_token
 

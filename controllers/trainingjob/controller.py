@@ -17,7 +17,7 @@ carry that number. A pass of the reconciler:
    (first fit), so a gang is never partly running; otherwise Ready=False,
    InsufficientCapacity. The workers resume from the latest complete checkpoint
    (AMPACITY_RESUME_STEP); a checkpoint counts only once the trainer reported its
-   manifest committed (`controllers.reports`).
+   manifest committed (`controllers.trainingjob.reports`).
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ from typing import Any
 import kopf
 
 from ampacity.api import TRAINING_JOB
+from ampacity.api.gpu import GPU_RESOURCE, pod_gpus
 from ampacity.api.meta import LABEL_PREFIX
 from ampacity.api.trainingjob import IntervalPolicy, TrainingJobSpec, TrainingJobStatus, TrainingPhase
-from ampacity.cluster.nodes import GPU_RESOURCE
 from ampacity.kube import KubeError
 from ampacity.training.accounting import lost_gpu_seconds
-from controllers import metrics, reports
+from controllers import metrics
 from controllers.reconciler import Context, controller
+from controllers.trainingjob import reports
 
 RENDEZVOUS_PORT = 29500
 GANG_LABEL = f"{LABEL_PREFIX}/gang"
@@ -187,18 +188,6 @@ async def issue_token(ctx: Context) -> str:
 
 
 # --- gang admission ------------------------------------------------------------------------------
-
-
-def pod_gpus(pod: Mapping[str, Any]) -> int:
-    """GPUs a pod holds: its containers' nvidia.com/gpu requests (limits when no request)."""
-    total = 0
-    for container in pod.get("spec", {}).get("containers", []):
-        resources = container.get("resources", {})
-        value = resources.get("requests", {}).get(GPU_RESOURCE) or resources.get("limits", {}).get(
-            GPU_RESOURCE
-        )
-        total += int(value or 0)
-    return total
 
 
 def _tolerated(taint: Mapping[str, Any], tolerations: Iterable[Mapping[str, Any]]) -> bool:

@@ -15,10 +15,10 @@ import yaml
 
 from ampacity.api import RESOURCES
 from ampacity.api.cli import CRD_DIRS
-from ampacity.cluster.kubectl import Kubectl, condition, install_crds, reconciled
-from ampacity.cluster.local_operator import LocalOperator
-from ampacity.cluster.localcluster import DEFAULT_STATE_DIR, LocalCluster
-from ampacity.cluster.polling import wait_for
+from ampacity.dev.cluster.kubectl import Kubectl, condition, install_crds, reconciled
+from ampacity.dev.cluster.local_operator import LocalOperator
+from ampacity.dev.cluster.localcluster import DEFAULT_STATE_DIR, LocalCluster
+from ampacity.dev.cluster.polling import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"

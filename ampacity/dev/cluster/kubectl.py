@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ampacity.api import RESOURCES
-from ampacity.cluster.polling import wait_for
+from ampacity.dev.cluster.polling import wait_for
 
 
 def find_kubectl() -> str:

@@ -27,10 +27,10 @@ import kopf
 from pydantic import ValidationError
 
 from ampacity.api import NODE_POWER, POWER_BUDGET
+from ampacity.api.gpu import GPU_RESOURCE, pod_gpus
 from ampacity.api.meta import API_VERSION, GROUP, LABEL_PREFIX, VERSION
 from ampacity.api.nodepower import GpuAssignment, NodePowerSpec, NodePowerStatus
 from ampacity.api.powerbudget import CappedNode, NodeSelector, PowerBudgetSpec
-from ampacity.cluster.nodes import GPU_RESOURCE
 from ampacity.kube import Kube, KubeError
 from ampacity.power.budget import BudgetSpec, PriorityClass
 from ampacity.power.policy import EventKind, Level, PolicyResult, PolicyState, evaluate
@@ -78,17 +78,6 @@ def policy_budget(spec: PowerBudgetSpec) -> BudgetSpec:
     )
 
 
-def _gpu_count(pod: Mapping[str, Any]) -> int:
-    total = 0
-    for container in pod.get("spec", {}).get("containers", []):
-        resources = container.get("resources", {})
-        amount = resources.get("limits", {}).get(GPU_RESOURCE) or resources.get("requests", {}).get(
-            GPU_RESOURCE, 0
-        )
-        total += int(amount)
-    return total
-
-
 def gpu_priorities(
     pods: Sequence[Mapping[str, Any]], nodes: set[str], default_class: str
 ) -> dict[str, dict[int, str]]:
@@ -109,7 +98,7 @@ def gpu_priorities(
     )
     for pod in ordered:
         node = pod.get("spec", {}).get("nodeName")
-        gpus = _gpu_count(pod)
+        gpus = pod_gpus(pod)
         if node not in result or gpus <= 0:
             continue
         priority = pod["metadata"].get("labels", {}).get(PRIORITY_LABEL, default_class)

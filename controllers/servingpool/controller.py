@@ -10,17 +10,16 @@ from typing import Any
 import httpx
 
 from ampacity.api import SERVING_POOL
+from ampacity.api.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TYPE_LABEL
 from ampacity.api.servingpool import AutoscalingStatus, ServingPlan, ServingPoolSpec
-from ampacity.cluster.nodes import GPU_RESOURCE, GPU_TYPE_LABEL
 from ampacity.serving import hardware
 from ampacity.serving.placement import affinity_weights, node_from_labels, preferred_affinity, rank
 from ampacity.serving.replan import parse_metrics
 from controllers import metrics
 from controllers.reconciler import Context, controller
-from controllers.serving_autoscale import next_size, planned_size
-from controllers.serving_plan import PlanningError, SizedPlan, plan_pool
+from controllers.servingpool.autoscale import next_size, planned_size
+from controllers.servingpool.plan import PlanningError, SizedPlan, plan_pool
 
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 CAPACITY_LIMITED = "CapacityLimited"
 METRICS_AVAILABLE = "MetricsAvailable"
 METRICS_MEMO = "serving_metrics"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ampacity.power.simulation import Comparison
+from ampacity.power.eval.simulation import Comparison
 
 
 def plot_row_power(comparison: Comparison, path: Path) -> Path:

@@ -24,9 +24,9 @@ from pathlib import Path
 import httpx
 import yaml
 
-from ampacity.cluster.binaries import Binaries, ensure_binaries, kwok_stage_documents
-from ampacity.cluster.nodes import GpuNodeShape, gpu_node
-from ampacity.cluster.pki import Pki
+from ampacity.dev.cluster.binaries import Binaries, ensure_binaries, kwok_stage_documents
+from ampacity.dev.cluster.nodes import GpuNodeShape, gpu_node
+from ampacity.dev.cluster.pki import Pki
 
 Progress = Callable[[str], None]
 

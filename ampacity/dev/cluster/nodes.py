@@ -5,11 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ampacity.api.gpu import (
+    GPU_COUNT_LABEL,
+    GPU_MEMORY_LABEL,
+    GPU_PRESENT_LABEL,
+    GPU_PRODUCT_LABEL,
+    GPU_RESOURCE,
+    GPU_TYPE_LABEL,
+    RACK_LABEL,
+    ROW_LABEL,
+)
+
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_TYPE_LABEL = "ampacity.dev/gpu-type"
-ROW_LABEL = "ampacity.dev/row"
-RACK_LABEL = "ampacity.dev/rack"
 
 #: Short GPU type -> (NVIDIA GPU feature discovery product label, GPU memory in MiB).
 GPU_PRODUCTS = {
@@ -51,10 +58,10 @@ def gpu_node(name: str, index: int, shape: GpuNodeShape) -> dict[str, Any]:
                 "kubernetes.io/os": "linux",
                 "kubernetes.io/arch": "amd64",
                 "type": "kwok",
-                "nvidia.com/gpu.present": "true",
-                "nvidia.com/gpu.product": product,
-                "nvidia.com/gpu.count": str(shape.gpus),
-                "nvidia.com/gpu.memory": str(memory_mib),
+                GPU_PRESENT_LABEL: "true",
+                GPU_PRODUCT_LABEL: product,
+                GPU_COUNT_LABEL: str(shape.gpus),
+                GPU_MEMORY_LABEL: str(memory_mib),
                 GPU_TYPE_LABEL: shape.gpu_type,
                 ROW_LABEL: shape.row,
                 RACK_LABEL: f"rack-{index // shape.nodes_per_rack}",

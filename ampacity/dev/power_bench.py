@@ -31,10 +31,10 @@ from typing import Any
 
 import httpx
 
-from ampacity.cluster.kubectl import Kubectl, install_crds
-from ampacity.cluster.local_operator import LocalOperator
-from ampacity.cluster.localcluster import LocalCluster
-from ampacity.cluster.polling import wait_for
+from ampacity.dev.cluster.kubectl import Kubectl, install_crds
+from ampacity.dev.cluster.local_operator import LocalOperator
+from ampacity.dev.cluster.localcluster import LocalCluster
+from ampacity.dev.cluster.polling import wait_for
 
 GPUS = 8
 MAX_WATTS, MIN_WATTS, IDLE_WATTS = 700.0, 200.0, 75.0

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ampacity.cluster.localcluster import DEFAULT_STATE_DIR, ClusterError, LocalCluster
-from ampacity.cluster.nodes import GPU_PRODUCTS, GpuNodeShape
+from ampacity.dev.cluster.localcluster import DEFAULT_STATE_DIR, ClusterError, LocalCluster
+from ampacity.dev.cluster.nodes import GPU_PRODUCTS, GpuNodeShape
 
 
 def _progress(message: str) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from ampacity.cluster.localcluster import free_port
-from ampacity.cluster.polling import wait_for
+from ampacity.dev.cluster.localcluster import free_port
+from ampacity.dev.cluster.polling import wait_for
 
 
 class LocalOperator:

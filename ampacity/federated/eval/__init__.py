@@ -1,0 +1,1 @@
+"""Studies of the federated strategies and aggregation rules."""

@@ -1,0 +1,1 @@
+"""Studies of the power policy: how many servers fit under one breaker."""

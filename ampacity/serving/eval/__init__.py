@@ -1,0 +1,1 @@
+"""Studies of the serving policies on public traces (cold starts, re-planning replays)."""

@@ -1,0 +1,1 @@
+"""Studies of the checkpoint policy and the save-stall benchmark."""

@@ -1,0 +1,1 @@
+"""FederatedRound: the round's aggregator, cohort selection and lifecycle."""

@@ -1,0 +1,1 @@
+"""PowerBudget: aggregate node telemetry, run the capping policy, assign caps through NodePower."""

@@ -1,0 +1,1 @@
+"""ServingPool: plan the pool, run its engines, resize them from live metrics."""

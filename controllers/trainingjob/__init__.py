@@ -1,0 +1,1 @@
+"""TrainingJob: gang admission and restarts, checkpoint orchestration, the trainer report endpoint."""
