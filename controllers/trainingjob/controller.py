@@ -363,7 +363,7 @@ async def _reconcile(ctx: Context, now: datetime) -> None:
     if status.phase in (TrainingPhase.SUCCEEDED, TrainingPhase.FAILED):
         return
     world_size = spec.workers.replicas
-    await ctx.kube.apply(rendezvous_service(ctx))
+    await ctx.apply(rendezvous_service(ctx))
     status.report_token_hash = await issue_token(ctx)
 
     pods = await ctx.kube.list_objects("Pod", ctx.namespace, ctx.selector())

@@ -97,18 +97,19 @@ async def test_a_round_gets_its_aggregator_opens_and_settles(aggregator: str) ->
         assert any(e[1] == "RoundOpened" for e in first.events)
 
         # Followed, not opened again; nothing changed, so no status patch.
+        applies = kube.count("apply")
         quiet = await op.reconcile(FEDERATED_ROUND, fr.reconcile, "ns", "r1")
         assert quiet.error is None and quiet.patch is None and quiet.events == []
+        assert kube.count("apply") == applies  # the aggregator's Deployment and Service are as applied
 
         # An API failure is a condition in words, and the next pass recovers.
-        kube.fail(
-            "apply", Forbidden(403, "PATCH deployments ns/r1-aggregator: deployments.apps is forbidden")
-        )
+        refused = "POST secrets in ns: secrets is forbidden"
+        kube.fail("create", Forbidden(403, refused), kind="Secret")
         failed = await op.reconcile(FEDERATED_ROUND, fr.reconcile, "ns", "r1")
         assert isinstance(failed.error, kopf.TemporaryError)
         ready = op.condition("FederatedRound", "ns", "r1")
         assert ready["reason"] == "ApiForbidden"
-        assert ready["message"].startswith("the operator's RBAC does not allow this: PATCH deployments")
+        assert ready["message"] == f"the operator's RBAC does not allow this: {refused}; retrying in 15 s"
         await op.reconcile(FEDERATED_ROUND, fr.reconcile, "ns", "r1")
         assert op.condition("FederatedRound", "ns", "r1")["reason"] == "Training"
 

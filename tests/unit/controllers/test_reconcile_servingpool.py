@@ -60,11 +60,23 @@ async def test_a_pool_is_planned_run_and_settles() -> None:
         ready = op.condition("ServingPool", "ns", name)
         assert (ready["status"], ready["reason"]) == ("True", "EnginesReady")
 
+        applies = kube.count("apply")
         quiet = await op.reconcile(SERVING_POOL, reconcile, "ns", name)
         assert quiet.error is None and quiet.patch is None and quiet.events == []
+        assert kube.count("apply") == applies  # the children are as last applied: not written again
+        assert kube.count("list", "Deployment") == kube.count("list", "Service") == 1  # pruned from the cache
+
+        # Someone edits a child: the next pass puts it back.
+        engine = deployments[0]["metadata"]["name"]
+        await kube.patch("Deployment", "ns", engine, {"spec": {"replicas": 99}})
+        await op.reconcile(SERVING_POOL, reconcile, "ns", name)
+        assert (
+            kube.stored("Deployment", "ns", engine)["spec"]["replicas"] == deployments[0]["spec"]["replicas"]
+        )  # type: ignore[index]
         assert kube.count("list", "Node") == 1  # three passes, one list: the rest came from the cache
 
         # A child the API server rejects is a condition that says so.
+        await kube.patch("Deployment", "ns", engine, {"spec": {"replicas": 98}})
         kube.fail("apply", Invalid(422, f"PATCH deployments ns/{name}-engine: spec.replicas: Invalid value"))
         failed = await op.reconcile(SERVING_POOL, reconcile, "ns", name)
         assert failed.error is not None

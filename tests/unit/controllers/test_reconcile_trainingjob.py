@@ -86,7 +86,7 @@ async def test_a_job_starts_as_one_gang_and_settles(kube: FakeKube) -> None:
         writes = kube.count("apply") + kube.count("create") + kube.count("delete")
         quiet = await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
         assert quiet.patch is None and quiet.events == [] and quiet.error is None
-        assert kube.count("apply") + kube.count("create") + kube.count("delete") == writes + 1  # the Service
+        assert kube.count("apply") + kube.count("create") + kube.count("delete") == writes
         # The gang admission read Nodes and Pods from the cache, never by LIST.
         assert kube.count("list", "Node") == 1
 
