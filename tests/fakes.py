@@ -97,8 +97,6 @@ class FakeKube(Kube):
         self.page_size = page_size
         #: Every call, as (method, kind), in order.
         self.calls: list[tuple[str, str]] = []
-        #: Status patches and applies as sent: (kind, name, status).
-        self.status_writes: list[tuple[str, str, Object]] = []
         self.down = False
         self.failures: list[Failure] = []
         self._watchers: list[tuple[str, asyncio.Queue[Object]]] = []
@@ -198,15 +196,6 @@ class FakeKube(Kube):
             return self._store(copy.deepcopy(obj), created=True)
         return self._update(kind, key[1], key[2], lambda cur: apply_merge(cur, obj), status_only=False)
 
-    async def apply_status(
-        self, kind: str, namespace: str | None, name: str, status: Object, field_manager: str
-    ) -> Object:
-        self._check("apply_status", kind)
-        self.status_writes.append((kind, name, copy.deepcopy(status)))
-        return self._update(
-            kind, namespace, name, lambda cur: apply_merge(cur, {"status": status}), status_only=True
-        )
-
     async def create(self, obj: Object) -> Object:
         kind, metadata = obj["kind"], obj["metadata"]
         self._check("create", kind)
@@ -218,7 +207,6 @@ class FakeKube(Kube):
 
     async def patch_status(self, kind: str, namespace: str | None, name: str, status: Object) -> Object:
         self._check("patch_status", kind)
-        self.status_writes.append((kind, name, copy.deepcopy(status)))
         return self._update(
             kind, namespace, name, lambda cur: merge_patch(cur, {"status": status}), status_only=True
         )
