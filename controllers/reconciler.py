@@ -5,7 +5,10 @@ on spec changes, on operator start (resume) and on a timer, so the status
 always follows the observed state of the children, whatever event was missed.
 This module owns what every reconciler shares: parsing the spec (a bad spec
 sets a condition instead of crash-looping), conditions and their Events,
-metrics, retries and the status patch.
+metrics, retries (a failure is a Ready=False condition in words, retried with a
+growing delay) and the status patch (not sent when nothing changed). A reconcile
+reads the cluster from the shared cache (`ctx.cache`, `controllers.cache`) and
+writes children with `ctx.apply`, which skips a child that is as last applied.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ class Context:
 
     @property
     def cache(self) -> ClusterCache:
-        """The operator's shared read cache (Nodes, bound Pods, child Deployments, NodePowers)."""
+        """The operator's shared read cache (Nodes, bound Pods, child Deployments and Services,
+        NodePowers)."""
         cache = self.memo.get(CACHE_MEMO)
         if cache is None:
             raise RuntimeError("the operator's read cache was not started (controllers.settings)")
