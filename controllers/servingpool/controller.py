@@ -212,11 +212,11 @@ async def reconcile(ctx: Context) -> None:
     front_role = "prefill" if plan.mode == "disaggregated" else "engine"
     services = [role_service(ctx, spec, ctx.name, front_role)]
     services += [role_service(ctx, spec, f"{ctx.name}-{role}", role) for role in wanted if role != front_role]
-    applied = [await ctx.kube.apply(obj) for obj in deployments + services]
-    await ctx.kube.prune(
+    applied = [await ctx.apply(obj) for obj in deployments + services]
+    await ctx.cache.prune(
         "Deployment", ctx.namespace, ctx.selector(), {d["metadata"]["name"] for d in deployments}
     )
-    await ctx.kube.prune("Service", ctx.namespace, ctx.selector(), {s["metadata"]["name"] for s in services})
+    await ctx.cache.prune("Service", ctx.namespace, ctx.selector(), {s["metadata"]["name"] for s in services})
 
     desired = sum(d["spec"]["replicas"] for d in deployments)
     ready = sum(d.get("status", {}).get("readyReplicas", 0) for d in applied if d["kind"] == "Deployment")
