@@ -127,6 +127,11 @@ class LatencyModel:
         base, per_token, _, per_context = self._decode
         return base + per_token * batch + per_context * context
 
+    def decode_coefficients(self) -> tuple[float, float, float]:
+        """(base, per sequence, per context token): `decode_time` is their affine combination."""
+        base, per_token, _, per_context = self._decode
+        return base, per_token, per_context
+
     def mixed_time(self, prefill_tokens: float, prompt_sq: float, batch: float, context: float) -> float:
         """A vLLM-style mixed iteration: new prompts and running decodes in one forward pass.
 
