@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ampacity.api.gpu_products import known_gpu_names
 from ampacity.serving import hardware, replan
 from ampacity.serving.eval import coldstart, replay
 from ampacity.serving.keepalive import KeepAlivePolicy
@@ -361,7 +362,12 @@ def _replan_eval(args: argparse.Namespace) -> int:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="llama2-70b", choices=sorted(hardware.MODELS))
-    parser.add_argument("--gpu", default="h100", choices=sorted(hardware.GPUS))
+    parser.add_argument(
+        "--gpu",
+        default="h100",
+        choices=known_gpu_names(),
+        help="short name or GPU Feature Discovery product label",
+    )
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument(
         "--node-bandwidth",

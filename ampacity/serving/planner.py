@@ -15,7 +15,9 @@ Inputs and outputs are plain frozen dataclasses so the ServingPool reconciler ca
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
@@ -76,6 +78,8 @@ class PoolPlan:
 class Plan:
     disaggregated: PoolPlan | None
     colocated: PoolPlan | None
+    candidates: tuple[PoolPlan, ...] = ()
+    """Every pool checked end to end, best or not (the alternatives a preview shows)."""
 
     @property
     def best(self) -> PoolPlan:
@@ -240,12 +244,18 @@ def plan(
     workload: Workload,
     target: float = TARGET_ATTAINMENT,
     progress: Progress | None = None,
+    longest: tuple[int, int] | None = None,
 ) -> Plan:
-    """The best disaggregated and colocated pools for serving `workload` within `slo`."""
+    """The best disaggregated and colocated pools for serving `workload` within `slo`.
+
+    `longest` is (prompt, prompt + output) tokens of the longest request the pool must admit,
+    which a sample of the workload may not contain: only TP degrees whose KV cache holds it are
+    searched, so the plan also serves the whole trace (or the user's longest request).
+    """
     note = progress if progress is not None else (lambda _: None)
     hw = cluster.gpu
-    largest_prompt = int(workload.prompts.max())
-    largest = int((workload.prompts + workload.outputs).max())
+    largest_prompt = max(int(workload.prompts.max()), longest[0] if longest else 0)
+    largest = max(int((workload.prompts + workload.outputs).max()), longest[1] if longest else 0)
     unbounded = math.inf
 
     guesses: dict[int, tuple[float, float]] = {}
@@ -287,7 +297,43 @@ def plan(
         p_rate, d_rate = prefill.get(tp, guesses[tp][0]), decode.get(tp, guesses[tp][1])
         guess = pool_c.instances / (1 / p_rate + 1 / d_rate)
         colocated.append(PoolPlan(pool_c, *goodput(pool_c, workload, spec, hw, slo, target, guess=guess)))
-    return Plan(disaggregated=_best(disaggregated), colocated=_best(colocated))
+    return Plan(
+        disaggregated=_best(disaggregated),
+        colocated=_best(colocated),
+        candidates=(*disaggregated, *colocated),
+    )
+
+
+_MEMO: OrderedDict[tuple[object, ...], Plan] = OrderedDict()
+_MEMO_SIZE = 256
+
+
+def plan_once(
+    spec: ModelSpec,
+    cluster: Cluster,
+    slo: Slo,
+    workload: Workload,
+    target: float = TARGET_ATTAINMENT,
+    longest: tuple[int, int] | None = None,
+) -> Plan:
+    """`plan`, computed once per distinct input in this process (a bounded LRU memo).
+
+    `plan` is a pure function of its inputs, and an operator holding hundreds of pools sees the
+    same (model, GPU, SLO, workload) many times over: every pool after the first of a kind, and
+    every pool again after a restart of its watch, costs a dictionary lookup.
+    """
+    digest = hashlib.sha1()
+    for array in (workload.arrivals, workload.prompts, workload.outputs):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    key = (spec, cluster, slo, target, longest, digest.hexdigest())
+    if key in _MEMO:
+        _MEMO.move_to_end(key)
+        return _MEMO[key]
+    result = plan(spec, cluster, slo, workload, target, longest=longest)
+    _MEMO[key] = result
+    if len(_MEMO) > _MEMO_SIZE:
+        _MEMO.popitem(last=False)
+    return result
 
 
 def _best(plans: list[PoolPlan]) -> PoolPlan | None:
