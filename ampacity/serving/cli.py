@@ -4,19 +4,25 @@ starts on the Alibaba GenAI trace) and `replan-eval` (re-planning on a bursty tr
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
+from pydantic import ValidationError
 
 from ampacity.api.gpu_products import known_gpu_names
-from ampacity.serving import hardware, replan
+from ampacity.api.servingpool import ServingPoolSpec, ServingPoolStatus
+from ampacity.serving import hardware, pool_plan, replan
 from ampacity.serving.eval import coldstart, replay
 from ampacity.serving.keepalive import KeepAlivePolicy
+from ampacity.serving.lengths import arrival_burstiness, quantile_points
 from ampacity.serving.planner import (
     TP_DEGREES,
     Cluster,
@@ -27,7 +33,7 @@ from ampacity.serving.planner import (
     replicas_for_rate,
 )
 from ampacity.serving.simulator import Colocated, Pool, Slo, simulate
-from ampacity.serving.workload import TRACES, Workload, load_trace
+from ampacity.serving.workload import TRACES, Workload, load_request_log, load_trace, peak_window_rate
 
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(us|ms|s|m)?\s*$")
 _DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, None: 1.0}
@@ -383,7 +389,153 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _read_manifests(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+    """The ServingPool in a YAML file, and the ConfigMaps beside it (name -> data)."""
+    pool: dict[str, Any] | None = None
+    config_maps: dict[str, dict[str, str]] = {}
+    for doc in yaml.safe_load_all(path.read_text()):
+        if not isinstance(doc, dict):
+            continue
+        if doc.get("kind") == "ServingPool" and pool is None:
+            pool = doc
+        elif doc.get("kind") == "ConfigMap":
+            config_maps[doc.get("metadata", {}).get("name", "")] = doc.get("data") or {}
+    if pool is None:
+        raise SystemExit(f"{path}: no ServingPool in the file")
+    return pool, config_maps
+
+
+def preview(manifest: dict[str, Any], config_maps: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """What the operator would write for a ServingPool manifest: `pool_plan.plan_pool`, and the
+    conditions `record_plan` sets, plus the alternatives the planner rejected."""
+    spec = ServingPoolSpec.model_validate(manifest.get("spec") or {})
+    profile = None
+    if spec.latency_profile is not None:
+        data = config_maps.get(spec.latency_profile.config_map, {})
+        key = spec.latency_profile.key
+        profile = data.get(key) if key is not None else next(iter(data.values())) if len(data) == 1 else None
+    status = ServingPoolStatus()
+    out: dict[str, Any] = {"name": manifest.get("metadata", {}).get("name", "")}
+    try:
+        sized = pool_plan.plan_pool(spec, profile)
+    except pool_plan.PlanningError as error:
+        pool_plan.record_planning_error(status, error, generation=1)
+        out["status"] = status.to_api()
+        return out
+    pool_plan.record_plan(status, sized, generation=1)
+    status.plan = sized.plan
+    out["status"] = status.to_api()
+    out["limitedBy"] = sized.limited_by
+    out["alternatives"] = [
+        {
+            "pool": a.pool,
+            "gpus": a.gpus,
+            "goodputPerGpu": round(a.goodput_per_gpu, 4),
+            "attainment": round(a.attainment, 4),
+            "rejected": a.why,
+        }
+        for a in sized.alternatives
+    ]
+    return out
+
+
+def _format_preview(result: dict[str, Any]) -> str:
+    status = result["status"]
+    lines = [f"ServingPool {result['name']}"]
+    for condition in status.get("conditions", []):
+        lines.append(
+            f"  {condition['type']}={condition['status']} ({condition['reason']}): {condition['message']}"
+        )
+    plan = status.get("plan")
+    if plan is None:
+        lines.append("  no plan")
+        return "\n".join(lines)
+    if plan["mode"] == "disaggregated":
+        phases = (
+            f"prefill {plan['prefillReplicas']} x TP{plan['prefillTensorParallel']}, "
+            f"decode {plan['decodeReplicas']} x TP{plan['decodeTensorParallel']}"
+        )
+    else:
+        phases = f"{plan['prefillReplicas']} x TP{plan['prefillTensorParallel']}"
+    lines += [
+        f"  mode: {plan['mode']}: {phases}, {plan['gpus']} GPUs",
+        f"  predicted: {plan.get('predictedGoodput', 0):g} req/s per GPU at"
+        f" {plan.get('predictedAttainment', 0):.1%} attainment, capacity {plan.get('capacity', 0):g} req/s"
+        f" (best colocated {plan.get('colocatedGoodput', 0):g})",
+        f"  latency model: {plan.get('latencyModel', '')}",
+        f"  longest request admitted: {plan.get('longestRequestTokens', 0)} tokens",
+    ]
+    if result.get("limitedBy"):
+        lines.append(f"  limited: {result['limitedBy']}")
+    for alternative in result.get("alternatives", []):
+        lines.append(
+            f"  rejected: {alternative['pool']} ({alternative['gpus']} GPUs,"
+            f" {alternative['goodputPerGpu']:g} req/s per GPU): {alternative['rejected']}"
+        )
+    return "\n".join(lines)
+
+
+def _plan_preview(args: argparse.Namespace) -> int:
+    manifest, config_maps = _read_manifests(args.file)
+    try:
+        result = preview(manifest, config_maps)
+    except ValidationError as error:
+        print(f"{args.file}: invalid ServingPool: {error}", file=sys.stderr)
+        return 2
+    if args.output == "json":
+        print(json.dumps(result, indent=2))
+    elif args.output == "yaml":
+        print(yaml.safe_dump(result, sort_keys=False), end="")
+    else:
+        print(_format_preview(result))
+    return 0 if "plan" in result["status"] else 1
+
+
+def _model_info(args: argparse.Namespace) -> int:
+    config = json.loads(args.config.read_text())
+    block = hardware.architecture_block(config)
+    spec = hardware.model_from_config(args.config.stem, block)
+    print(yaml.safe_dump({"architecture": block}, sort_keys=False), end="")
+    active = spec.active_params if spec.active_params is not None else spec.params
+    print(
+        f"# {spec.params / 1e9:.2f}B parameters ({spec.weight_bytes / 1e9:.1f} GB in 16-bit),"
+        f" {active / 1e9:.2f}B active per token, {spec.kv_bytes_per_token / 1024:.0f} KiB of KV cache per token",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _workload_info(args: argparse.Namespace) -> int:
+    log = load_request_log(args.log)
+    block = {
+        "promptTokens": {
+            "percentiles": [{"percentile": p, "tokens": t} for p, t in quantile_points(log.prompts)]
+        },
+        "outputTokens": {
+            "percentiles": [{"percentile": p, "tokens": t} for p, t in quantile_points(log.outputs)]
+        },
+        "burstiness": round(arrival_burstiness(log), 3),
+        "peakRate": round(peak_window_rate(log, args.window), 3),
+    }
+    print(yaml.safe_dump({"workload": block}, sort_keys=False), end="")
+    print(
+        f"# {len(log)} requests over {log.duration / 60:.1f} min, mean {log.rate:.3g} req/s;"
+        f" peakRate is the busiest {args.window:g}s window",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    preview_cmd = subparsers.add_parser(
+        "plan", help="preview the plan the operator would make for a ServingPool (no cluster needed)"
+    )
+    preview_cmd.add_argument(
+        "-f", "--file", type=Path, required=True, help="ServingPool manifest (ConfigMaps in it are read too)"
+    )
+    preview_cmd.add_argument("-o", "--output", choices=("text", "yaml", "json"), default="text")
+    preview_cmd.set_defaults(func=_plan_preview)
+
     serving = subparsers.add_parser("serving", help="LLM serving pools: simulate, plan, benchmark")
     actions = serving.add_subparsers(dest="action", required=True, metavar="ACTION")
 
@@ -395,6 +547,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sim.add_argument("--out", type=Path, default=Path("out"), help="folder for the plot (out/)")
     _add_common(sim)
     sim.set_defaults(func=_sim)
+
+    model_info = actions.add_parser(
+        "model-info", help="print spec.model.architecture from a Hugging Face config.json"
+    )
+    model_info.add_argument("config", type=Path, help="the model's config.json")
+    model_info.set_defaults(func=_model_info)
+
+    workload_info = actions.add_parser(
+        "workload-info",
+        help="summarise a request log (CSV: timestamp, prompt tokens, output tokens) as spec.workload",
+    )
+    workload_info.add_argument("log", type=Path, help="CSV with a header; timestamps in seconds or ISO 8601")
+    workload_info.add_argument(
+        "--window", type=parse_duration, default=parse_duration("60s"), help="peak-rate window (60s)"
+    )
+    workload_info.set_defaults(func=_workload_info)
 
     bench = actions.add_parser("bench", help="goodput per GPU on the Azure conv and Mooncake traces")
     _add_common(bench)

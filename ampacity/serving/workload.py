@@ -104,6 +104,55 @@ def load_mooncake(path: Path | None = None) -> Workload:
     return _make("mooncake", arrivals, prompts, outputs)
 
 
+# Column names a request log may use, first match wins: ours, the Azure trace's, Mooncake's.
+_LOG_COLUMNS = {
+    "timestamp": ("timestamp", "TIMESTAMP", "time", "arrival"),
+    "prompt": ("prompt_tokens", "ContextTokens", "input_length", "input_tokens"),
+    "output": ("output_tokens", "GeneratedTokens", "output_length"),
+}
+
+
+def _seconds(stamps: list[str]) -> np.ndarray:
+    try:
+        return np.array([float(s) for s in stamps])
+    except ValueError:
+        # ISO 8601; numpy keeps the seven fractional digits datetime.fromisoformat rejects.
+        parsed = np.array([s.strip().replace(" ", "T").rstrip("Z") for s in stamps], dtype="datetime64[ns]")
+        seconds: np.ndarray = (parsed - parsed.min()).astype(np.int64) / 1e9
+        return seconds
+
+
+def load_request_log(path: Path) -> Workload:
+    """A request log: CSV with a header naming a timestamp (seconds, or ISO 8601), the prompt
+    tokens and the output tokens (`timestamp,prompt_tokens,output_tokens`; the Azure trace's
+    column names work too)."""
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        names = {}
+        for role, options in _LOG_COLUMNS.items():
+            found = next((c for c in options if c in header), None)
+            if found is None:
+                raise ValueError(f"{path}: no {role} column (one of {', '.join(options)}) in the header")
+            names[role] = found
+        rows = list(reader)
+    if not rows:
+        raise ValueError(f"{path}: no requests")
+    try:
+        prompts = np.array([int(float(r[names["prompt"]])) for r in rows])
+        outputs = np.array([int(float(r[names["output"]])) for r in rows])
+    except ValueError as error:
+        raise ValueError(f"{path}: token counts must be numbers ({error})") from None
+    return _make(path.stem, _seconds([r[names["timestamp"]] for r in rows]), prompts, outputs)
+
+
+def peak_window_rate(workload: Workload, window: float) -> float:
+    """Requests/s in the busiest `window` seconds."""
+    edges = np.arange(0.0, workload.duration + window, window)
+    counts, _ = np.histogram(workload.arrivals, bins=edges if len(edges) > 1 else [0.0, window])
+    return float(counts.max()) / window
+
+
 TRACES = {"azure-conv": load_azure, "mooncake": load_mooncake}
 
 

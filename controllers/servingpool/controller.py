@@ -12,13 +12,20 @@ import httpx
 from ampacity.api import SERVING_POOL
 from ampacity.api.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TYPE_LABEL
 from ampacity.api.servingpool import AutoscalingStatus, ServingPlan, ServingPoolSpec
-from ampacity.serving import hardware
 from ampacity.serving.placement import affinity_weights, node_from_labels, preferred_affinity, rank
+from ampacity.serving.pool_plan import resolve_model
 from ampacity.serving.replan import parse_metrics
 from controllers import metrics
 from controllers.reconciler import Context, controller
 from controllers.servingpool.autoscale import next_size, planned_size
-from controllers.servingpool.plan import PlanningError, SizedPlan, plan_pool
+from controllers.servingpool.plan import (
+    PLANNED_CONDITION,
+    PlanningError,
+    SizedPlan,
+    plan_pool,
+    record_plan,
+    record_planning_error,
+)
 
 CAPACITY_LIMITED = "CapacityLimited"
 METRICS_AVAILABLE = "MetricsAvailable"
@@ -62,7 +69,10 @@ def warm_node_preferences(
         for n in nodes
         if _has_gpu(n, spec.gpu_type)
     ]
-    estimates = rank(caches, spec.model.name, hardware.model(spec.model.name).weight_bytes, tp)
+    model = resolve_model(spec)
+    if model is None:
+        return []  # no weight size to estimate load times from
+    estimates = rank(caches, spec.model.name, model.weight_bytes, tp)
     if len({e.tier for e in estimates}) < 2:
         return []
     return preferred_affinity(affinity_weights(estimates))
@@ -172,9 +182,18 @@ async def _plan(ctx: Context) -> SizedPlan:
     status = ctx.status
     if status.plan is not None and status.observed_generation == ctx.generation:
         limited = status.condition(CAPACITY_LIMITED)
-        return SizedPlan(status.plan, limited.message if limited and limited.status == "True" else "")
-    sized = await asyncio.to_thread(plan_pool, ctx.spec)
+        planned = status.condition(PLANNED_CONDITION)
+        return SizedPlan(
+            status.plan,
+            limited.message if limited and limited.status == "True" else "",
+            planned.reason if planned else "Planned",
+            planned.message if planned else "",
+        )
+    sized = await asyncio.to_thread(plan_pool, ctx.spec, await _latency_profile(ctx))
     plan = sized.plan
+    if not sized.planned:
+        ctx.event(sized.reason, sized.message, warning=True)
+        return sized
     ctx.event(
         "Planned",
         f"{plan.mode}: {plan.gpus} GPUs for {plan.capacity:g} req/s, "
@@ -183,14 +202,31 @@ async def _plan(ctx: Context) -> SizedPlan:
     return sized
 
 
+async def _latency_profile(ctx: Context) -> str | None:
+    """The text of the pool's latency-profile ConfigMap key; None when it is missing."""
+    ref = ctx.spec.latency_profile
+    if ref is None:
+        return None
+    config_map = await ctx.kube.get("ConfigMap", ctx.namespace, ref.config_map)
+    data = (config_map or {}).get("data") or {}
+    if ref.key is not None:
+        return data.get(ref.key)
+    return next(iter(data.values())) if len(data) == 1 else None
+
+
 async def reconcile(ctx: Context) -> None:
     spec: ServingPoolSpec = ctx.spec
     try:
         sized = await _plan(ctx)
     except PlanningError as error:
-        ctx.status.plan = None
-        ctx.set_ready(False, "Unplannable", str(error))
-        return
+        if not record_planning_error(ctx.status, error, ctx.generation):
+            ctx.set_ready(False, error.reason, str(error))
+            return
+        ctx.event(error.reason, str(error), warning=True)
+        assert ctx.status.plan is not None
+        sized = SizedPlan(ctx.status.plan)
+    else:
+        record_plan(ctx.status, sized, ctx.generation)
     plan = ctx.status.plan = sized.plan
     ctx.status.set_condition(
         CAPACITY_LIMITED,
