@@ -45,11 +45,14 @@ class GpuProduct:
     calibrated_like: str
     """The short name of the calibrated GPU whose latency efficiencies this one borrows (itself
     when it is calibrated): the nearest architecture among the profiled ones."""
+    reported_memory_mib: int | None = None
+    """What NVML (and so GFD's `nvidia.com/gpu.memory` label) reports, where known to differ
+    from the datasheet's figure."""
 
     @property
     def memory_mib(self) -> int:
-        """What GFD's `nvidia.com/gpu.memory` label gives (MiB)."""
-        return self.memory_bytes // 2**20
+        """GFD's `nvidia.com/gpu.memory` label (MiB)."""
+        return self.reported_memory_mib or self.memory_bytes // 2**20
 
 
 CATALOGUE: tuple[GpuProduct, ...] = (
@@ -58,9 +61,9 @@ CATALOGUE: tuple[GpuProduct, ...] = (
         "NVIDIA-A100-SXM4-40GB", "a100-40gb", 312e12, 1.555e12, 40 * GIB, 300e9, "NVLink 3", 400, "a100"
     ),
     GpuProduct("NVIDIA-A100-80GB-PCIe", "a100-pcie", 312e12, 1.935e12, 80 * GIB, 32e9, "PCIe 4", 300, "a100"),
-    GpuProduct("NVIDIA-H100-80GB-HBM3", "h100", 989e12, 3.35e12, 80 * GIB, 450e9, "NVLink 4", 700, "h100"),
+    GpuProduct("NVIDIA-H100-80GB-HBM3", "h100", 989e12, 3.35e12, 80 * GIB, 450e9, "NVLink 4", 700, "h100", 81559),
     GpuProduct("NVIDIA-H100-PCIe", "h100-pcie", 756e12, 2.0e12, 80 * GIB, 64e9, "PCIe 5", 350, "h100"),
-    GpuProduct("NVIDIA-H200", "h200", 989e12, 4.8e12, 141 * 10**9, 450e9, "NVLink 4", 700, "h100"),
+    GpuProduct("NVIDIA-H200", "h200", 989e12, 4.8e12, 141 * 10**9, 450e9, "NVLink 4", 700, "h100", 143771),
     GpuProduct("NVIDIA-B200", "b200", 2.25e15, 7.7e12, 180 * 10**9, 900e9, "NVLink 5", 1000, "h100"),
     GpuProduct("NVIDIA-L40S", "l40s", 362e12, 864e9, 48 * GIB, 32e9, "PCIe 4", 350, "h100"),
     GpuProduct("NVIDIA-L4", "l4", 121e12, 300e9, 24 * GIB, 32e9, "PCIe 4", 72, "h100"),

@@ -499,7 +499,8 @@ def _model_info(args: argparse.Namespace) -> int:
     active = spec.active_params if spec.active_params is not None else spec.params
     print(
         f"# {spec.params / 1e9:.2f}B parameters ({spec.weight_bytes / 1e9:.1f} GB in 16-bit),"
-        f" {active / 1e9:.2f}B active per token, {spec.kv_bytes_per_token / 1024:.0f} KiB of KV cache per token",
+        f" {active / 1e9:.2f}B active per token,"
+        f" {spec.kv_bytes_per_token / 1024:.0f} KiB of KV cache per token",
         file=sys.stderr,
     )
     return 0

@@ -38,6 +38,10 @@ from ampacity.serving.hardware import Calibration, GpuSpec, ModelSpec, PhaseCoef
 # power study) are a different operating point of the same part and are left out.
 PROFILE_GPUS = {"a100-80gb": "a100", "h100-80gb": "h100"}
 
+# The models perf_model.csv measures: any other model's latencies are its architecture's roofline
+# under the calibrated efficiencies.
+PROFILED_MODELS = frozenset({"llama2-70b", "bloom-176b"})
+
 # vLLM's default `gpu_memory_utilization`: the share of HBM that weights plus KV cache may take.
 MEMORY_UTILIZATION = 0.9
 

@@ -26,7 +26,7 @@ from ampacity.api.servingpool import (
 )
 from ampacity.serving import hardware, planner
 from ampacity.serving.hardware import GpuSpec, ModelSpec
-from ampacity.serving.latency import MEMORY_UTILIZATION
+from ampacity.serving.latency import MEMORY_UTILIZATION, PROFILED_MODELS
 from ampacity.serving.lengths import LengthProfile, distribution_profile, histogram_points, load_profile
 from ampacity.serving.planner import PoolPlan
 from ampacity.serving.profile_fit import ProfileError, fit_profile, parse_profile
@@ -204,6 +204,17 @@ def _fit_gpu(
     return replace(gpu, calibration=fit.calibration), fit.held_out_median_error
 
 
+def provenance(model: ModelSpec, gpu: GpuSpec) -> str:
+    """Where the latency model of `model` on `gpu` comes from, in words."""
+    text = gpu.provenance
+    if gpu.calibration is None and model.name not in PROFILED_MODELS:
+        text += (
+            f"; {model.name} was never profiled (the profiles are of {', '.join(sorted(PROFILED_MODELS))}): "
+            "its latencies are its architecture's roofline under those efficiencies"
+        )
+    return text
+
+
 def plan_pool(spec: ServingPoolSpec, profile: str | None = None) -> SizedPlan:
     """The plan for a pool; `profile` is the text of its latencyProfile ConfigMap key (if it has one)."""
     model, gpu = resolve_model(spec), resolve_gpu(spec)
@@ -255,7 +266,7 @@ def plan_pool(spec: ServingPoolSpec, profile: str | None = None) -> SizedPlan:
     served = _serving_plan(unit, pool, colocated_goodput)
     served = served.model_copy(
         update={
-            "latency_model": gpu.provenance,
+            "latency_model": provenance(model, gpu),
             "latency_model_source": gpu.provenance_kind,
             "profile_fit_error": round(fit_error, 4) if fit_error is not None else None,
             "longest_request_tokens": longest[1],
@@ -263,7 +274,7 @@ def plan_pool(spec: ServingPoolSpec, profile: str | None = None) -> SizedPlan:
     )
     message = (
         f"{describe(unit.pool)} per unit, {unit.goodput_per_gpu:.3g} req/s per GPU at "
-        f"{unit.attainment:.0%} attainment; latency model {gpu.provenance}"
+        f"{unit.attainment:.0%} attainment; latency model {gpu.provenance_kind.lower()}"
     )
     return SizedPlan(served, limited_by, PLANNED, message, _alternatives(plans, unit, spec))
 
