@@ -61,7 +61,9 @@ CATALOGUE: tuple[GpuProduct, ...] = (
         "NVIDIA-A100-SXM4-40GB", "a100-40gb", 312e12, 1.555e12, 40 * GIB, 300e9, "NVLink 3", 400, "a100"
     ),
     GpuProduct("NVIDIA-A100-80GB-PCIe", "a100-pcie", 312e12, 1.935e12, 80 * GIB, 32e9, "PCIe 4", 300, "a100"),
-    GpuProduct("NVIDIA-H100-80GB-HBM3", "h100", 989e12, 3.35e12, 80 * GIB, 450e9, "NVLink 4", 700, "h100", 81559),
+    GpuProduct(
+        "NVIDIA-H100-80GB-HBM3", "h100", 989e12, 3.35e12, 80 * GIB, 450e9, "NVLink 4", 700, "h100", 81559
+    ),
     GpuProduct("NVIDIA-H100-PCIe", "h100-pcie", 756e12, 2.0e12, 80 * GIB, 64e9, "PCIe 5", 350, "h100"),
     GpuProduct("NVIDIA-H200", "h200", 989e12, 4.8e12, 141 * 10**9, 450e9, "NVLink 4", 700, "h100", 143771),
     GpuProduct("NVIDIA-B200", "b200", 2.25e15, 7.7e12, 180 * 10**9, 900e9, "NVLink 5", 1000, "h100"),
