@@ -31,6 +31,7 @@ from ampacity.serving.planner import (
     attainment_curve,
     plan,
     replicas_for_rate,
+    steady_attainment,
 )
 from ampacity.serving.simulator import Colocated, Pool, Slo, simulate
 from ampacity.serving.workload import TRACES, Workload, load_request_log, load_trace, peak_window_rate
@@ -142,7 +143,17 @@ def _search_steps(cluster: Cluster) -> int:
     return 3 * len([tp for tp in TP_DEGREES if tp <= cluster.gpus_per_node]) + 4
 
 
-def _plan_for(args: argparse.Namespace, workload: Workload, slo: Slo) -> tuple[Plan, Cluster]:
+def _planning_sample(trace: Workload, size: int) -> tuple[Workload, tuple[int, int]]:
+    """What the planner sees of a trace: `size` requests spread over it, their arrivals redrawn
+    with the whole trace's burstiness (thinning to every k-th request would smooth the gaps'
+    variation by about the square root of k), and the trace's longest request."""
+    sample = trace.thin(size).with_burstiness(arrival_burstiness(trace))
+    return sample, (int(trace.prompts.max()), int((trace.prompts + trace.outputs).max()))
+
+
+def _plan_for(
+    args: argparse.Namespace, workload: Workload, slo: Slo, longest: tuple[int, int] | None = None
+) -> tuple[Plan, Cluster]:
     cluster = Cluster(
         gpu=hardware.gpu(args.gpu),
         gpus_per_node=args.gpus_per_node,
@@ -152,16 +163,16 @@ def _plan_for(args: argparse.Namespace, workload: Workload, slo: Slo) -> tuple[P
     bar = _ProgressBar(_search_steps(cluster), enabled=not args.quiet and sys.stderr.isatty())
     try:
         return plan(
-            hardware.model(args.model), cluster, slo, workload, args.attainment, progress=bar
+            hardware.model(args.model), cluster, slo, workload, args.attainment, progress=bar, longest=longest
         ), cluster
     finally:
         bar.close()
 
 
 def _sim(args: argparse.Namespace) -> int:
-    workload = load_trace(args.trace).thin(args.sample)
+    workload, longest = _planning_sample(load_trace(args.trace), args.sample)
     slo = Slo(args.ttft, args.tpot)
-    result, cluster = _plan_for(args, workload, slo)
+    result, cluster = _plan_for(args, workload, slo, longest)
     print(
         f"{args.trace}: {len(workload)} requests, {args.model} on {args.gpu},"
         f" TTFT {args.ttft:g}s TPOT {args.tpot:g}s"
@@ -197,7 +208,8 @@ def _bench(args: argparse.Namespace) -> int:
     for name, slo in BENCH_SCENARIOS:
         trace = traces[name]
         started = time.perf_counter()
-        result, cluster = _plan_for(args, trace.thin(args.sample), slo)
+        sample, longest = _planning_sample(trace, args.sample)
+        result, cluster = _plan_for(args, sample, slo, longest)
         planning = time.perf_counter() - started
         print(
             f"\n{name}: TTFT {slo.ttft:g}s TPOT {slo.tpot:g}s,"
@@ -210,6 +222,14 @@ def _bench(args: argparse.Namespace) -> int:
         if result.disaggregated and result.colocated:
             gain = result.disaggregated.goodput_per_gpu / result.colocated.goodput_per_gpu
             print(f"disaggregated / colocated goodput per GPU: {gain:.2f}x")
+        # The plan, checked on the real arrival process: the whole trace, its time axis scaled
+        # to the planned goodput, on the planned unit (steady_attainment, as the planner counts).
+        best = result.best
+        replayed = steady_attainment(simulate(best.pool, trace.at_rate(best.goodput), spec, cluster.gpu), slo)
+        print(
+            f"whole trace at the planned {best.goodput:.3g} req/s on {describe(best.pool)}:"
+            f" attainment planned {best.attainment:.1%}, replayed {replayed:.1%}"
+        )
         # Simulator speed: the whole trace at its own rate on the chosen pool, scaled to that rate.
         pool = replicas_for_rate(result.best, trace.rate)
         started = time.perf_counter()
@@ -297,7 +317,8 @@ BURST_PROFILE = (
 def _replan_eval(args: argparse.Namespace) -> int:
     spec, slo = hardware.model(args.model), Slo(args.ttft, args.tpot)
     lengths = load_trace("azure-conv")
-    result, cluster = _plan_for(args, lengths.thin(args.sample), slo)
+    sample, longest = _planning_sample(lengths, args.sample)
+    result, cluster = _plan_for(args, sample, slo, longest)
     planned = result.best
     mix = replan.PlannedMix(float(lengths.prompts.mean()), float(lengths.outputs.mean()))
     trace = replay.bursty(lengths, BURST_PROFILE, args.burstiness, args.ramp, args.seed)

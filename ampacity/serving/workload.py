@@ -61,6 +61,16 @@ class Workload:
             self.outputs[picks],
         )
 
+    def with_burstiness(self, burstiness: float, seed: int = 0) -> Workload:
+        """The same requests, in order, with gamma gaps of coefficient of variation `burstiness`
+        at the same mean rate (`synthetic`'s arrival process)."""
+        if len(self) < 2:
+            return self
+        shape = 1.0 / burstiness**2
+        gaps = np.random.default_rng(seed).gamma(shape, 1.0 / (self.rate * shape), size=len(self) - 1)
+        arrivals = np.concatenate([[0.0], np.cumsum(gaps)])
+        return Workload(self.name, arrivals, self.prompts, self.outputs)
+
     def at_rate(self, rate: float) -> Workload:
         """The same requests with time stretched so the mean rate is `rate` (DistServe's scaling)."""
         if rate <= 0:
