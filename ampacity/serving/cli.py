@@ -4,6 +4,7 @@ starts on the Alibaba GenAI trace) and `replan-eval` (re-planning on a bursty tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -19,7 +20,7 @@ from pydantic import ValidationError
 
 from ampacity.api.gpu_products import known_gpu_names
 from ampacity.api.servingpool import ServingPoolSpec, ServingPoolStatus
-from ampacity.serving import hardware, pool_plan, replan
+from ampacity.serving import hardware, planner, pool_plan, replan
 from ampacity.serving.eval import coldstart, replay
 from ampacity.serving.keepalive import KeepAlivePolicy
 from ampacity.serving.lengths import arrival_burstiness, quantile_points
@@ -562,6 +563,68 @@ def _workload_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# `plan-time`'s cases: (label, spec overrides of examples/servingpool.yaml). maxGpus grows to 64
+# with a peak rate that needs them; the models grow from 8B to 176B (and a 47B mixture of experts).
+_ARCHITECTURES = {
+    "qwen3-32b": {
+        "num_hidden_layers": 64,
+        "hidden_size": 5120,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 25600,
+        "vocab_size": 151936,
+    },
+    "mixtral-8x7b": {
+        "num_hidden_layers": 32,
+        "hidden_size": 4096,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 14336,
+        "vocab_size": 32000,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+    },
+}
+PLAN_TIME_CASES = [
+    *((f"llama2-70b h100 maxGpus {n}", "llama2-70b", "h100", n) for n in (8, 16, 32, 64)),
+    ("llama3-70b h100 maxGpus 64", "llama3-70b", "h100", 64),
+    ("llama3-8b h100 maxGpus 64", "llama3-8b", "h100", 64),
+    ("qwen3-32b a100 maxGpus 64", "qwen3-32b", "NVIDIA-A100-SXM4-80GB", 64),
+    ("mixtral-8x7b h200 maxGpus 64", "mixtral-8x7b", "NVIDIA-H200", 64),
+    ("bloom-176b h100 maxGpus 64", "bloom-176b", "h100", 64),
+]
+
+
+def _plan_time(args: argparse.Namespace) -> int:
+    example = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "examples" / "servingpool.yaml").read_text()
+    )
+    print(f"{'case':<34} {'plan':<40} {'CPU s':>7} {'memo s':>8}")
+    for label, name, gpu_type, max_gpus in PLAN_TIME_CASES:
+        raw = json.loads(json.dumps(example["spec"]))
+        raw["model"]["name"] = name
+        if name in _ARCHITECTURES:
+            raw["model"]["architecture"] = _ARCHITECTURES[name]
+        raw |= {"gpuType": gpu_type, "maxGpus": max_gpus, "minGpus": 0}
+        raw["workload"]["peakRate"] = args.peak_rate
+        spec = ServingPoolSpec.model_validate(raw)
+        planner.forget_plans()
+        started = time.process_time()
+        try:
+            sized = pool_plan.plan_pool(spec)
+            shown = f"{sized.plan.mode} {sized.plan.gpus} GPUs"
+        except pool_plan.PlanningError as error:
+            shown = f"unplannable: {str(error)[:28]}"
+        cold = time.process_time() - started
+        started = time.process_time()
+        with contextlib.suppress(pool_plan.PlanningError):
+            pool_plan.plan_pool(spec)
+        warm = time.process_time() - started
+        print(f"{label:<34} {shown:<40} {cold:>7.3f} {warm:>8.5f}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     preview_cmd = subparsers.add_parser(
         "plan", help="preview the plan the operator would make for a ServingPool (no cluster needed)"
@@ -599,6 +662,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--window", type=parse_duration, default=parse_duration("60s"), help="peak-rate window (60s)"
     )
     workload_info.set_defaults(func=_workload_info)
+
+    plan_time = actions.add_parser(
+        "plan-time",
+        help="CPU time of one ServingPool plan, from scratch and from the memo, by model and maxGpus",
+    )
+    plan_time.add_argument(
+        "--peak-rate", type=float, default=200.0, help="peakRate of every case (200 req/s)"
+    )
+    plan_time.set_defaults(func=_plan_time)
 
     bench = actions.add_parser("bench", help="goodput per GPU on the Azure conv and Mooncake traces")
     _add_common(bench)

@@ -308,6 +308,11 @@ _MEMO: OrderedDict[tuple[object, ...], Plan] = OrderedDict()
 _MEMO_SIZE = 256
 
 
+def forget_plans() -> None:
+    """Empty the memo (benchmarks time planning from scratch)."""
+    _MEMO.clear()
+
+
 def plan_once(
     spec: ModelSpec,
     cluster: Cluster,

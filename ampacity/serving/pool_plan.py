@@ -204,6 +204,16 @@ def _fit_gpu(
     return replace(gpu, calibration=fit.calibration), fit.held_out_median_error
 
 
+def _mode_of(planned: PoolPlan) -> ServingMode:
+    return ServingMode.COLOCATED if isinstance(planned.pool, Colocated) else ServingMode.DISAGGREGATED
+
+
+def _modes(mode: str) -> tuple[ServingMode, ...]:
+    if mode == ServingMode.AUTO:
+        return (ServingMode.COLOCATED, ServingMode.DISAGGREGATED)
+    return (ServingMode(mode),)
+
+
 def provenance(model: ModelSpec, gpu: GpuSpec) -> str:
     """Where the latency model of `model` on `gpu` comes from, in words."""
     text = gpu.provenance
@@ -230,27 +240,27 @@ def plan_pool(spec: ServingPoolSpec, profile: str | None = None) -> SizedPlan:
     plans = planner.plan_once(
         model, planner.Cluster(gpu, gpus_per_node=GPUS_PER_NODE), slo, sample, spec.slo.attainment, longest
     )
-    candidates = {
-        ServingMode.COLOCATED: plans.colocated,
-        ServingMode.DISAGGREGATED: plans.disaggregated,
-        ServingMode.AUTO: plans.best if (plans.colocated or plans.disaggregated) else None,
-    }
-    unit = candidates[ServingMode(spec.mode)]
-    if unit is None:
+    serving = [c for c in plans.candidates if c.goodput > 0 and _mode_of(c) in _modes(spec.mode)]
+    fitting = [c for c in serving if c.gpus <= spec.max_gpus]
+    if not fitting:
         if not plans.candidates:
             raise PlanningError(
                 f"no tensor-parallel degree up to {GPUS_PER_NODE} holds {model.name}'s weights and the KV "
                 f"cache of the longest request ({longest[1]} tokens) on {gpu.name}"
+            )
+        if serving:
+            raise PlanningError(
+                f"the smallest pool that meets the SLOs needs {min(c.gpus for c in serving)} GPUs; "
+                f"maxGpus is {spec.max_gpus}"
             )
         raise PlanningError(
             f"no {spec.mode} pool of {model.name} on {gpu.name} meets TTFT {spec.slo.ttft:g}s and "
             f"TPOT {spec.slo.tpot * 1000:g}ms for {spec.slo.attainment:.0%} of requests",
             reason="SloUnreachable",
         )
-    if unit.gpus > spec.max_gpus:
-        raise PlanningError(
-            f"the smallest pool that meets the SLOs needs {unit.gpus} GPUs; maxGpus is {spec.max_gpus}"
-        )
+    # The most goodput per GPU among the units maxGpus allows; on a tie the colocated one (one
+    # kind of instance, no KV transfers), then the first checked (the smaller TP).
+    unit = max(fitting, key=lambda c: (c.goodput_per_gpu, _mode_of(c) == ServingMode.COLOCATED))
 
     # Enough units for the peak rate and for minGpus, then as many as maxGpus allows.
     wanted_rate = max(
@@ -287,7 +297,7 @@ def _alternatives(
     for other in sorted(plans.candidates, key=lambda p: -p.goodput_per_gpu):
         if other.pool == chosen.pool:
             continue
-        mode = "colocated" if isinstance(other.pool, Colocated) else "disaggregated"
+        mode = _mode_of(other)
         if other.goodput <= 0:
             why = "meets the SLOs at no request rate"
         elif spec.mode != ServingMode.AUTO and mode != spec.mode:
