@@ -331,16 +331,19 @@ BURST_PROFILE = (
 
 def _replan_eval(args: argparse.Namespace) -> int:
     spec, slo = hardware.model(args.model), Slo(args.ttft, args.tpot)
-    lengths = load_trace("azure-conv")
+    lengths = load_trace("azure-conv" if args.trace == "bursty" else args.trace)
     sample, longest = _planning_sample(lengths, args.sample)
     result, cluster = _plan_for(args, sample, slo, longest)
     planned = result.best
     mix = replan.PlannedMix(float(lengths.prompts.mean()), float(lengths.outputs.mean()))
-    trace = replay.bursty(lengths, BURST_PROFILE, args.burstiness, args.ramp, args.seed)
+    if args.trace == "bursty":
+        trace = replay.bursty(lengths, BURST_PROFILE, args.burstiness, args.ramp, args.seed)
+        what = f"Azure conv lengths, burstiness {args.burstiness:g}, ramps {args.ramp:g}s"
+    else:
+        trace, what = lengths, "its own arrivals and lengths"
     print(
-        f"bursty trace: {len(trace)} requests over {trace.duration / 60:.0f} min (Azure conv lengths,"
-        f" burstiness {args.burstiness:g}, ramps {args.ramp:g}s); planned unit {describe(planned.pool)},"
-        f" {planned.goodput:.2f} req/s"
+        f"{args.trace} trace: {len(trace)} requests over {trace.duration / 60:.0f} min ({what});"
+        f" planned unit {describe(planned.pool)}, {planned.goodput:.2f} req/s"
     )
     static_pool = replay.static_peak(planned, trace, args.interval)
     static = replay.replay_static(static_pool, trace, spec, cluster.gpu, slo, args.interval)
@@ -352,7 +355,7 @@ def _replan_eval(args: argparse.Namespace) -> int:
     )
     startup_windows = math.ceil(args.startup / args.interval - 1e-9)
     dynamic = replay.replay_replan(
-        planned, mix, trace, spec, cluster.gpu, args.interval, config, startup_windows
+        planned, mix, trace, spec, cluster.gpu, args.interval, config, startup_windows, ceiling=static_pool
     )
     header = f"{'policy':<70} {'GPUs':>7} {'GPU-h':>7} {'attainment':>10}"
     print(header)
@@ -385,6 +388,8 @@ def _replan_eval(args: argparse.Namespace) -> int:
                 f"  {w.start:>6.0f}s {w.gpus:>3} {describe(w.serving):<46} {w.observed.rate:>5.1f}"
                 f" {p90:>15} {w.met:>4}/{w.requests:<4} {w.reason}"
             )
+    if args.trace != "bursty":
+        return 0
     print("per segment: req/s, the most instances re-planning used, attainment re-planned / static")
     start = 0.0
     for seg in BURST_PROFILE:
@@ -720,6 +725,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="rate ramps between segments (120s; 0: steps)",
     )
     replan_eval.add_argument("--seed", type=int, default=0)
+    replan_eval.add_argument(
+        "--trace",
+        default="bursty",
+        choices=["bursty", *sorted(TRACES)],
+        help="bursty (synthetic, Azure conv lengths) or a public trace replayed on its own arrivals",
+    )
     replan_eval.add_argument("--timeline", action="store_true", help="print every interval's decision")
     _add_common(replan_eval)
     replan_eval.set_defaults(func=_replan_eval)
