@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from ampacity.api.gpu_products import known_gpu_names
 from ampacity.api.servingpool import ServingPoolSpec, ServingPoolStatus
-from ampacity.serving import hardware, planner, pool_plan, replan
+from ampacity.serving import hardware, latency, planner, pool_plan, replan
 from ampacity.serving.eval import coldstart, replay
 from ampacity.serving.keepalive import KeepAlivePolicy
 from ampacity.serving.lengths import arrival_burstiness, quantile_points
@@ -630,6 +630,20 @@ def _plan_time(args: argparse.Namespace) -> int:
     return 0
 
 
+def _accuracy(args: argparse.Namespace) -> int:
+    profiles = latency.load_profiles()
+    print(f"{'model':<12} {'GPU':<6} {'measurements':>12} {'median':>8} {'p90':>8}")
+    groups = [*sorted({(p.model, p.gpu) for p in profiles}), ("all", "all")]
+    for model_name, gpu_name in groups:
+        rows = [p for p in profiles if model_name == "all" or (p.model, p.gpu) == (model_name, gpu_name)]
+        errors = latency.relative_errors(rows)
+        print(
+            f"{model_name:<12} {gpu_name:<6} {len(errors):>12} {np.median(errors):>8.1%}"
+            f" {np.quantile(errors, 0.9):>8.1%}"
+        )
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     preview_cmd = subparsers.add_parser(
         "plan", help="preview the plan the operator would make for a ServingPool (no cluster needed)"
@@ -676,6 +690,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--peak-rate", type=float, default=200.0, help="peakRate of every case (200 req/s)"
     )
     plan_time.set_defaults(func=_plan_time)
+
+    accuracy = actions.add_parser(
+        "accuracy", help="latency-model error on the Splitwise profiles, per model and GPU"
+    )
+    accuracy.set_defaults(func=_accuracy)
 
     bench = actions.add_parser("bench", help="goodput per GPU on the Azure conv and Mooncake traces")
     _add_common(bench)
