@@ -353,6 +353,13 @@ class ServingPlan(ApiModel):
     decode_replicas: int = Field(
         default=0, ge=0, description="Number of decode instances (0 when colocated)."
     )
+    prefill_chunk_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Colocated engines: chunked prefill with at most this many prompt tokens per pass "
+        "(vLLM --enable-chunked-prefill --max-num-batched-tokens, given to the engine as "
+        "AMPACITY_PREFILL_CHUNK); 0: whole prompts.",
+    )
     gpus: int = Field(ge=0, description="GPUs the plan uses.")
     predicted_goodput: float = Field(
         default=0, ge=0, description="Predicted goodput in requests per second per GPU."

@@ -25,6 +25,7 @@ from ampacity.serving.eval import coldstart, replay
 from ampacity.serving.keepalive import KeepAlivePolicy
 from ampacity.serving.lengths import arrival_burstiness, quantile_points
 from ampacity.serving.planner import (
+    COLOCATED_CHUNKS,
     TP_DEGREES,
     Cluster,
     Plan,
@@ -82,7 +83,8 @@ class _ProgressBar:
 
 def describe(pool: Pool) -> str:
     if isinstance(pool, Colocated):
-        return f"{pool.instances} x TP{pool.tp} colocated"
+        chunked = f", chunks of {pool.chunk}" if pool.chunk else ""
+        return f"{pool.instances} x TP{pool.tp} colocated{chunked}"
     prefill = f"{pool.prefill_instances} x TP{pool.prefill_tp} prefill"
     decode = f"{pool.decode_instances} x TP{pool.decode_tp} decode"
     return f"{prefill} + {decode} (KV {pool.kv_bandwidth / 1e9:.0f} GB/s)"
@@ -140,9 +142,11 @@ def _plot(
 
 
 def _search_steps(cluster: Cluster) -> int:
-    # Phase searches and colocated pools (three per TP degree), plus the verified candidates: the
-    # bar's length. TP degrees the model does not fit are skipped, so the bar may end early.
-    return 3 * len([tp for tp in TP_DEGREES if tp <= cluster.gpus_per_node]) + 4
+    # Phase searches and colocated pools (per TP degree: prefill, decode and one per chunk size),
+    # plus the verified candidates: the bar's length. TP degrees the model does not fit are
+    # skipped, so the bar may end early.
+    per_tp = 2 + len(COLOCATED_CHUNKS)
+    return per_tp * len([tp for tp in TP_DEGREES if tp <= cluster.gpus_per_node]) + 4
 
 
 def _planning_sample(trace: Workload, size: int) -> tuple[Workload, tuple[int, int]]:

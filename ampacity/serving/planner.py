@@ -38,6 +38,9 @@ _GRID_STEPS_PER_DOUBLING = 8
 # unit inside one node (NVLink) and one across nodes (the NIC) when prompts are long.
 _VERIFIED_PER_PLACEMENT = 2
 _MAX_INSTANCES_PER_PHASE = 8
+# Colocated pools are also searched with chunked prefill (Sarathi-Serve): the strongest colocated
+# baseline when the TPOT SLO is tight, since no pass then stalls decodes for a whole prompt.
+COLOCATED_CHUNKS = (0, 512)
 # A prefill:decode unit spans at most this many nodes; the pool scales by whole units or, through
 # `replicas_for_rate`, phase by phase.
 _MAX_UNIT_NODES = 2
@@ -289,10 +292,12 @@ def plan(
         disaggregated.append(PoolPlan(pool, *goodput(pool, workload, spec, hw, slo, target, guess=bound)))
 
     colocated = []
-    for tp in _feasible_tps(spec, cluster, largest):
-        note(f"colocated TP{tp}")
+    for tp, chunk in (
+        (tp, chunk) for tp in _feasible_tps(spec, cluster, largest) for chunk in COLOCATED_CHUNKS
+    ):
+        note(f"colocated TP{tp}" + (f" chunked {chunk}" if chunk else ""))
         # A node's worth of instances, so both kinds of pool get similar statistical multiplexing.
-        pool_c = Colocated(tp, max(1, cluster.gpus_per_node // tp))
+        pool_c = Colocated(tp, max(1, cluster.gpus_per_node // tp), chunk)
         # Prefill and decode share each instance's time: rates add as harmonic parts.
         p_rate, d_rate = prefill.get(tp, guesses[tp][0]), decode.get(tp, guesses[tp][1])
         guess = pool_c.instances / (1 / p_rate + 1 / d_rate)

@@ -90,7 +90,8 @@ class SizedPlan:
 
 def describe(pool: Pool) -> str:
     if isinstance(pool, Colocated):
-        return f"{pool.instances} x TP{pool.tp} colocated"
+        chunked = f", chunked prefill {pool.chunk}" if pool.chunk else ""
+        return f"{pool.instances} x TP{pool.tp} colocated{chunked}"
     prefill = f"{pool.prefill_instances} x TP{pool.prefill_tp} prefill"
     return f"{prefill} + {pool.decode_instances} x TP{pool.decode_tp} decode"
 
@@ -330,6 +331,7 @@ def _serving_plan(unit: PoolPlan, pool: Pool, colocated_goodput: float) -> Servi
             mode=ServingMode.COLOCATED,
             prefill_tensor_parallel=pool.tp,
             prefill_replicas=pool.instances,
+            prefill_chunk_tokens=pool.chunk,
             **common,
         )
     return ServingPlan(

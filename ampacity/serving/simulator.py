@@ -64,6 +64,10 @@ class Colocated:
 
     tp: int
     instances: int
+    chunk: int = 0
+    """Chunked prefill (Sarathi-Serve, vLLM's `--enable-chunked-prefill`): at most this many prompt
+    tokens per pass, a long prompt spread over several passes beside the running decodes, so no
+    pass stalls them for a whole prompt. 0: whole prompts, up to the prefill token budget."""
 
     @property
     def gpus(self) -> int:
@@ -446,6 +450,9 @@ class _Colocated(_Base):
         self.prefilling: list[list[int]] = [[] for _ in range(n)]
         self.busy = [False] * n
         self.dec = _Decoders(n, self.lm, self.push)
+        # Chunked prefill: prompt tokens computed so far, and the request whose prompt is unfinished.
+        self.computed = [0] * len(workload)
+        self.partial = [-1] * n
 
     def run(self) -> SimResult:
         self.loop()
@@ -462,6 +469,9 @@ class _Colocated(_Base):
             self.dec.cut_run(i, t)
 
     def start_pass(self, i: int, t: float) -> None:
+        if self.pool.chunk:
+            self.start_chunked_pass(i, t)
+            return
         waiting, new, dec, prompt = self.waiting[i], self.prefilling[i], self.dec, self.prompt
         tokens = squares = 0
         while waiting:
@@ -486,6 +496,45 @@ class _Colocated(_Base):
             self.busy[i] = True
             dec.start_run(i, t)
 
+    def start_chunked_pass(self, i: int, t: float) -> None:
+        """The unfinished prompt first, then new prompts, `chunk` prompt tokens in all."""
+        waiting, new, dec, prompt, computed = (
+            self.waiting[i],
+            self.prefilling[i],
+            self.dec,
+            self.prompt,
+            self.computed,
+        )
+        budget, tokens, squares = self.pool.chunk, 0, 0
+        candidates = [self.partial[i]] if self.partial[i] >= 0 else []
+        self.partial[i] = -1
+        while budget > 0:
+            if candidates:
+                r = candidates.pop()
+            elif waiting:
+                r = waiting[0]
+                need = prompt[r] + self.output[r]
+                if dec.reserved[i] + need > self.kv_capacity or dec.admitted[i] >= self.lim.max_batch:
+                    break
+                waiting.popleft()
+                dec.reserve(i, need)
+                self.admitted[r] = t
+            else:
+                break
+            done = computed[r]
+            part = min(budget, prompt[r] - done)
+            computed[r] = done + part
+            # Causal attention of the chunk over the prompt so far: the n² term's share.
+            tokens, squares, budget = tokens + part, squares + (done + part) ** 2 - done**2, budget - part
+            new.append(r)
+        if new:
+            self.busy[i] = True
+            dt = self.lm.mixed_time(tokens, squares, dec.running[i], dec.context[i])
+            self.push(t + dt, _PASS_DONE, i)
+        elif dec.running[i]:
+            self.busy[i] = True
+            dec.start_run(i, t)
+
     def handle(self, kind: int, subject: int, t: float, seq: int) -> None:
         i, dec = subject, self.dec
         leavers = dec.step_done(i) if kind == _PASS_DONE else dec.end_run(i, seq)
@@ -496,6 +545,9 @@ class _Colocated(_Base):
             self.leave(i, r, t)
         prefilled, self.prefilling[i] = self.prefilling[i], []
         for r in prefilled:
+            if self.pool.chunk and self.computed[r] < self.prompt[r]:
+                self.partial[i] = r  # more chunks to go: no first token yet
+                continue
             self.first[r] = t
             if self.output[r] == 1:
                 dec.unreserve(i, self.prompt[r] + 1)

@@ -85,6 +85,7 @@ def engine_deployment(
     replicas: int,
     tp: int,
     preferences: list[dict[str, Any]],
+    chunk: int = 0,
 ) -> dict[str, Any]:
     """One engine role (colocated, prefill or decode) as a Deployment.
 
@@ -98,6 +99,7 @@ def engine_deployment(
         {"name": "AMPACITY_MODEL", "value": spec.model.name},
         {"name": "AMPACITY_MODEL_URI", "value": spec.model.uri},
         {"name": "AMPACITY_TENSOR_PARALLEL", "value": str(tp)},
+        {"name": "AMPACITY_PREFILL_CHUNK", "value": str(chunk)},
         {"name": "AMPACITY_PORT", "value": str(spec.engine.port)},
     ]
     container = {
@@ -241,7 +243,9 @@ async def reconcile(ctx: Context) -> None:
     wanted = roles(plan, size)
     nodes = await ctx.kube.list_objects("Node", None)
     deployments = [
-        engine_deployment(ctx, spec, role, r, tp, warm_node_preferences(nodes, spec, tp))
+        engine_deployment(
+            ctx, spec, role, r, tp, warm_node_preferences(nodes, spec, tp), plan.prefill_chunk_tokens
+        )
         for role, (r, tp) in wanted.items()
     ]
     # The front door routes to the first phase a request meets (prefill or the colocated engine).
