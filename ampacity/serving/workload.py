@@ -62,13 +62,22 @@ class Workload:
         )
 
     def with_burstiness(self, burstiness: float, seed: int = 0) -> Workload:
-        """The same requests, in order, with gamma gaps of coefficient of variation `burstiness`
-        at the same mean rate (`synthetic`'s arrival process)."""
-        if len(self) < 2:
+        """The same requests, in order, with gaps of coefficient of variation `burstiness` that
+        follow this workload's own rate over time.
+
+        A unit-rate gamma renewal process (`synthetic`'s) is time-warped through the workload's
+        cumulative arrival curve: the rate swings over minutes that a thinned trace keeps survive,
+        and the gaps regain the short-term variation thinning smooths away (keeping every k-th
+        request of a trace divides the gaps' CV by about the square root of k).
+        """
+        n = len(self)
+        if n < 3:
             return self
         shape = 1.0 / burstiness**2
-        gaps = np.random.default_rng(seed).gamma(shape, 1.0 / (self.rate * shape), size=len(self) - 1)
-        arrivals = np.concatenate([[0.0], np.cumsum(gaps)])
+        gaps = np.random.default_rng(seed).gamma(shape, 1.0 / shape, size=n - 1)
+        events = np.concatenate([[0.0], np.cumsum(gaps)])
+        events *= (n - 1) / events[-1]
+        arrivals = np.interp(events, np.arange(n, dtype=np.float64), self.arrivals)
         return Workload(self.name, arrivals, self.prompts, self.outputs)
 
     def at_rate(self, rate: float) -> Workload:
