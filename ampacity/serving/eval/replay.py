@@ -133,7 +133,7 @@ def _ready(decided: list[Pool]) -> Pool:
     """Per phase, the fewest instances among the decisions still loading: only those serve."""
     pool = decided[-1]
     if isinstance(pool, Colocated):
-        return Colocated(pool.tp, min(p.instances for p in decided if isinstance(p, Colocated)))
+        return replace(pool, instances=min(p.instances for p in decided if isinstance(p, Colocated)))
     disaggregated = [p for p in decided if isinstance(p, Disaggregated)]
     return Disaggregated(
         pool.prefill_tp,
