@@ -25,7 +25,17 @@ import numpy as np
 
 from ampacity.serving.hardware import GpuSpec, ModelSpec
 from ampacity.serving.latency import LatencyModel
-from ampacity.serving.simulator import Colocated, Disaggregated, Limits, Pool, SimResult, Slo, simulate
+from ampacity.serving.simulator import (
+    Colocated,
+    Disaggregated,
+    GiveUp,
+    Limits,
+    Pool,
+    SimResult,
+    Slo,
+    simulate,
+    simulate_unless,
+)
 from ampacity.serving.workload import Workload
 
 TARGET_ATTAINMENT = 0.9
@@ -134,12 +144,19 @@ def goodput(
     """
     cache: dict[int, float] = {}
 
+    n = len(workload)
+    # The middle half steady_attainment counts, and the misses the target allows there.
+    give_up = GiveUp(slo, n // 4, n - n // 4, math.floor((1 - target) * (n - 2 * (n // 4)) + 1e-9))
+
     def attainment(k: int) -> float:
         if k not in cache:
             stretched = workload.at_rate(_rate(k))
-            result = simulate(pool, stretched, spec, hw, limits)
-            backlog = float(np.mean(result.admitted > stretched.duration))
-            cache[k] = steady_attainment(result, slo) if backlog <= 1 - target else 0.0
+            result = simulate_unless(pool, stretched, spec, hw, limits, give_up)
+            if result is None:
+                cache[k] = 0.0
+            else:
+                backlog = float(np.mean(result.admitted > stretched.duration))
+                cache[k] = steady_attainment(result, slo) if backlog <= 1 - target else 0.0
         return cache[k]
 
     # Gallop from the guess (1 req/s without one) until the target is bracketed, within 1/1024

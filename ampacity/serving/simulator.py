@@ -115,14 +115,54 @@ class SimResult:
         return float(np.mean(self.meets(slo))) if len(self.ttft) else 1.0
 
 
+@dataclass(frozen=True)
+class GiveUp:
+    """Stop a simulation once more than `misses` of the requests numbered [first, last) have
+    missed `slo`: the caller (a goodput search) only needs to know the target is out of reach."""
+
+    slo: Slo
+    first: int
+    last: int
+    misses: int
+
+
+class _Hopeless(Exception):
+    pass
+
+
 def simulate(
     pool: Pool, workload: Workload, spec: ModelSpec, hw: GpuSpec, limits: Limits | None = None
 ) -> SimResult:
     """Serve `workload` on `pool`; raises ValueError if an instance cannot hold some request at all."""
+    result = simulate_unless(pool, workload, spec, hw, limits, None)
+    assert result is not None
+    return result
+
+
+def simulate_unless(
+    pool: Pool,
+    workload: Workload,
+    spec: ModelSpec,
+    hw: GpuSpec,
+    limits: Limits | None,
+    give_up: GiveUp | None,
+) -> SimResult | None:
+    """`simulate`, or None as soon as `give_up`'s miss budget is spent.
+
+    Past a pool's goodput most of a simulation's time goes to queues that only grow; a search
+    that stops there spends its time near the answer instead.
+    """
     lim = limits if limits is not None else Limits()
+    sim: _Colocated | _Disaggregated
     if isinstance(pool, Colocated):
-        return _Colocated(pool, workload, spec, hw, lim).run()
-    return _Disaggregated(pool, workload, spec, hw, lim).run()
+        sim = _Colocated(pool, workload, spec, hw, lim)
+    else:
+        sim = _Disaggregated(pool, workload, spec, hw, lim)
+    sim.give_up = give_up
+    try:
+        return sim.run()
+    except _Hopeless:
+        return None
 
 
 def _check_fits(what: str, capacity: int, largest: int) -> None:
@@ -145,6 +185,8 @@ class _Base:
         self.admitted = [np.nan] * n
         self.events: list[tuple[float, int, int, int]] = []
         self.seq = 0
+        self.give_up: GiveUp | None = None
+        self.misses = 0
 
     def push(self, time: float, kind: int, subject: int) -> int:
         # The sequence number breaks ties in insertion order, which keeps runs deterministic.
@@ -155,6 +197,14 @@ class _Base:
     def done(self, r: int, t: float) -> None:
         self.finish[r] = t
         self.completions[r] += 1
+        give_up = self.give_up
+        if give_up is not None and give_up.first <= r < give_up.last:
+            out = self.output[r]
+            tpot = (t - self.first[r]) / (out - 1) if out > 1 else 0.0
+            if self.first[r] - self.arrivals[r] > give_up.slo.ttft or tpot > give_up.slo.tpot:
+                self.misses += 1
+                if self.misses > give_up.misses:
+                    raise _Hopeless
 
     def loop(self) -> None:
         arrivals, events, n = self.arrivals, self.events, len(self.arrivals)
