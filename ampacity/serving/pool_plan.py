@@ -277,7 +277,8 @@ def plan_pool(spec: ServingPoolSpec, profile: str | None = None) -> SizedPlan:
     served = _serving_plan(unit, pool, colocated_goodput)
     served = served.model_copy(
         update={
-            "latency_model": provenance(model, gpu),
+            "latency_model": provenance(model, gpu)
+            + (f" (held-out median error {fit_error:.1%})" if fit_error is not None else ""),
             "latency_model_source": gpu.provenance_kind,
             "profile_fit_error": round(fit_error, 4) if fit_error is not None else None,
             "longest_request_tokens": longest[1],
