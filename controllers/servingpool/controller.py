@@ -19,6 +19,7 @@ from controllers import metrics
 from controllers.reconciler import Context, controller
 from controllers.servingpool.autoscale import next_size, planned_size
 from controllers.servingpool.plan import (
+    LATENCY_PROFILE_INVALID,
     PLANNED_CONDITION,
     PlanningError,
     SizedPlan,
@@ -182,9 +183,11 @@ async def _plan(ctx: Context) -> SizedPlan:
     thread, and only when the spec changed.
     """
     status = ctx.status
-    if status.plan is not None and status.observed_generation == ctx.generation:
+    planned = status.condition(PLANNED_CONDITION)
+    # A plan kept through an unreadable latency profile is retried until the profile reads.
+    retry = planned is not None and planned.reason == LATENCY_PROFILE_INVALID
+    if status.plan is not None and status.observed_generation == ctx.generation and not retry:
         limited = status.condition(CAPACITY_LIMITED)
-        planned = status.condition(PLANNED_CONDITION)
         return SizedPlan(
             status.plan,
             limited.message if limited and limited.status == "True" else "",
@@ -221,10 +224,15 @@ async def reconcile(ctx: Context) -> None:
     try:
         sized = await _plan(ctx)
     except PlanningError as error:
+        before = ctx.status.condition(PLANNED_CONDITION)
+        repeated = (
+            before is not None and before.reason == error.reason and before.message.startswith(str(error))
+        )
         if not record_planning_error(ctx.status, error, ctx.generation):
             ctx.set_ready(False, error.reason, str(error))
             return
-        ctx.event(error.reason, str(error), warning=True)
+        if not repeated:
+            ctx.event(error.reason, str(error), warning=True)
         assert ctx.status.plan is not None
         sized = SizedPlan(ctx.status.plan)
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ampacity.serving.pool_plan import (
     LATENCY_MODEL,
+    LATENCY_PROFILE_INVALID,
     PLANNED_CONDITION,
     LatencyProfileError,
     PlanningError,
@@ -19,6 +20,7 @@ from ampacity.serving.pool_plan import (
 
 __all__ = [
     "LATENCY_MODEL",
+    "LATENCY_PROFILE_INVALID",
     "PLANNED_CONDITION",
     "LatencyProfileError",
     "PlanningError",

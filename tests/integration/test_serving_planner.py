@@ -6,6 +6,8 @@ architectures."""
 from __future__ import annotations
 
 import copy
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from ampacity.data import data_dir, trace_path
 from ampacity.dev.cluster.kubectl import Kubectl, condition
 from ampacity.dev.cluster.local_operator import LocalOperator
 from ampacity.dev.cluster.nodes import GpuNodeShape, gpu_node
@@ -121,6 +124,29 @@ def test_a_missing_latency_profile_names_the_configmap(
     planned = condition(obj, "Planned")
     assert planned is not None and planned["reason"] == "LatencyProfileInvalid"
     assert "'llama-h100-latencies'" in planned["message"]
+    if not data_dir().exists():
+        return
+    # Once the ConfigMap exists the pool is planned on the latencies fitted to it.
+    with trace_path("splitwise", "perf_model.csv").open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if (r["model"], r["hardware"]) == ("llama2-70b", "h100-80gb")]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "llama-h100-latencies", "namespace": namespace},
+        "data": {"perf_model.csv": text.getvalue()},
+    }
+    assert kubectl.apply(config_map).returncode == 0
+
+    def fitted() -> dict[str, Any] | None:
+        source = condition(kubectl.get("servingpool", "profiled", namespace), "LatencyModel")
+        return source if source and source["reason"] == "Fitted" else None
+
+    source = wait_for(fitted, timeout=120, what="plan fitted to the profile")
+    assert "held-out median error" in source["message"]
 
 
 @pytest.mark.parametrize(
