@@ -11,6 +11,7 @@ import httpx
 
 from ampacity.api import SERVING_POOL
 from ampacity.api.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TYPE_LABEL
+from ampacity.api.gpu_products import gpu_product
 from ampacity.api.servingpool import AutoscalingStatus, ServingPlan, ServingPoolSpec
 from ampacity.serving.placement import affinity_weights, node_from_labels, preferred_affinity, rank
 from ampacity.serving.pool_plan import resolve_model
@@ -33,16 +34,27 @@ METRICS_AVAILABLE = "MetricsAvailable"
 METRICS_MEMO = "serving_metrics"
 
 
+def _gpu_names(gpu_type: str) -> tuple[list[str], list[str]]:
+    """(short types, GFD product labels) a gpuType matches: a catalogued GPU by either name."""
+    try:
+        product = gpu_product(gpu_type)
+    except KeyError:
+        return [gpu_type], [gpu_type]
+    return sorted({gpu_type, product.short_name}), sorted({gpu_type, product.product})
+
+
 def _has_gpu(node: dict[str, Any], gpu_type: str) -> bool:
     labels = node["metadata"].get("labels", {})
-    return gpu_type in (labels.get(GPU_TYPE_LABEL), labels.get(GPU_PRODUCT_LABEL))
+    short, products = _gpu_names(gpu_type)
+    return labels.get(GPU_TYPE_LABEL) in short or labels.get(GPU_PRODUCT_LABEL) in products
 
 
 def _affinity(gpu_type: str, preferences: list[dict[str, Any]]) -> dict[str, Any]:
     """Only nodes with the requested GPU (short type or NVIDIA's product label); warm ones first."""
+    short, products = _gpu_names(gpu_type)
     terms = [
-        {"matchExpressions": [{"key": GPU_TYPE_LABEL, "operator": "In", "values": [gpu_type]}]},
-        {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In", "values": [gpu_type]}]},
+        {"matchExpressions": [{"key": GPU_TYPE_LABEL, "operator": "In", "values": short}]},
+        {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In", "values": products}]},
     ]
     node_affinity: dict[str, Any] = {
         "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}
