@@ -426,6 +426,12 @@ SERVING_POOL = Resource(
         {"name": "Mode", "type": "string", "jsonPath": ".status.plan.mode", "description": "Planned mode."},
         {"name": "GPUs", "type": "integer", "jsonPath": ".status.plan.gpus", "description": "GPUs planned."},
         {
+            "name": "Latency-Model",
+            "type": "string",
+            "jsonPath": ".status.plan.latencyModelSource",
+            "description": "Calibrated, Extrapolated, Fitted or None (fallback plan).",
+        },
+        {
             "name": "Ready-Replicas",
             "type": "integer",
             "jsonPath": ".status.readyReplicas",
