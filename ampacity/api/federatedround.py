@@ -68,6 +68,16 @@ class AggregatorSpec(ApiModel):
             " emptyDir, which survives container restarts only."
         ),
     )
+    insecure_http: bool = Field(
+        default=False,
+        alias="insecureHTTP",
+        description=(
+            "Serve plain HTTP instead of HTTPS. Off by default: the aggregator serves TLS with a"
+            " certificate for its Service, issued from the operator's CA, and clients verify it against"
+            " ca.crt in the round's enrolment Secret. Turn on only where the traffic never leaves a"
+            " trusted network."
+        ),
+    )
 
 
 class FederatedRoundSpec(ApiModel):

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ampacity.federated import tls
 from ampacity.federated.aggregator import AggregatorConfig, Arrays, atomic_write, encode_arrays, run
-from ampacity.federated.client import FederatedClient, Task, TrainResult
-from ampacity.federated.client import register as register_client
+from ampacity.federated.client import FederatedClient, TrainResult, enrol
 from ampacity.federated.eval import evaluation
+from ampacity.federated.wire import Task
 
 ADMIN_TOKEN_ENV = "AMPACITY_FL_ADMIN_TOKEN"
+ENROLMENT_TOKEN_ENV = "AMPACITY_FL_ENROLMENT_TOKEN"
 PARENT_TOKEN_ENV = "AMPACITY_FL_PARENT_TOKEN"
 CLIENT_TOKEN_ENV = "AMPACITY_FL_CLIENT_TOKEN"
 
@@ -41,7 +43,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     agg.add_argument("--state-dir", type=Path, required=True, help="where updates and models are persisted")
     agg.add_argument("--initial-model", type=Path, help=".npz that seeds an empty state directory")
     agg.add_argument("--max-update-bytes", type=int, default=64 * 1024 * 1024)
+    agg.add_argument("--tls-cert", type=Path, help="PEM certificate to serve HTTPS with (with --tls-key)")
+    agg.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    agg.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="serve plain HTTP (only for a federation that asked for it explicitly)",
+    )
     agg.add_argument("--parent-url", help="run as an intermediate (LIFL) aggregator under this parent")
+    agg.add_argument("--parent-ca", type=Path, help="CA certificate that verifies the parent aggregator")
     agg.add_argument("--deadline-poll-seconds", type=float, default=0.2)
     agg.set_defaults(func=_aggregator)
 
@@ -51,6 +61,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     client = sub.add_parser("client", help="demo client: logistic regression on a shard of the digits data")
     client.add_argument("--url", required=True, help="aggregator URL")
+    client.add_argument("--ca-file", type=Path, help="CA certificate that verifies the aggregator (https)")
+    client.add_argument(
+        "--server-name", help="the name on the aggregator's certificate, when --url's host is another"
+    )
+    client.add_argument(
+        "--credential-file",
+        type=Path,
+        help="where this client keeps its own token; enrolling again with it keeps the identity",
+    )
     client.add_argument("--client-id", required=True)
     client.add_argument("--shard", type=int, required=True, help="this client's shard index")
     client.add_argument("--shards", type=int, required=True, help="number of shards (clients)")
@@ -99,9 +118,16 @@ def _token(env: str, what: str) -> str:
 
 
 def _aggregator(args: argparse.Namespace) -> int:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    if args.tls_cert is None and not args.insecure_http:
+        raise SystemExit("give --tls-cert and --tls-key, or --insecure-http to serve plain HTTP on purpose")
+    context = None if args.tls_cert is None else tls.server_context(args.tls_cert, args.tls_key)
     config = AggregatorConfig(
         state_dir=args.state_dir,
         admin_token=_token(ADMIN_TOKEN_ENV, "admin token"),
+        enrolment_token=os.environ.get(ENROLMENT_TOKEN_ENV) or None,
+        parent_ca=args.parent_ca,
         max_update_bytes=args.max_update_bytes,
         parent_url=args.parent_url,
         parent_token=_token(PARENT_TOKEN_ENV, "token this intermediate uses at its parent")
@@ -109,7 +135,7 @@ def _aggregator(args: argparse.Namespace) -> int:
         else None,
         deadline_poll_s=args.deadline_poll_seconds,
     )
-    run(config, args.host, args.port, args.initial_model)
+    run(config, args.host, args.port, args.initial_model, context)
     return 0
 
 
@@ -143,12 +169,17 @@ def _client(args: argparse.Namespace) -> int:
         )
         speed = time.perf_counter() - started + args.step_delay_seconds
     # Tokens come from the environment, not argv, so they do not show up in `ps`.
-    token = os.environ.get(CLIENT_TOKEN_ENV) or register_client(
+    # Enrolling is idempotent: with the same credential file a restarted client keeps its identity.
+    token = enrol(
         args.url,
-        _token(ADMIN_TOKEN_ENV, f"admin token (or set {CLIENT_TOKEN_ENV})"),
+        _token(ENROLMENT_TOKEN_ENV, "population's enrolment token (the round's enrolment Secret)"),
         args.client_id,
         labels=labels,
         seconds_per_step=max(speed, 1e-6),
+        ca_file=args.ca_file,
+        server_name=args.server_name,
+        credential_file=args.credential_file,
+        token=os.environ.get(CLIENT_TOKEN_ENV) or None,
     )
     rng = np.random.default_rng([args.seed, args.shard])
 
@@ -162,7 +193,7 @@ def _client(args: argparse.Namespace) -> int:
 
     uploaded = 0
     give_up = time.monotonic() + args.timeout_seconds
-    with FederatedClient(args.url, token) as client:
+    with FederatedClient(args.url, token, ca_file=args.ca_file, server_name=args.server_name) as client:
         while uploaded < args.tasks and time.monotonic() < give_up:
             result = client.run_once(train)
             if result is None:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 from ampacity.api import FEDERATED_ROUND
 from ampacity.api.federatedround import FederatedRoundSpec, FederatedRoundStatus, RoundPhase
@@ -22,6 +23,7 @@ from ampacity.cli import build_parser
 from ampacity.federated import cli as fed_cli
 from ampacity.federated.aggregator import AggregatorConfig, create_app, encode_arrays
 from ampacity.federated.client import FederatedClient
+from ampacity.federated.wire import ClientInfo, RoundRecord
 from controllers.federatedround import controller as fr
 from controllers.federatedround.aggregator_client import AggregatorClient, AggregatorUnavailable
 from controllers.reconciler import Context
@@ -61,8 +63,8 @@ def context(round_spec: FederatedRoundSpec, annotations: dict[str, str] | None =
     return Context(FEDERATED_ROUND, body, round_spec, FederatedRoundStatus(), kube=None, logger=None)  # type: ignore[arg-type]
 
 
-def clients(**speeds: float | None) -> dict[str, dict[str, Any]]:
-    return {c: {"labels": {"pop": "digits"}, "seconds_per_step": s} for c, s in speeds.items()}
+def clients(**speeds: float | None) -> dict[str, ClientInfo]:
+    return {c: ClientInfo(labels={"pop": "digits"}, seconds_per_step=s) for c, s in speeds.items()}
 
 
 # -- children ------------------------------------------------------------------------------------
@@ -81,12 +83,28 @@ def test_aggregator_runs_the_real_cli_with_the_token_from_the_secret() -> None:
         {
             "name": "AMPACITY_FL_ADMIN_TOKEN",
             "valueFrom": {"secretKeyRef": {"name": "r1-aggregator-admin", "key": "token"}},
-        }
+        },
+        {
+            "name": "AMPACITY_FL_ENROLMENT_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "r1-aggregator-enrolment", "key": "token"}},
+        },
     ]
+    # HTTPS by default, with the key and certificate from the round's TLS Secret.
+    assert (str(args.tls_cert), str(args.tls_key), args.insecure_http) == (
+        "/tls/tls.crt",
+        "/tls/tls.key",
+        False,
+    )
+    assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    tls_volume = {"name": "tls", "secret": {"secretName": "r1-aggregator-tls"}}
     volumes = deployment["spec"]["template"]["spec"]["volumes"]
-    assert volumes == [{"name": "state", "persistentVolumeClaim": {"claimName": "fl-state"}}]
+    assert volumes == [{"name": "state", "persistentVolumeClaim": {"claimName": "fl-state"}}, tls_volume]
     no_claim = fr.aggregator_deployment(ctx, spec())["spec"]["template"]["spec"]["volumes"]
-    assert no_claim == [{"name": "state", "emptyDir": {}}]
+    assert no_claim == [{"name": "state", "emptyDir": {}}, tls_volume]
+    plain = fr.aggregator_deployment(ctx, spec(aggregator={"insecureHTTP": True}))["spec"]["template"]["spec"]
+    plain_args = build_parser().parse_args(plain["containers"][0]["args"])
+    assert plain_args.insecure_http and plain_args.tls_cert is None
+    assert plain["volumes"] == [{"name": "state", "emptyDir": {}}]
 
 
 def test_admin_secret_holds_the_derived_token_and_is_owned(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,7 +127,8 @@ def test_model_path_only_for_file_uris() -> None:
 
 
 def test_operator_url_override_template() -> None:
-    assert fr.operator_url("r1", "ns", {}, None) == "http://r1-aggregator.ns.svc:8443"
+    assert fr.operator_url("r1", "ns", {}, None) == "https://r1-aggregator.ns.svc:8443"
+    assert fr.operator_url("r1", "ns", {}, None, insecure_http=True) == "http://r1-aggregator.ns.svc:8443"
     template = "http://127.0.0.1:{port}/"
     assert fr.operator_url("r1", "ns", {fr.PORT_ANNOTATION: "18470"}, template) == "http://127.0.0.1:18470"
     assert fr.operator_url("r1", "ns", {}, template) == "http://127.0.0.1:8443"
@@ -132,7 +151,7 @@ def test_round_id_differs_for_a_recreated_round() -> None:
 
 
 def test_waits_for_enough_matching_clients() -> None:
-    registered = clients(a=1.0, b=1.0) | {"x": {"labels": {"pop": "other"}, "seconds_per_step": 1.0}}
+    registered = clients(a=1.0, b=1.0) | {"x": ClientInfo(labels={"pop": "other"}, seconds_per_step=1.0)}
     plan = fr.plan_round(spec(), "r1-1", registered, None, 0, 7)
     assert isinstance(plan, fr.Waiting)
     assert plan.reason == "AwaitingClients"
@@ -140,7 +159,7 @@ def test_waits_for_enough_matching_clients() -> None:
 
 
 def test_fedcompass_gives_fast_clients_more_steps_and_fits_the_deadline() -> None:
-    registered = clients(fast=0.1, mid=0.5, slow=10.0, none=None) | {"x": {"labels": {}}}
+    registered = clients(fast=0.1, mid=0.5, slow=10.0, none=None) | {"x": ClientInfo()}
     plan = fr.plan_round(spec(cohortSize=4, deadline="60s"), "r1-1", registered, None, 0, 7)
     assert isinstance(plan, fr.RoundPlan)
     assert plan.selected == ("fast", "mid", "none", "slow")
@@ -150,7 +169,7 @@ def test_fedcompass_gives_fast_clients_more_steps_and_fits_the_deadline() -> Non
     # slow: Q_max would take 200 s; 60 s / (10 s x 1.2) = 5 steps fit the deadline.
     assert steps["slow"] == 5
     assert {a.client: a.seconds_per_step for a in plan.assignments}["none"] == 0
-    body = plan.body
+    body = plan.body.model_dump(mode="json")
     assert body["clients"] == {c: {"local_steps": n} for c, n in steps.items()}
     assert body["min_quorum"] == 2 and body["deadline_seconds"] == 60.0 and body["rule"] == "mean"
     assert body["close_when_complete"] is True
@@ -163,7 +182,7 @@ def test_fedavg_assigns_q_max_to_everyone_and_passes_the_rule() -> None:
     plan = fr.plan_round(round_spec, "r1-1", clients(a=0.1, b=3.0, c=None), None, 0, 7)
     assert isinstance(plan, fr.RoundPlan)
     assert {a.local_steps for a in plan.assignments} == {20}
-    assert plan.body["rule"] == "multiKrum" and plan.body["max_norm"] == 5.0
+    assert plan.body.rule == "multiKrum" and plan.body.max_norm == 5.0
 
 
 def test_selection_is_reproducible_and_respects_the_cohort_size() -> None:
@@ -175,9 +194,9 @@ def test_selection_is_reproducible_and_respects_the_cohort_size() -> None:
 
 
 def test_speed_estimates_fold_in_last_rounds_reports() -> None:
-    last = {
-        "reports": {"a": {"elapsed_s": 10.0, "local_steps": 5}, "gone": {"elapsed_s": 1, "local_steps": 1}}
-    }
+    last = record(
+        reports={"a": {"elapsed_s": 10.0, "local_steps": 5}, "gone": {"elapsed_s": 1, "local_steps": 1}}
+    )
     estimates = fr.speed_estimates(clients(a=1.0, b=None), last)
     assert estimates["a"].seconds_per_step == pytest.approx(0.9 * 2.0 + 0.1 * 1.0)
     assert estimates["a"].samples == 2
@@ -187,20 +206,40 @@ def test_speed_estimates_fold_in_last_rounds_reports() -> None:
 # -- following ----------------------------------------------------------------------------------
 
 
-def record(**overrides: Any) -> dict[str, Any]:
+def record(**overrides: Any) -> RoundRecord:
     raw: dict[str, Any] = {
         "spec": {"round_id": "r1-1", "clients": {"a": {}, "b": {}, "c": {}}},
         "opened_unix_s": 1_000.0,
         "deadline_unix_s": 1_060.0,
+        "base_version": 0,
         "phase": "Training",
         "accepted": ["a"],
         "late": [],
         "rejected": [{"client_id": "c", "reason": f"bad {i}"} for i in range(12)],
-        "result": {},
+        "result": None,
         "message": "",
     }
     raw.update(overrides)
-    return raw
+    return RoundRecord.model_validate(raw)
+
+
+def result(version: int, **overrides: Any) -> dict[str, Any]:
+    raw = {
+        "version": version,
+        "accepted": 2,
+        "late_included": 0,
+        "rule": "mean",
+        "update_norm": 0.5,
+        "weight": 7,
+    }
+    return {**raw, **overrides}
+
+
+def test_a_misspelt_key_in_the_wire_contract_is_an_error() -> None:
+    with pytest.raises(ValidationError, match="late_includd"):
+        record(result={**result(1), "late_includd": 1})
+    with pytest.raises(ValidationError, match="min_quroum"):
+        fr.RoundSpec.model_validate({"round_id": "r", "clients": {"a": {}}, "min_quroum": 2})
 
 
 def test_view_maps_counts_times_and_keeps_the_newest_rejections() -> None:
@@ -213,15 +252,9 @@ def test_view_maps_counts_times_and_keeps_the_newest_rejections() -> None:
 
 
 def test_view_of_a_completed_round_has_its_result() -> None:
-    result = {
-        "version": 4,
-        "accepted": 2,
-        "late_included": 1,
-        "rule": "mean",
-        "update_norm": 0.5,
-        "weight": 7,
-    }
-    view = fr.view_round(record(phase="Completed", accepted=["a", "b"], late=["c"], result=result))
+    view = fr.view_round(
+        record(phase="Completed", accepted=["a", "b"], late=["c"], result=result(4, late_included=1))
+    )
     assert view.phase == RoundPhase.COMPLETED
     assert view.result is not None and view.result.model_version == 4 and view.result.late_included == 1
     assert view.missing == ()
@@ -235,9 +268,7 @@ def test_apply_view_sets_ready_result_and_events() -> None:
     )
     assert ctx.status.condition("Ready").reason == "Training"
     assert ctx.events == [("Warning", "UpdateRejected", "update from c rejected: NaN")]
-    done = record(
-        phase="Completed", accepted=["a", "b"], late=["c"], result={"version": 1}, message="deadline"
-    )
+    done = record(phase="Completed", accepted=["a", "b"], late=["c"], result=result(1), message="deadline")
     fr.apply_view(ctx, ctx.status, fr.view_round(done), "http://agg", now)
     assert ctx.status.phase == RoundPhase.COMPLETED
     assert ctx.status.result == "http://agg/v1/model?version=1"
