@@ -14,6 +14,7 @@ import kopf
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
+from cryptography import x509
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
@@ -21,9 +22,11 @@ from ampacity.api import FEDERATED_ROUND
 from ampacity.api.federatedround import FederatedRoundSpec, FederatedRoundStatus, RoundPhase
 from ampacity.cli import build_parser
 from ampacity.federated import cli as fed_cli
+from ampacity.federated import tls
 from ampacity.federated.aggregator import AggregatorConfig, create_app, encode_arrays
 from ampacity.federated.client import FederatedClient
 from ampacity.federated.wire import ClientInfo, RoundRecord
+from ampacity.kube import KubeError
 from controllers.federatedround import controller as fr
 from controllers.federatedround.aggregator_client import AggregatorClient, AggregatorUnavailable
 from controllers.reconciler import Context
@@ -393,3 +396,76 @@ async def test_ended_round_does_nothing_once_nobody_can_deliver() -> None:
     ctx.kube = None  # type: ignore[assignment]  # any Kubernetes or aggregator call would fail
     await fr.reconcile(ctx)
     assert ctx.status.phase == RoundPhase.COMPLETED
+
+
+# -- secrets and TLS -------------------------------------------------------------------------------
+
+
+class CreateOnlyKube:
+    """Records creates; a second create of the same object is a 409, as on the API server.
+
+    It has no `get`: the controller must never read a Secret back.
+    """
+
+    def __init__(self) -> None:
+        self.created: dict[str, dict[str, Any]] = {}
+
+    async def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        name = manifest["metadata"]["name"]
+        if name in self.created:
+            raise KubeError(409, f"secrets {name!r} already exists")
+        self.created[name] = manifest
+        return manifest
+
+
+def decoded(secret: dict[str, Any]) -> dict[str, bytes]:
+    return {k: base64.b64decode(v) for k, v in secret["data"].items()}
+
+
+async def test_secrets_give_the_aggregator_its_certificate_and_clients_only_enrolment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("AMPACITY_TOKEN_KEY", "operator-key")
+    ca = tls.new_ca("operator CA")
+    (tmp_path / "ca.crt").write_bytes(ca.cert_pem)
+    (tmp_path / "ca.key").write_bytes(ca.key_pem)
+    monkeypatch.setenv(fr.CA_CERT_FILE_ENV, str(tmp_path / "ca.crt"))
+    monkeypatch.setenv(fr.CA_KEY_FILE_ENV, str(tmp_path / "ca.key"))
+    ctx = context(spec())
+    kube = CreateOnlyKube()
+    ctx.kube = kube  # type: ignore[assignment]
+    assert await fr.ensure_secrets(ctx, ctx.spec) == fr.admin_token(ctx)
+    assert sorted(kube.created) == ["r1-aggregator-admin", "r1-aggregator-enrolment", "r1-aggregator-tls"]
+    enrolment = decoded(kube.created["r1-aggregator-enrolment"])
+    assert enrolment == {"token": fr.enrolment_token(ctx).encode(), "ca.crt": ca.cert_pem}
+    assert fr.enrolment_token(ctx) != fr.admin_token(ctx)
+    issued = decoded(kube.created["r1-aggregator-tls"])
+    assert kube.created["r1-aggregator-tls"]["type"] == "kubernetes.io/tls"
+    cert = x509.load_pem_x509_certificate(issued["tls.crt"])
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "r1-aggregator.ns.svc" in names.get_values_for_type(x509.DNSName)
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca.cert_pem))
+    # The next reconcile finds them there (409) and neither reads nor replaces them.
+    await fr.ensure_secrets(ctx, ctx.spec)
+    assert decoded(kube.created["r1-aggregator-tls"]) == issued
+
+
+async def test_without_a_ca_the_round_waits_instead_of_serving_plain_http(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(fr.CA_CERT_FILE_ENV, raising=False)
+    monkeypatch.delenv(fr.CA_KEY_FILE_ENV, raising=False)
+    ctx = context(spec())
+    ctx.kube = None  # type: ignore[assignment]  # nothing may be created without TLS
+    await fr.reconcile(ctx)
+    ready = ctx.status.condition("Ready")
+    assert ready.reason == "TLSUnavailable" and "insecureHTTP" in ready.message
+    # Asked for explicitly, plain HTTP needs no CA and no TLS Secret.
+    monkeypatch.setenv("AMPACITY_TOKEN_KEY", "operator-key")
+    plain = context(spec(aggregator={"insecureHTTP": True}))
+    kube = CreateOnlyKube()
+    plain.kube = kube  # type: ignore[assignment]
+    await fr.ensure_secrets(plain, plain.spec)
+    assert sorted(kube.created) == ["r1-aggregator-admin", "r1-aggregator-enrolment"]
+    assert "ca.crt" not in kube.created["r1-aggregator-enrolment"]["data"]
+    assert fr.service_url("r1", "ns", True) == "http://r1-aggregator.ns.svc:8443"
