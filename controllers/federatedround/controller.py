@@ -57,11 +57,13 @@ from urllib.parse import unquote, urlparse
 
 from ampacity.api import FEDERATED_ROUND
 from ampacity.api.federatedround import (
+    MAX_HISTORY,
     MAX_REJECTIONS,
     ClientAssignment,
     FederatedRoundSpec,
     FederatedRoundStatus,
     RoundPhase,
+    RoundProgress,
     RoundResult,
     Strategy,
     UpdateRejection,
@@ -314,9 +316,55 @@ def operator_url(
 # -- decisions (pure) -----------------------------------------------------------------------------
 
 
-def round_id(name: str, uid: str) -> str:
-    """The round's id at the aggregator: unique even when a round of the same name is recreated."""
-    return f"{name}-{uid.replace('-', '')[:8]}" if uid else name
+def round_id(name: str, uid: str, index: int = 1) -> str:
+    """The id of the run's `index`-th round at the aggregator: unique even for a recreated object."""
+    base = f"{name}-{uid.replace('-', '')[:8]}" if uid else name
+    return base if index == 1 else f"{base}-{index}"
+
+
+def round_progress(index: int, record: RoundRecord, view: RoundView, now: datetime) -> RoundProgress:
+    """What the run's status keeps of one finished round."""
+    reported = [
+        r.accuracy for c, r in record.reports.items() if c in record.accepted and r.accuracy is not None
+    ]
+    return RoundProgress(
+        round=index,
+        round_id=record.spec.round_id,
+        phase=view.phase,
+        model_version=view.result.model_version if view.result is not None else None,
+        selected=len(view.selected),
+        participants=view.received,
+        stragglers=list(view.missing) + [c for c in view.selected if c in record.late],
+        rejected_updates=view.rejected,
+        accuracy=sum(reported) / len(reported) if reported else None,
+        completion_time=now,
+        message=view.message,
+    )
+
+
+def record_round(status: FederatedRoundStatus, progress: RoundProgress) -> None:
+    """Add a finished round to the history once (a re-read of the same record changes nothing)."""
+    if any(h.round == progress.round for h in status.history):
+        return
+    status.history = [*status.history, progress][-MAX_HISTORY:]
+    status.completed_rounds = max(status.completed_rounds, progress.round)
+
+
+def start_next_round(ctx: Context, status: FederatedRoundStatus, rounds: int) -> None:
+    """Move the run on to its next round: the per-round fields start empty, the result stays."""
+    finished = status.history[-1] if status.history else None
+    status.current_round += 1
+    status.phase = RoundPhase.SELECTING
+    status.round_id = ""
+    status.selected_clients = []
+    status.assignments = []
+    status.received_updates = status.late_updates = status.rejected_updates = 0
+    status.rejections = []
+    status.start_time = status.deadline_time = status.completion_time = None
+    how = f"round {finished.round} {finished.phase.lower()}" if finished else "next round"
+    ctx.set_ready(
+        False, "NextRound", f"{how}; selecting clients for round {status.current_round} of {rounds}"
+    )
 
 
 def selection_seed(namespace: str, name: str) -> int:
@@ -616,11 +664,16 @@ async def ensure_secrets(ctx: Context, spec: FederatedRoundSpec) -> str:
     return token
 
 
-async def follow(ctx: Context, agg: AggregatorClient, rid: str) -> None:
-    """One step of the round's lifecycle against its aggregator."""
+async def follow(ctx: Context, agg: AggregatorClient, uid: str) -> None:
+    """One step of the run's lifecycle against its aggregator.
+
+    A round that ends moves the run to the next one in its own step (the status is written before
+    the next round is opened), so an operator restart in between neither skips nor repeats a round.
+    """
     spec: FederatedRoundSpec = ctx.spec
     status: FederatedRoundStatus = ctx.status
     now = datetime.now(UTC)
+    rid = round_id(ctx.name, uid, status.current_round)
     state = await agg.status()
     record = state.round
     if record is not None and record.spec.round_id == rid:
@@ -633,6 +686,10 @@ async def follow(ctx: Context, agg: AggregatorClient, rid: str) -> None:
             record = await agg.close_round(rid)
             view = view_round(record)
         apply_view(ctx, status, view, status.aggregator, now)
+        if view.phase in TERMINAL:
+            record_round(status, round_progress(status.current_round, record, view, now))
+            if status.current_round < spec.rounds:
+                start_next_round(ctx, status, spec.rounds)
         return
     if status.phase in TERMINAL:
         return  # the aggregator has moved on to another round; keep what was recorded
@@ -689,6 +746,27 @@ async def follow(ctx: Context, agg: AggregatorClient, rid: str) -> None:
     apply_view(ctx, status, view_round(opened), status.aggregator, now)
 
 
+async def remove_aggregator(ctx: Context, spec: FederatedRoundSpec, status: FederatedRoundStatus) -> None:
+    """Once the run ended and no late update can come, delete its aggregator (not its state volume).
+
+    Only where a stateVolumeClaim holds the final model: on an emptyDir the aggregator holds the only
+    copy, so it stays and serves status.result.
+    """
+    claim = spec.aggregator.state_volume_claim
+    if status.aggregator_removed or not claim or status.result_metrics is None:
+        return
+    for kind in ("Deployment", "Service"):
+        await ctx.kube.delete(kind, ctx.namespace, aggregator_name(ctx.name))
+    status.aggregator_removed = True
+    version = status.result_metrics.model_version
+    status.result = f"file://{STATE_DIR}/models/global-v{version}.npz"
+    ctx.event(
+        "AggregatorRemoved",
+        f"the run ended; its aggregator is removed, the model (version {version}) stays on the"
+        f" volume claim {claim} as {status.result}",
+    )
+
+
 async def reconcile(ctx: Context) -> None:
     spec: FederatedRoundSpec = ctx.spec
     status: FederatedRoundStatus = ctx.status
@@ -697,6 +775,7 @@ async def reconcile(ctx: Context) -> None:
     available = True
     if ended:
         if not follow_after_end(status, spec, now):
+            await remove_aggregator(ctx, spec, status)
             return
         token = admin_token(ctx)
     else:
@@ -728,7 +807,7 @@ async def reconcile(ctx: Context) -> None:
         # The certificate names the Service: through an override URL the TLS name is still the Service's.
         server_name = f"{aggregator_name(ctx.name)}.{ctx.namespace}.svc"
         async with AggregatorClient(url, token, verify=verify, server_name=server_name) as agg:
-            await follow(ctx, agg, round_id(ctx.name, str(ctx.body.metadata.uid or "")))
+            await follow(ctx, agg, str(ctx.body.metadata.uid or ""))
     except AggregatorRefused as error:
         # 401 most likely: the aggregator runs with another admin token than the round's Secret.
         if not ended:

@@ -23,7 +23,7 @@ from ampacity.api.federatedround import FederatedRoundSpec, FederatedRoundStatus
 from ampacity.cli import build_parser
 from ampacity.federated import cli as fed_cli
 from ampacity.federated import tls
-from ampacity.federated.aggregator import AggregatorConfig, create_app, encode_arrays
+from ampacity.federated.aggregator import AggregatorConfig, create_app, decode_arrays, encode_arrays
 from ampacity.federated.client import FederatedClient
 from ampacity.federated.wire import ClientInfo, RoundRecord
 from ampacity.kube import KubeError
@@ -147,6 +147,7 @@ def test_operator_url_override_template() -> None:
 
 def test_round_id_differs_for_a_recreated_round() -> None:
     assert fr.round_id("r1", "1234abcd-0000") == "r1-1234abcd"
+    assert fr.round_id("r1", "1234abcd-0000", 2) == "r1-1234abcd-2"
     assert fr.round_id("r1", "99990000-0000") != fr.round_id("r1", "1234abcd-0000")
 
 
@@ -315,7 +316,8 @@ async def aggregator_url(tmp_path: Path) -> AsyncIterator[str]:
 
 async def test_follow_selects_opens_and_completes_a_round(aggregator_url: str) -> None:
     ctx = context(spec(strategy="fedavg", localSteps={"min": 1, "max": 3}))
-    rid = fr.round_id(ctx.name, "1234abcd")
+    uid = str(ctx.body.metadata.uid)
+    rid = fr.round_id(ctx.name, uid)
     async with httpx.AsyncClient(
         base_url=aggregator_url, headers={"Authorization": f"Bearer {ADMIN}"}
     ) as admin:
@@ -325,7 +327,7 @@ async def test_follow_selects_opens_and_completes_a_round(aggregator_url: str) -
             resp = await admin.post("/v1/clients", json={"client_id": cid, "labels": {"pop": pop}})
             tokens[cid] = resp.json()["token"]
         async with AggregatorClient(aggregator_url, ADMIN) as agg:
-            await fr.follow(ctx, agg, rid)
+            await fr.follow(ctx, agg, uid)
             assert ctx.status.phase == RoundPhase.TRAINING
             assert ctx.status.selected_clients == ["a", "b", "c"]
             assert [a.local_steps for a in ctx.status.assignments] == [3, 3, 3]
@@ -339,11 +341,11 @@ async def test_follow_selects_opens_and_completes_a_round(aggregator_url: str) -
                     return client.upload(task, delta, 1.0).status_code
 
             assert await asyncio.to_thread(deliver, "a", 1.0) == 202
-            await fr.follow(ctx, agg, rid)  # the same round is followed, not opened again
+            await fr.follow(ctx, agg, uid)  # the same round is followed, not opened again
             assert ctx.status.received_updates == 1
             # An operator that lost the status after opening the round adopts it from the aggregator.
             fresh = context(ctx.spec)
-            await fr.follow(fresh, agg, rid)
+            await fr.follow(fresh, agg, uid)
             assert fresh.status.round_id == rid and fresh.status.phase == RoundPhase.TRAINING
             assert [(a.client, a.local_steps) for a in fresh.status.assignments] == [
                 ("a", 3),
@@ -353,7 +355,7 @@ async def test_follow_selects_opens_and_completes_a_round(aggregator_url: str) -
             assert not any(e[1] == "RoundOpened" for e in fresh.events)
             assert [await asyncio.to_thread(deliver, c, 2.0) for c in "bc"] == [202, 202]
             for _ in range(50):
-                await fr.follow(ctx, agg, rid)
+                await fr.follow(ctx, agg, uid)
                 if ctx.status.phase == RoundPhase.COMPLETED:
                     break
                 await asyncio.sleep(0.05)
@@ -469,3 +471,53 @@ async def test_without_a_ca_the_round_waits_instead_of_serving_plain_http(
     assert sorted(kube.created) == ["r1-aggregator-admin", "r1-aggregator-enrolment"]
     assert "ca.crt" not in kube.created["r1-aggregator-enrolment"]["data"]
     assert fr.service_url("r1", "ns", True) == "http://r1-aggregator.ns.svc:8443"
+
+
+async def test_a_run_carries_the_model_from_round_to_round_and_records_each(aggregator_url: str) -> None:
+    ctx = context(
+        spec(rounds=3, cohortSize=2, minQuorum=2, strategy="fedavg", localSteps={"min": 1, "max": 1})
+    )
+    uid = str(ctx.body.metadata.uid)
+    async with httpx.AsyncClient(
+        base_url=aggregator_url, headers={"Authorization": f"Bearer {ADMIN}"}
+    ) as admin:
+        assert (await admin.put("/v1/model", content=encode_arrays(MODEL))).status_code == 200
+        tokens = {}
+        for cid in ("a", "b"):
+            resp = await admin.post("/v1/clients", json={"client_id": cid, "labels": {"pop": "digits"}})
+            tokens[cid] = resp.json()["token"]
+
+        def deliver(cid: str, accuracy: float) -> int:
+            with FederatedClient(aggregator_url, tokens[cid]) as client:
+                task = client.fetch_task()
+                assert task is not None
+                version, _ = client.fetch_model()
+                task = task.model_copy(update={"model_version": version})
+                return client.upload(
+                    task, {"w": np.ones((2, 3), np.float32)}, 1.0, accuracy=accuracy
+                ).status_code
+
+        async with AggregatorClient(aggregator_url, ADMIN) as agg:
+            for index in (1, 2, 3):
+                await fr.follow(ctx, agg, uid)  # opens round `index`
+                assert ctx.status.current_round == index and ctx.status.phase == RoundPhase.TRAINING
+                assert ctx.status.round_id == fr.round_id(ctx.name, uid, index)
+                assert [await asyncio.to_thread(deliver, c, 0.5 + 0.1 * index) for c in "ab"] == [202, 202]
+                for _ in range(50):
+                    await fr.follow(ctx, agg, uid)
+                    if ctx.status.completed_rounds == index:
+                        break
+                    await asyncio.sleep(0.05)
+                assert ctx.status.completed_rounds == index
+            model = await admin.get("/v1/model")
+    # Each round started from the previous one's model: three unit deltas on a zero model.
+    assert model.headers["X-Ampacity-Model-Version"] == "3"
+    assert np.allclose(decode_arrays(model.content)[0]["w"], 3.0)
+    assert ctx.status.phase == RoundPhase.COMPLETED and ctx.status.current_round == 3
+    assert [(h.round, h.model_version, h.participants, h.stragglers) for h in ctx.status.history] == [
+        (1, 1, 2, []),
+        (2, 2, 2, []),
+        (3, 3, 2, []),
+    ]
+    assert [h.accuracy for h in ctx.status.history] == pytest.approx([0.6, 0.7, 0.8])
+    assert ctx.status.condition("Ready").reason == "RoundCompleted"
