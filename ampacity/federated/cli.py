@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 from ampacity.federated import tls
@@ -36,6 +37,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sim.add_argument("--alpha", type=float, default=defaults.dirichlet_alpha, help="Dirichlet label skew")
     sim.add_argument("--byzantine-rounds", type=int, default=defaults.byzantine_rounds)
     sim.set_defaults(func=_sim)
+
+    compare = sub.add_parser(
+        "compare", help="fedavg, fedbuff and fedcompass to the same accuracy, same seeds, same server step"
+    )
+    compare.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
+    compare.add_argument(
+        "--server-rates",
+        default=",".join(f"{r:g}" for r in evaluation.COMPARE_RATES),
+        help="comma-separated server rates (one table each)",
+    )
+    compare.add_argument("--target", type=float, default=defaults.target_accuracy)
+    compare.set_defaults(func=_compare)
 
     agg = sub.add_parser("aggregator", help="run the aggregator service")
     agg.add_argument("--host", default="0.0.0.0")
@@ -128,6 +141,17 @@ def _sim(args: argparse.Namespace) -> int:
         byzantine_rounds=args.byzantine_rounds,
     )
     print(evaluation.report(cfg))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    try:
+        seeds = tuple(int(x) for x in args.seeds.split(","))
+        rates = tuple(float(x) for x in args.server_rates.split(","))
+    except ValueError as error:
+        raise SystemExit(f"--seeds and --server-rates are comma-separated numbers: {error}") from error
+    cfg = dataclasses.replace(evaluation.SimConfig(), target_accuracy=args.target)
+    print(evaluation.compare_report(cfg, seeds, rates))
     return 0
 
 
@@ -227,7 +251,14 @@ def _serve(args: argparse.Namespace, token: str, train: TrainFn) -> int:
     give_up = time.monotonic() + args.timeout_seconds
     with FederatedClient(args.url, token, ca_file=args.ca_file, server_name=args.server_name) as client:
         while uploaded < args.tasks and time.monotonic() < give_up:
-            result = client.run_once(train)
+            try:
+                result = client.run_once(train)
+            except httpx.TransportError as error:
+                # The aggregator restarts (a rescheduled pod): it kept what it acknowledged, so the
+                # next task says whether this update still has to be sent.
+                print(f"{args.client_id}: aggregator unreachable ({error}); retrying", flush=True)
+                time.sleep(args.poll_seconds)
+                continue
             if result is None:
                 time.sleep(args.poll_seconds)
                 continue
