@@ -521,3 +521,40 @@ async def test_a_run_carries_the_model_from_round_to_round_and_records_each(aggr
     ]
     assert [h.accuracy for h in ctx.status.history] == pytest.approx([0.6, 0.7, 0.8])
     assert ctx.status.condition("Ready").reason == "RoundCompleted"
+
+
+class DeleteRecorder:
+    def __init__(self) -> None:
+        self.deleted: list[tuple[str, str, str]] = []
+
+    async def delete(self, kind: str, namespace: str, name: str) -> None:
+        self.deleted.append((kind, namespace, name))
+
+
+async def test_an_ended_run_removes_its_aggregator_only_when_a_claim_keeps_the_model() -> None:
+    done = FederatedRoundStatus(
+        phase=RoundPhase.COMPLETED,
+        round_id="r1-1",
+        selected_clients=["a"],
+        received_updates=1,
+        completion_time=datetime(2026, 1, 1, tzinfo=UTC),
+        result_metrics=fr.RoundResult(model_version=5),
+    )
+    on_empty_dir = context(spec())
+    on_empty_dir.status = done.model_copy(deep=True)
+    kube = DeleteRecorder()
+    on_empty_dir.kube = kube  # type: ignore[assignment]
+    await fr.reconcile(on_empty_dir)
+    assert kube.deleted == [] and not on_empty_dir.status.aggregator_removed
+
+    on_claim = context(spec(aggregator={"stateVolumeClaim": "fl-state"}))
+    on_claim.status = done.model_copy(deep=True)
+    on_claim.kube = kube  # type: ignore[assignment]
+    await fr.reconcile(on_claim)
+    assert kube.deleted == [("Deployment", "ns", "r1-aggregator"), ("Service", "ns", "r1-aggregator")]
+    assert (
+        on_claim.status.aggregator_removed and on_claim.status.result == "file:///state/models/global-v5.npz"
+    )
+    assert on_claim.events[-1][1] == "AggregatorRemoved"
+    await fr.reconcile(on_claim)  # level-based: nothing more to do
+    assert len(kube.deleted) == 2
