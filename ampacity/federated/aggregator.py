@@ -104,6 +104,7 @@ REJECTION_KINDS = (
     "not_npz",
     "bad_weight",
     "bad_base_version",
+    "invalid",  # any other refusal
     *aggregation.PROBLEMS,
 )
 

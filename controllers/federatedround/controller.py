@@ -187,10 +187,14 @@ def aggregator_deployment(ctx: Context, spec: FederatedRoundSpec) -> dict[str, A
                 },
             },
         ],
-        "ports": [{"name": "https", "containerPort": AGGREGATOR_PORT}],
+        "ports": [{"name": port_name(insecure), "containerPort": AGGREGATOR_PORT}],
         "volumeMounts": mounts,
         "readinessProbe": {
-            "httpGet": {"path": "/healthz", "port": "https", "scheme": "HTTP" if insecure else "HTTPS"},
+            "httpGet": {
+                "path": "/healthz",
+                "port": port_name(insecure),
+                "scheme": "HTTP" if insecure else "HTTPS",
+            },
             "periodSeconds": 5,
         },
         "securityContext": {
@@ -234,14 +238,20 @@ def aggregator_deployment(ctx: Context, spec: FederatedRoundSpec) -> dict[str, A
     }
 
 
-def aggregator_service(ctx: Context) -> dict[str, Any]:
+def port_name(insecure_http: bool) -> str:
+    """The aggregator's port is named for its scheme (the chart's PodMonitor scrapes either)."""
+    return "http" if insecure_http else "https"
+
+
+def aggregator_service(ctx: Context, spec: FederatedRoundSpec) -> dict[str, Any]:
+    name = port_name(spec.aggregator.insecure_http)
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": ctx.child_metadata(aggregator_name(ctx.name), "aggregator"),
         "spec": {
             "selector": ctx.child_labels("aggregator"),
-            "ports": [{"name": "https", "port": AGGREGATOR_PORT, "targetPort": "https"}],
+            "ports": [{"name": name, "port": AGGREGATOR_PORT, "targetPort": name}],
         },
     }
 
@@ -785,7 +795,7 @@ async def reconcile(ctx: Context) -> None:
             ctx.set_ready(False, "TLSUnavailable", str(error))
             return
         deployment = await ctx.kube.apply(aggregator_deployment(ctx, spec))
-        await ctx.kube.apply(aggregator_service(ctx))
+        await ctx.kube.apply(aggregator_service(ctx, spec))
         available = deployment.get("status", {}).get("availableReplicas", 0) >= 1
     insecure = spec.aggregator.insecure_http
     status.aggregator = service_url(ctx.name, ctx.namespace, insecure)

@@ -99,6 +99,8 @@ def test_aggregator_runs_the_real_cli_with_the_token_from_the_secret() -> None:
         False,
     )
     assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert container["ports"] == [{"name": "https", "containerPort": fr.AGGREGATOR_PORT}]
+    assert fr.aggregator_service(ctx, ctx.spec)["spec"]["ports"][0]["targetPort"] == "https"
     tls_volume = {"name": "tls", "secret": {"secretName": "r1-aggregator-tls"}}
     volumes = deployment["spec"]["template"]["spec"]["volumes"]
     assert volumes == [{"name": "state", "persistentVolumeClaim": {"claimName": "fl-state"}}, tls_volume]
@@ -108,6 +110,7 @@ def test_aggregator_runs_the_real_cli_with_the_token_from_the_secret() -> None:
     plain_args = build_parser().parse_args(plain["containers"][0]["args"])
     assert plain_args.insecure_http and plain_args.tls_cert is None
     assert plain["volumes"] == [{"name": "state", "emptyDir": {}}]
+    assert plain["containers"][0]["ports"][0]["name"] == "http"
 
 
 def test_admin_secret_holds_the_derived_token_and_is_owned(monkeypatch: pytest.MonkeyPatch) -> None:
