@@ -284,7 +284,13 @@ def wait_phase(kubectl: Kubectl, namespace: str, phase: str, timeout: float = 45
             raise AssertionError(f"round failed: {condition({'status': status})}")
         return status if status.get("phase") == phase else None
 
-    return wait_for(check, timeout=timeout, what=f"FederatedRound {phase}")
+    try:
+        return wait_for(check, timeout=timeout, what=f"FederatedRound {phase}")
+    except TimeoutError as error:
+        status = round_status(kubectl, namespace)
+        raise AssertionError(
+            f"{error}; phase {status.get('phase')}: {condition({'status': status})}"
+        ) from error
 
 
 def events(kubectl: Kubectl, namespace: str) -> str:
