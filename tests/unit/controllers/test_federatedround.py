@@ -26,10 +26,10 @@ from ampacity.federated import tls
 from ampacity.federated.aggregator import AggregatorConfig, create_app, decode_arrays, encode_arrays
 from ampacity.federated.client import FederatedClient
 from ampacity.federated.wire import ClientInfo, RoundRecord
-from ampacity.kube import KubeError
 from controllers.federatedround import controller as fr
 from controllers.federatedround.aggregator_client import AggregatorClient, AggregatorUnavailable
 from controllers.reconciler import Context
+from tests.fakes import FakeKube
 
 ADMIN = "admin-token"
 MODEL = {"w": np.zeros((2, 3), np.float32)}
@@ -406,23 +406,6 @@ async def test_ended_round_does_nothing_once_nobody_can_deliver() -> None:
 # -- secrets and TLS -------------------------------------------------------------------------------
 
 
-class CreateOnlyKube:
-    """Records creates; a second create of the same object is a 409, as on the API server.
-
-    It has no `get`: the controller must never read a Secret back.
-    """
-
-    def __init__(self) -> None:
-        self.created: dict[str, dict[str, Any]] = {}
-
-    async def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        name = manifest["metadata"]["name"]
-        if name in self.created:
-            raise KubeError(409, f"secrets {name!r} already exists")
-        self.created[name] = manifest
-        return manifest
-
-
 def decoded(secret: dict[str, Any]) -> dict[str, bytes]:
     return {k: base64.b64decode(v) for k, v in secret["data"].items()}
 
@@ -437,22 +420,25 @@ async def test_secrets_give_the_aggregator_its_certificate_and_clients_only_enro
     monkeypatch.setenv(fr.CA_CERT_FILE_ENV, str(tmp_path / "ca.crt"))
     monkeypatch.setenv(fr.CA_KEY_FILE_ENV, str(tmp_path / "ca.key"))
     ctx = context(spec())
-    kube = CreateOnlyKube()
-    ctx.kube = kube  # type: ignore[assignment]
+    kube = FakeKube()
+    ctx.kube = kube
     assert await fr.ensure_secrets(ctx, ctx.spec) == fr.admin_token(ctx)
-    assert sorted(kube.created) == ["r1-aggregator-admin", "r1-aggregator-enrolment", "r1-aggregator-tls"]
-    enrolment = decoded(kube.created["r1-aggregator-enrolment"])
+    created = {o["metadata"]["name"]: o for o in kube.of_kind("Secret")}
+    assert sorted(created) == ["r1-aggregator-admin", "r1-aggregator-enrolment", "r1-aggregator-tls"]
+    enrolment = decoded(created["r1-aggregator-enrolment"])
     assert enrolment == {"token": fr.enrolment_token(ctx).encode(), "ca.crt": ca.cert_pem}
     assert fr.enrolment_token(ctx) != fr.admin_token(ctx)
-    issued = decoded(kube.created["r1-aggregator-tls"])
-    assert kube.created["r1-aggregator-tls"]["type"] == "kubernetes.io/tls"
+    issued = decoded(created["r1-aggregator-tls"])
+    assert created["r1-aggregator-tls"]["type"] == "kubernetes.io/tls"
     cert = x509.load_pem_x509_certificate(issued["tls.crt"])
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "r1-aggregator.ns.svc" in names.get_values_for_type(x509.DNSName)
     cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca.cert_pem))
     # The next reconcile finds them there (409) and neither reads nor replaces them.
     await fr.ensure_secrets(ctx, ctx.spec)
-    assert decoded(kube.created["r1-aggregator-tls"]) == issued
+    assert decoded(kube.stored("Secret", "ns", "r1-aggregator-tls") or {}) == issued
+    assert kube.count("create", "Secret") == 6 and kube.count("get", "Secret") == 0
+    assert kube.count("list", "Secret") == 0 and kube.count("apply", "Secret") == 0
 
 
 async def test_without_a_ca_the_round_waits_instead_of_serving_plain_http(
@@ -468,11 +454,14 @@ async def test_without_a_ca_the_round_waits_instead_of_serving_plain_http(
     # Asked for explicitly, plain HTTP needs no CA and no TLS Secret.
     monkeypatch.setenv("AMPACITY_TOKEN_KEY", "operator-key")
     plain = context(spec(aggregator={"insecureHTTP": True}))
-    kube = CreateOnlyKube()
-    plain.kube = kube  # type: ignore[assignment]
+    kube = FakeKube()
+    plain.kube = kube
     await fr.ensure_secrets(plain, plain.spec)
-    assert sorted(kube.created) == ["r1-aggregator-admin", "r1-aggregator-enrolment"]
-    assert "ca.crt" not in kube.created["r1-aggregator-enrolment"]["data"]
+    assert [o["metadata"]["name"] for o in kube.of_kind("Secret")] == [
+        "r1-aggregator-admin",
+        "r1-aggregator-enrolment",
+    ]
+    assert "ca.crt" not in (kube.stored("Secret", "ns", "r1-aggregator-enrolment") or {})["data"]
     assert fr.service_url("r1", "ns", True) == "http://r1-aggregator.ns.svc:8443"
 
 
@@ -526,14 +515,6 @@ async def test_a_run_carries_the_model_from_round_to_round_and_records_each(aggr
     assert ctx.status.condition("Ready").reason == "RoundCompleted"
 
 
-class DeleteRecorder:
-    def __init__(self) -> None:
-        self.deleted: list[tuple[str, str, str]] = []
-
-    async def delete(self, kind: str, namespace: str, name: str) -> None:
-        self.deleted.append((kind, namespace, name))
-
-
 async def test_an_ended_run_removes_its_aggregator_only_when_a_claim_keeps_the_model() -> None:
     done = FederatedRoundStatus(
         phase=RoundPhase.COMPLETED,
@@ -543,21 +524,24 @@ async def test_an_ended_run_removes_its_aggregator_only_when_a_claim_keeps_the_m
         completion_time=datetime(2026, 1, 1, tzinfo=UTC),
         result_metrics=fr.RoundResult(model_version=5),
     )
+    kube = FakeKube()
+    for kind in ("Deployment", "Service"):
+        kube.add({"kind": kind, "metadata": {"name": "r1-aggregator", "namespace": "ns"}})
     on_empty_dir = context(spec())
     on_empty_dir.status = done.model_copy(deep=True)
-    kube = DeleteRecorder()
-    on_empty_dir.kube = kube  # type: ignore[assignment]
+    on_empty_dir.kube = kube
     await fr.reconcile(on_empty_dir)
-    assert kube.deleted == [] and not on_empty_dir.status.aggregator_removed
+    assert kube.count("delete") == 0 and not on_empty_dir.status.aggregator_removed
 
     on_claim = context(spec(aggregator={"stateVolumeClaim": "fl-state"}))
     on_claim.status = done.model_copy(deep=True)
-    on_claim.kube = kube  # type: ignore[assignment]
+    on_claim.kube = kube
     await fr.reconcile(on_claim)
-    assert kube.deleted == [("Deployment", "ns", "r1-aggregator"), ("Service", "ns", "r1-aggregator")]
+    assert kube.stored("Deployment", "ns", "r1-aggregator") is None
+    assert kube.stored("Service", "ns", "r1-aggregator") is None
     assert (
         on_claim.status.aggregator_removed and on_claim.status.result == "file:///state/models/global-v5.npz"
     )
     assert on_claim.events[-1][1] == "AggregatorRemoved"
     await fr.reconcile(on_claim)  # level-based: nothing more to do
-    assert len(kube.deleted) == 2
+    assert kube.count("delete") == 2
