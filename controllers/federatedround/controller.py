@@ -789,14 +789,20 @@ async def reconcile(ctx: Context) -> None:
             return
         token = admin_token(ctx)
     else:
-        try:
-            token = await ensure_secrets(ctx, spec)
-        except OperatorCAError as error:
-            ctx.set_ready(False, "TLSUnavailable", str(error))
-            return
+        if not spec.aggregator.insecure_http:
+            try:
+                operator_ca()  # before the Deployment: without its certificate it could never start
+            except OperatorCAError as error:
+                ctx.set_ready(False, "TLSUnavailable", str(error))
+                return
         deployment = await ctx.kube.apply(aggregator_deployment(ctx, spec))
         await ctx.kube.apply(aggregator_service(ctx, spec))
         available = deployment.get("status", {}).get("availableReplicas", 0) >= 1
+        # Three creates that answer 409 once the Secrets exist: only while the aggregator is not up
+        # or a round is being set up, not on every poll of a running round.
+        if not available or status.phase in (RoundPhase.PENDING, RoundPhase.SELECTING):
+            await ensure_secrets(ctx, spec)
+        token = admin_token(ctx)
     insecure = spec.aggregator.insecure_http
     status.aggregator = service_url(ctx.name, ctx.namespace, insecure)
     metrics.FEDERATED_ROUND_RECEIVED.labels(ctx.namespace, ctx.name).set(status.received_updates)

@@ -271,6 +271,14 @@ def client_env(aggregator: Aggregator, token: str | None = None) -> dict[str, st
     return {**env, "AMPACITY_FL_CLIENT_TOKEN": token} if token else env
 
 
+def wait_enrolled(aggregator: Aggregator, count: int) -> None:
+    """Until `count` clients enrolled: a client process's start (numpy, the data, one timed step)
+    takes seconds, much longer on a loaded machine; the round's own timing starts after it."""
+    wait_for(
+        lambda: len(aggregator.status()["clients"]) >= count, timeout=180, what=f"{count} clients enrolled"
+    )
+
+
 def round_status(kubectl: Kubectl, namespace: str) -> dict[str, Any]:
     obj = kubectl.get("federatedround", ROUND, namespace) or {}
     status: dict[str, Any] = obj.get("status", {})
@@ -369,6 +377,7 @@ def test_straggler_past_the_deadline_does_not_block_the_round(
     fast = [start_client(processes, aggregator, f"phone-{i}", i) for i in range(3)]
     # fedavg gives everyone Q_max = 2 steps: 2 x 3 s after it got its task lands after the 5 s deadline.
     straggler = start_client(processes, aggregator, "slowpoke", 3, "--step-delay-seconds=3")
+    wait_enrolled(aggregator, 4)
 
     status = wait_phase(kubectl, namespace, "Completed", timeout=45)
     assert "slowpoke" in status["selectedClients"]
@@ -530,7 +539,7 @@ def test_five_round_run_with_a_flower_client_survives_an_aggregator_kill(
         # The final model stays on the claim, so the aggregator is removed once the run ends.
         aggregator={"stateVolumeClaim": "fl-state"},
     )
-    many = [f"--tasks={rounds}", "--timeout-seconds=240"]
+    many = [f"--tasks={rounds}", "--timeout-seconds=480"]
     clients = [
         start_client(processes, aggregator, "phone-0", 0, *many),
         # The slow one keeps each round open for about 2 s: time to kill the aggregator mid-round.
@@ -555,7 +564,8 @@ def test_five_round_run_with_a_flower_client_survives_an_aggregator_kill(
         third = record and record["spec"]["round_id"].endswith("-3") and record["phase"] == "Training"
         return record if third and record["accepted"] else None
 
-    before = wait_for(mid_round, timeout=120, what="round 3 open with an accepted update")
+    wait_enrolled(aggregator, 3)
+    before = wait_for(mid_round, timeout=240, what="round 3 open with an accepted update")
     table = kubectl("get", "federatedround", ROUND, "-n", namespace)
     assert "ROUND" in table.splitlines()[0] and "ROUNDS" in table.splitlines()[0]
     aggregator.kill()
@@ -564,7 +574,7 @@ def test_five_round_run_with_a_flower_client_survives_an_aggregator_kill(
     assert after["spec"]["round_id"] == before["spec"]["round_id"]
     assert set(before["accepted"]) <= set(after["accepted"]), "an acknowledged update was lost"
 
-    status = wait_phase(kubectl, namespace, "Completed", timeout=240)
+    status = wait_phase(kubectl, namespace, "Completed", timeout=300)
     assert [c.wait(timeout=60) for c in clients] == [0, 0, 0], [
         processes.log(n) for n in ("phone-0", "phone-1", "flower-0")
     ]
