@@ -318,6 +318,7 @@ def test_round_with_real_clients_completes(
         start_client(processes, aggregator, "phone-1", 1, "--step-delay-seconds=0.1"),
         start_client(processes, aggregator, "phone-2", 2, "--step-delay-seconds=0.15"),
     ]
+    wait_enrolled(aggregator, 4)  # with the outsider
 
     status = wait_phase(kubectl, namespace, "Completed")
     assert status["selectedClients"] == ["phone-0", "phone-1", "phone-2"]
@@ -474,6 +475,7 @@ def test_aggregator_restart_mid_round_keeps_received_updates(
     )
     late_token = aggregator.register("phone-2", dict(SELECTOR))
     early = [start_client(processes, aggregator, f"phone-{i}", i) for i in range(2)]
+    wait_enrolled(aggregator, 3)  # with phone-2, enrolled above
     assert [c.wait(timeout=45) for c in early] == [0, 0]
     before = aggregator.status()["round"]
     assert sorted(before["accepted"]) == ["phone-0", "phone-1"] and before["phase"] == "Training"
