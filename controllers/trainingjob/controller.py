@@ -39,11 +39,11 @@ from ampacity.api.meta import LABEL_PREFIX
 from ampacity.api.trainingjob import IntervalPolicy, TrainingJobSpec, TrainingJobStatus, TrainingPhase
 from ampacity.kube import KubeError
 from ampacity.training.accounting import lost_gpu_seconds
+from ampacity.training.rendezvous import RENDEZVOUS_PORT, master_address, rendezvous_env, worker_name
 from controllers import metrics
 from controllers.reconciler import Context, controller
 from controllers.trainingjob import reports
 
-RENDEZVOUS_PORT = 29500
 GANG_LABEL = f"{LABEL_PREFIX}/gang"
 RANK_LABEL = f"{LABEL_PREFIX}/rank"
 WORLD_SIZE_LABEL = f"{LABEL_PREFIX}/world-size"
@@ -52,10 +52,6 @@ CHECKPOINT_MOUNT = "/checkpoints"
 TOKEN_MOUNT = "/var/run/ampacity/report"
 
 Object = dict[str, Any]
-
-
-def worker_name(job: str, rank: int) -> str:
-    return f"{job}-worker-{rank}"
 
 
 def spec_revision(spec: TrainingJobSpec) -> str:
@@ -90,11 +86,14 @@ def worker_pod(ctx: Context, spec: TrainingJobSpec, rank: int, world_size: int, 
     storage = spec.checkpoint.storage
     retention = spec.checkpoint.retention
     status: TrainingJobStatus = ctx.status
+    rendezvous = rendezvous_env(
+        rank=rank,
+        world_size=world_size,
+        gpus_per_worker=spec.workers.gpus_per_worker,
+        master_addr=master_address(ctx.name),
+    )
     env = [
-        {"name": "WORLD_SIZE", "value": str(world_size)},
-        {"name": "RANK", "value": str(rank)},
-        {"name": "MASTER_ADDR", "value": f"{worker_name(ctx.name, 0)}.{ctx.name}"},
-        {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        *({"name": k, "value": v} for k, v in rendezvous.items()),
         {"name": "AMPACITY_CHECKPOINT_URI", "value": storage.uri or f"file://{CHECKPOINT_MOUNT}"},
         {"name": "AMPACITY_RESUME", "value": "true" if spec.resume else "false"},
         {"name": "AMPACITY_ATTEMPT", "value": str(gang)},
@@ -116,6 +115,10 @@ def worker_pod(ctx: Context, spec: TrainingJobSpec, rank: int, world_size: int, 
     containers = pod_spec.setdefault("containers", [])
     for index, container in enumerate(containers):
         container["env"] = [e for e in container.get("env", []) if e.get("name") not in names] + env
+        if index == 0:
+            ports = container.setdefault("ports", [])
+            if all(p.get("containerPort") != RENDEZVOUS_PORT for p in ports):
+                ports.append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT})
         if index == 0 and spec.workers.gpus_per_worker:
             limits = container.setdefault("resources", {}).setdefault("limits", {})
             limits[GPU_RESOURCE] = str(spec.workers.gpus_per_worker)

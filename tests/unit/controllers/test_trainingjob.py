@@ -158,6 +158,12 @@ def test_worker_env_carries_gang_report_and_retention_settings() -> None:
     assert env["AMPACITY_REPORT_TOKEN_FILE"] == "/var/run/ampacity/report/token"
     assert (env["AMPACITY_RETENTION_KEEP_LAST"], env["AMPACITY_RETENTION_KEEP_EVERY"]) == ("2", "100")
     assert env["AMPACITY_CHECKPOINT_INTERVAL_SECONDS"] == "900"
+    # torchrun's PET_* variables (as Kubeflow Trainer sets them) and init_process_group's.
+    assert (env["PET_NNODES"], env["PET_NPROC_PER_NODE"], env["PET_NODE_RANK"]) == ("4", "2", "1")
+    assert env["PET_MASTER_ADDR"] == env["MASTER_ADDR"] == "llm-worker-0.llm"
+    assert env["PET_MASTER_PORT"] == env["MASTER_PORT"] == "29500"
+    assert (env["WORLD_SIZE"], env["RANK"]) == ("4", "1")
+    assert {"name": "rendezvous", "containerPort": 29500} in container["ports"]
     assert manifest["metadata"]["labels"]["ampacity.dev/world-size"] == "4"
     assert manifest["spec"]["volumes"] == [
         {"name": "ampacity-report-token", "secret": {"secretName": "llm-report-token", "defaultMode": 0o400}}
