@@ -44,12 +44,44 @@ class CheckpointStorage(ApiModel):
     persistent_volume_claim: str | None = Field(
         default=None, min_length=1, description="Name of a PVC mounted into every worker at /checkpoints."
     )
-    uri: str | None = Field(default=None, min_length=1, description="Object-store URI (s3://bucket/prefix).")
+    uri: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Checkpoint URI: s3://bucket/prefix, gs://bucket/prefix, or file:///path on storage "
+        "every worker mounts; workers read it as AMPACITY_CHECKPOINT_URI.",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Endpoint of an S3-compatible store (e.g. https://minio.storage:9000); unset for AWS S3. "
+        "Workers read it as AMPACITY_CHECKPOINT_ENDPOINT.",
+    )
+    credentials_secret: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Name of a Secret in the job's namespace whose keys become the workers' environment "
+        "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for s3://); the operator never reads it.",
+    )
 
     validations = (
         cel(
             "has(self.persistentVolumeClaim) != has(self.uri)",
             "checkpoint.storage needs exactly one of persistentVolumeClaim or uri",
+        ),
+        cel(
+            "!has(self.uri) || self.uri.matches('^(s3|gs|gcs|file)://.+')",
+            "checkpoint.storage.uri must start with s3://, gs://, gcs:// or file://",
+            ".uri",
+        ),
+        cel(
+            "!has(self.endpoint) || (has(self.uri) && self.uri.startsWith('s3://'))",
+            "checkpoint.storage.endpoint is for an s3:// uri",
+            ".endpoint",
+        ),
+        cel(
+            "!has(self.credentialsSecret) || has(self.uri)",
+            "checkpoint.storage.credentialsSecret is for an object-store uri",
+            ".credentialsSecret",
         ),
     )
 

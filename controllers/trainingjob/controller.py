@@ -104,6 +104,8 @@ def worker_pod(ctx: Context, spec: TrainingJobSpec, rank: int, world_size: int, 
         {"name": "AMPACITY_RETENTION_KEEP_LAST", "value": str(retention.keep_last)},
         {"name": "AMPACITY_RETENTION_KEEP_EVERY", "value": str(retention.keep_every)},
     ]
+    if storage.endpoint:
+        env.append({"name": "AMPACITY_CHECKPOINT_ENDPOINT", "value": storage.endpoint})
     if status.checkpoint_interval is not None:
         env.append(
             {"name": "AMPACITY_CHECKPOINT_INTERVAL_SECONDS", "value": f"{status.checkpoint_interval:g}"}
@@ -115,6 +117,10 @@ def worker_pod(ctx: Context, spec: TrainingJobSpec, rank: int, world_size: int, 
     containers = pod_spec.setdefault("containers", [])
     for index, container in enumerate(containers):
         container["env"] = [e for e in container.get("env", []) if e.get("name") not in names] + env
+        if storage.credentials_secret:
+            # The store's own client reads its credentials from the environment; the kubelet
+            # injects them from the job's Secret, which the operator never reads.
+            container.setdefault("envFrom", []).append({"secretRef": {"name": storage.credentials_secret}})
         if index == 0:
             ports = container.setdefault("ports", [])
             if all(p.get("containerPort") != RENDEZVOUS_PORT for p in ports):

@@ -164,6 +164,22 @@ def test_worker_env_carries_gang_report_and_retention_settings() -> None:
     assert env["PET_MASTER_PORT"] == env["MASTER_PORT"] == "29500"
     assert (env["WORLD_SIZE"], env["RANK"]) == ("4", "1")
     assert {"name": "rendezvous", "containerPort": 29500} in container["ports"]
+    assert env["AMPACITY_CHECKPOINT_URI"] == "s3://b/p"
+    assert "AMPACITY_CHECKPOINT_ENDPOINT" not in env
+    assert "envFrom" not in container
+
+
+def test_object_storage_endpoint_and_credentials_reach_every_container() -> None:
+    job = spec()
+    job.checkpoint.storage.endpoint = "http://minio.storage:9000"
+    job.checkpoint.storage.credentials_secret = "ckpt-s3"
+    job.template["spec"]["containers"].append({"name": "sidecar", "image": "s"})
+    manifest = worker_pod(context(job), job, 0, 4, gang=0)
+    for container in manifest["spec"]["containers"]:
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["AMPACITY_CHECKPOINT_ENDPOINT"] == "http://minio.storage:9000"
+        assert container["envFrom"] == [{"secretRef": {"name": "ckpt-s3"}}]
+    assert spec_revision(job) != spec_revision(spec())
     assert manifest["metadata"]["labels"]["ampacity.dev/world-size"] == "4"
     assert manifest["spec"]["volumes"] == [
         {"name": "ampacity-report-token", "secret": {"secretName": "llm-report-token", "defaultMode": 0o400}}
