@@ -169,6 +169,7 @@ class Checkpointer:
                 storage_writer=dcp.FsspecWriter(self.store.step_uri(step), **self.store.storage_options),
                 process_group=self._group,
                 async_stager=self._stager,
+                no_dist=self._group is None,
             )
             upload = response.upload_completion if isinstance(response, AsyncSaveResponse) else response
             if isinstance(response, AsyncSaveResponse):
@@ -237,6 +238,7 @@ class Checkpointer:
                 state_dict,
                 storage_reader=dcp.FsspecReader(self.store.step_uri(step), **self.store.storage_options),
                 process_group=self._group,
+                no_dist=self._group is None,
             )
             self._last_step = step
             return Restored(step, self.store.step_uri(step), manifest.world_size, manifest.extra)
