@@ -26,8 +26,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
-from fsspec.core import url_to_fs
+import fsspec  # type: ignore[import-untyped]
+from fsspec.core import url_to_fs  # type: ignore[import-untyped]
 
 from ampacity.training.retention import CheckpointRecord, RetentionPolicy, plan_retention
 
@@ -106,7 +106,7 @@ class CheckpointStore:
     def _step_path(self, step: int) -> str:
         return f"{self.root}/{step_name(step)}"
 
-    def list(self) -> list[StoredCheckpoint]:
+    def checkpoints(self) -> list[StoredCheckpoint]:
         """Every step directory, ascending, with whether its manifest is committed."""
         # Other ranks and other gangs write here: never answer from a cached listing.
         self.fs.invalidate_cache(self.root)
@@ -129,7 +129,7 @@ class CheckpointStore:
         return True
 
     def latest_committed(self) -> StoredCheckpoint | None:
-        committed = [c for c in self.list() if c.committed]
+        committed = [c for c in self.checkpoints() if c.committed]
         return committed[-1] if committed else None
 
     def read_manifest(self, step: int) -> Manifest:
@@ -155,7 +155,7 @@ class CheckpointStore:
 
     def apply_retention(self, policy: RetentionPolicy) -> list[int]:
         """Delete what `plan_retention` lets go (never the latest committed one); the deleted steps."""
-        records = [CheckpointRecord(c.step, c.committed, time.time()) for c in self.list()]
+        records = [CheckpointRecord(c.step, c.committed, time.time()) for c in self.checkpoints()]
         plan = plan_retention(records, policy)
         for step in plan.delete:
             self.delete(step)

@@ -39,11 +39,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
+from torch.distributed.checkpoint.state_dict_loader import load
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse, async_save
 
 from ampacity.training.retention import RetentionPolicy
 from ampacity.training.sdk.layout import attempt_from_env, retention_from_env
@@ -134,7 +135,8 @@ class Checkpointer:
         self.retention = retention or retention_from_env()
         self._on_complete = on_complete
         distributed = dist.is_available() and dist.is_initialized()
-        self._group = dist.new_group(backend="gloo") if distributed else None
+        group = dist.new_group(backend="gloo") if distributed else None
+        self._group = group if isinstance(group, dist.ProcessGroup) else None
         cuda = torch.cuda.is_available()
         # Synchronous staging: the save returns once the state is in host memory, which is
         # exactly what training must wait for; the stager caches those buffers across saves.
@@ -164,9 +166,9 @@ class Checkpointer:
             if step <= self._last_step:
                 raise ValueError(f"step {step} is not after the last checkpoint, step {self._last_step}")
             state_dict = dict(state) if isinstance(state, Mapping) else {"state": state}
-            response = dcp.async_save(
+            response = async_save(
                 state_dict,
-                storage_writer=dcp.FsspecWriter(self.store.step_uri(step), **self.store.storage_options),
+                storage_writer=FsspecWriter(self.store.step_uri(step), **self.store.storage_options),
                 process_group=self._group,
                 async_stager=self._stager,
                 no_dist=self._group is None,
@@ -181,9 +183,9 @@ class Checkpointer:
             self._pending = self._finisher.submit(self._finish, step, upload, stall, extra_copy)
         return stall
 
-    def _finish(self, step: int, upload: Future[Metadata], stall: float, extra: dict[str, Any]) -> SaveResult:
+    def _finish(self, step: int, upload: Future[Any], stall: float, extra: dict[str, Any]) -> SaveResult:
         uploading_since = time.perf_counter()
-        metadata = upload.result()
+        metadata: Metadata = upload.result()
         committed = False
         if self.rank == 0:
             self.store.commit(
@@ -234,9 +236,9 @@ class Checkpointer:
                 return None
             manifest = self.store.read_manifest(step)
             state_dict = dict(state) if isinstance(state, Mapping) else {"state": state}
-            dcp.load(
+            load(
                 state_dict,
-                storage_reader=dcp.FsspecReader(self.store.step_uri(step), **self.store.storage_options),
+                storage_reader=FsspecReader(self.store.step_uri(step), **self.store.storage_options),
                 process_group=self._group,
                 no_dist=self._group is None,
             )

@@ -193,7 +193,7 @@ def test_a_killed_rank_restarts_the_gang_from_the_latest_committed_checkpoint(s3
     for step in replayed:
         assert after[step] == pytest.approx(before[step], rel=1e-6, abs=1e-7), step
     # Retention (keepLast 2) ran on the object store; the newest commit is gang 1's.
-    kept = [c.step for c in store.list() if c.committed]
+    kept = [c.step for c in store.checkpoints() if c.committed]
     assert len(kept) == 2 and store.read_manifest(kept[-1]).attempt == 1
     assert kept[-1] == max(s for s in range(last + 4) if s % 5 == 0)
 
@@ -251,12 +251,12 @@ def test_a_checkpoint_without_its_manifest_is_torn_and_retention_keeps_the_lates
         result = ckpt.wait()
     assert result is not None and result.committed and result.size_bytes > 0
     store = CheckpointStore(uri)
-    assert [(c.step, c.committed) for c in store.list()] == [(3, True)]
+    assert [(c.step, c.committed) for c in store.checkpoints()] == [(3, True)]
     # A later save torn by a crash: its DCP files are there, its manifest is not.
     with Checkpointer(uri, storage_options={}, attempt=1) as ckpt:
         ckpt.save(4, {"w": torch.zeros(6)})
     (tmp_path / "step-000000000004" / "manifest.json").unlink()
-    assert [(c.step, c.committed) for c in store.list()] == [(3, True), (4, False)]
+    assert [(c.step, c.committed) for c in store.checkpoints()] == [(3, True), (4, False)]
     loaded = {"w": torch.zeros(6)}
     with Checkpointer(uri, storage_options={}) as ckpt:
         restored = ckpt.load_latest(loaded)
