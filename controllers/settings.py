@@ -15,6 +15,7 @@ from ampacity.kube import Kube
 from controllers.cache import ClusterCache
 from controllers.reconciler import CACHE_MEMO
 from controllers.trainingjob import reports
+from controllers.trainingjob.admission import ADMISSION_MEMO, GangAdmission
 
 #: Port of the Prometheus /metrics endpoint (probes are served by kopf's --liveness endpoint).
 METRICS_PORT = int(os.environ.get("AMPACITY_METRICS_PORT", "8080"))
@@ -39,6 +40,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     await cache.start()
     start_http_server(METRICS_PORT)
     memo["reports"] = await reports.start(memo["kube"], reports.REPORT_PORT)
+    # Gang admission decides across jobs: one waiting queue and one set of reservations.
+    memo[ADMISSION_MEMO] = GangAdmission()
 
 
 @kopf.on.cleanup()

@@ -153,6 +153,11 @@ class TrainingJobSpec(ApiModel):
     resume: bool = Field(
         default=True, description="Resume from the latest complete checkpoint when starting."
     )
+    priority: int = Field(
+        default=0,
+        description="Among gangs waiting for GPUs, created at the same time, the higher priority starts "
+        "first (waiting gangs are served oldest first).",
+    )
 
 
 class TrainingPhase(StrEnum):
@@ -215,6 +220,11 @@ class TrainingJobStatus(Status):
     checkpoint_cost: CheckpointCost | None = Field(
         default=None, description="Measured save stall and persist time the auto interval is derived from."
     )
+    queue_position: int | None = Field(
+        default=None,
+        ge=1,
+        description="While the gang waits for GPUs: its place among the waiting gangs (1 = next).",
+    )
     nodes: int = Field(default=0, ge=0, description="Nodes the running gang spans.")
     gang_start_time: datetime | None = Field(
         default=None, description="When every worker of the current gang was first seen running."
@@ -250,6 +260,12 @@ TRAINING_JOB = Resource(
             "description": "Step of the latest complete checkpoint.",
         },
         {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "description": "Restarts."},
+        {
+            "name": "Queue",
+            "type": "integer",
+            "jsonPath": ".status.queuePosition",
+            "description": "Place among the gangs waiting for GPUs.",
+        },
         ready_column(),
         reason_column(),
         age_column(),

@@ -388,3 +388,101 @@ def test_lost_node_restarts_the_gang(kubectl: Kubectl, operator: LocalOperator, 
 def job_status(kubectl: Kubectl, name: str, namespace: str) -> dict[str, Any] | None:
     obj = kubectl.get("trainingjob", name, namespace)
     return obj if reconciled(obj) else None
+
+
+def test_concurrent_gangs_beyond_capacity_never_deadlock_or_overcommit(
+    kubectl: Kubectl, operator: LocalOperator, namespace: str
+) -> None:
+    """Ten jobs asking for 76 GPUs at once on four 8-GPU nodes of this test's own (32 GPUs)."""
+    pool = {"ampacity.dev/test-pool": namespace}
+    nodes = [gpu_node(f"gang-{namespace}-{i}", 200 + i, GpuNodeShape()) for i in range(4)]
+    for node in nodes:
+        node["metadata"]["labels"] |= pool
+        # Tainted: other tests' pods stay off these nodes, and admission must honour the toleration.
+        node["spec"]["taints"] = [
+            {"key": "ampacity.dev/test-pool", "value": namespace, "effect": "NoSchedule"}
+        ]
+        kubectl("create", "-f", "-", stdin=json.dumps(node))
+    names = {n["metadata"]["name"] for n in nodes}
+    shapes = [(2, 4), (1, 8), (3, 4), (2, 8), (1, 4), (4, 2), (2, 4), (1, 8), (3, 2), (2, 4)]
+    assert sum(w * g for w, g in shapes) > 32
+
+    def settled(done: set[str]) -> dict[str, dict[str, Any]] | None:
+        """Every job not `done` running its whole gang or waiting with its place in line."""
+        jobs = {}
+        for i in range(len(shapes)):
+            if f"j{i}" in done:
+                continue
+            obj = kubectl.get("trainingjob", f"j{i}", namespace)
+            if not reconciled(obj):
+                return None
+            assert obj is not None
+            status, ready = obj["status"], condition(obj)
+            waiting = ready and ready["reason"] == "InsufficientCapacity" and status.get("queuePosition")
+            if status.get("phase") != "Running" and not waiting:
+                return None
+            jobs[f"j{i}"] = obj
+        pods = kubectl.json("get", "pods", "-n", namespace)["items"]
+        if any(p["metadata"]["labels"].get(SELECTOR) in done for p in pods):
+            return None  # the finished jobs' pods are still going
+        return jobs
+
+    def check_placement(jobs: dict[str, dict[str, Any]]) -> set[str]:
+        """No pod unbound (half-placed), no node over-committed, the waiting in creation order."""
+        live = [
+            p
+            for p in kubectl.json("get", "pods", "-n", namespace)["items"]
+            if not p["metadata"].get("deletionTimestamp")
+        ]
+        used: dict[str, int] = {}
+        for p in live:
+            node = p["spec"].get("nodeName")
+            assert node in names, f"{p['metadata']['name']} is not bound: a half-placed gang"
+            used[node] = used.get(node, 0) + int(
+                p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+            )
+        assert all(gpus <= 8 for gpus in used.values()), used
+        running_jobs = {k for k, o in jobs.items() if o["status"]["phase"] == "Running"}
+        for k in running_jobs:
+            gang = [p for p in live if p["metadata"]["labels"].get(SELECTOR) == k]
+            assert len(gang) == shapes[int(k[1:])][0]
+        line = sorted(
+            (o["status"]["queuePosition"], int(k[1:])) for k, o in jobs.items() if k not in running_jobs
+        )
+        assert [p for p, _ in line] == list(range(1, len(line) + 1))
+        assert [i for _, i in line] == sorted(i for _, i in line)  # all priority 0: oldest first
+        return running_jobs
+
+    try:
+        for i, (workers, gpus) in enumerate(shapes):
+            job_manifest = manifest(f"j{i}", namespace, workers, gpus=gpus)
+            template = job_manifest["spec"]["template"]["spec"]
+            template["nodeSelector"] = pool
+            template["tolerations"] = [{"key": "ampacity.dev/test-pool", "operator": "Exists"}]
+            assert kubectl.apply(job_manifest).returncode == 0
+        ran: set[str] = set()
+        for _ in range(len(shapes)):
+            jobs = wait_for(
+                lambda done=frozenset(ran): (  # type: ignore[misc]
+                    (j := settled(set(done)))
+                    and any(o["status"]["phase"] == "Running" for o in j.values())
+                    and j
+                ),
+                timeout=180,
+                what="every job running or waiting in line",
+            )
+            running_now = check_placement(jobs)
+            if not ran:
+                assert len(running_now) < len(shapes)  # demand exceeds capacity: some wait
+            ran |= running_now
+            if len(ran) == len(shapes):
+                break
+            # The running jobs finish (deleted here): the waiting ones move up and start in order.
+            for name in sorted(running_now):
+                kubectl.run(
+                    "delete", "trainingjob", name, "-n", namespace, "--ignore-not-found", "--wait=false"
+                )
+        assert len(ran) == len(shapes)
+    finally:
+        for node in nodes:
+            kubectl.run("delete", "node", node["metadata"]["name"], "--ignore-not-found")

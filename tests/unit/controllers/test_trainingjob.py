@@ -17,13 +17,9 @@ from controllers.trainingjob import reports
 from controllers.trainingjob.controller import (
     broken_workers,
     close_exposure,
-    first_fit,
-    free_gpus,
     interval_stale,
     issue_token,
-    node_matches,
     node_ready,
-    pod_gpus,
     resume_step,
     spec_revision,
     token_secret,
@@ -66,43 +62,6 @@ def pod(node_name: str | None, gpus: int, phase: str = "Running") -> dict[str, A
         },
         "status": {"phase": phase},
     }
-
-
-def test_pod_gpus_reads_limits_or_requests_and_sums_containers() -> None:
-    assert pod_gpus(pod("n", 3)) == 3
-    both = {"spec": {"containers": [{"resources": {"requests": {"nvidia.com/gpu": "2"}}}] * 2}}
-    assert pod_gpus(both) == 4
-    assert pod_gpus({"spec": {}}) == 0
-
-
-def test_free_gpus_subtract_bound_unfinished_pods() -> None:
-    nodes = [node("a", 8), node("b", 8)]
-    pods = [pod("a", 4), pod("a", 2, "Succeeded"), pod("b", 8, "Failed"), pod(None, 8), pod("c", 1)]
-    assert free_gpus(nodes, pods) == {"a": 4, "b": 8}
-
-
-def test_first_fit_never_admits_part_of_a_gang() -> None:
-    free = {"a": 8, "b": 8, "c": 8, "d": 8}
-    assert first_fit(free, 4, 8)
-    assert not first_fit(free, 6, 8)
-    # 3 + 3 + 3 GPUs free: three 2-GPU workers fit, a fourth does not (no node keeps 2 free after one).
-    assert first_fit({"a": 3, "b": 3, "c": 3}, 3, 2)
-    assert not first_fit({"a": 3, "b": 3, "c": 3}, 4, 2)
-    assert first_fit({}, 10, 0)
-
-
-def test_node_matching_honours_selector_cordon_and_taints() -> None:
-    assert node_matches(node("a", 8), {"nodeSelector": {"pool": "a"}})
-    assert not node_matches(node("a", 8), {"nodeSelector": {"pool": "b"}})
-    assert not node_matches(node("a", 8, unschedulable=True), {})
-    tainted = node("a", 8, taints=[{"key": "gpu", "value": "x", "effect": "NoSchedule"}])
-    assert not node_matches(tainted, {})
-    assert node_matches(tainted, {"tolerations": [{"key": "gpu", "operator": "Exists"}]})
-    assert node_matches(tainted, {"tolerations": [{"key": "gpu", "value": "x", "effect": "NoSchedule"}]})
-    assert not node_matches(tainted, {"tolerations": [{"key": "gpu", "value": "y"}]})
-    assert node_matches(tainted, {"tolerations": [{"operator": "Exists"}]})
-    soft = node("a", 8, taints=[{"key": "k", "effect": "PreferNoSchedule"}])
-    assert node_matches(soft, {})
 
 
 def test_work_lost_counts_steps_since_the_checkpoint_and_the_backoff_on_every_gpu() -> None:
