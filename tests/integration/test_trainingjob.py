@@ -176,6 +176,9 @@ def test_gang_starts_together_with_its_environment(
     for env in envs.values():
         assert env["WORLD_SIZE"] == "4"
         assert env["MASTER_ADDR"] == "llm-worker-0.llm"
+        # torchrun's own variables: a bare `torchrun train.py` joins the same 4-pod group.
+        assert (env["PET_NNODES"], env["PET_NPROC_PER_NODE"]) == ("4", "1")
+        assert env["PET_MASTER_ADDR"] == "llm-worker-0.llm" and env["PET_NODE_RANK"] == env["RANK"]
         assert env["AMPACITY_ATTEMPT"] == "0"
         assert env["AMPACITY_JOB_NAME"] == "llm"
         assert env["AMPACITY_REPORT_URL"].endswith(report_path(namespace, "llm"))
