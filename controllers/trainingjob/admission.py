@@ -47,7 +47,7 @@ class GangAdmission:
             for pod, (node, gpus) in list(reservation.pods.items()):
                 if (namespace, pod) in bound:
                     del reservation.pods[pod]
-                elif node:
+                elif node and gpus:
                     per_node[node] = per_node.get(node, 0) + gpus
             if not reservation.pods:
                 del self.reservations[key]

@@ -14,6 +14,7 @@ from ampacity.api.trainingjob import CheckpointRecord, TrainingJobSpec, Training
 from ampacity.kube import KubeError
 from controllers.reconciler import Context
 from controllers.trainingjob import reports
+from controllers.trainingjob.admission import GangAdmission, Reservation
 from controllers.trainingjob.controller import (
     broken_workers,
     close_exposure,
@@ -23,6 +24,7 @@ from controllers.trainingjob.controller import (
     resume_step,
     spec_revision,
     token_secret,
+    unbound_too_long,
     work_lost,
     worker_pod,
 )
@@ -220,3 +222,49 @@ async def test_a_lost_token_secret_is_replaced_never_read() -> None:
     digest = await issue_token(ctx)
     assert kube.calls == ["create", "delete", "create"]
     assert digest == reports.token_hash(kube.data["llm-report-token"]) != reports.token_hash("old")
+
+
+def test_a_worker_is_pinned_to_its_reserved_node_within_the_users_affinity() -> None:
+    job = spec()
+    job.template["spec"]["affinity"] = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100"]}]},
+                    {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h200"]}]},
+                ]
+            }
+        }
+    }
+    manifest = worker_pod(context(job), job, 2, 4, gang=0, node="gpu-7")
+    terms = manifest["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    pin = {"key": "metadata.name", "operator": "In", "values": ["gpu-7"]}
+    assert [t["matchFields"] for t in terms] == [[pin], [pin]]  # ANDed into each ORed term
+    assert terms[0]["matchExpressions"][0]["values"] == ["h100"]
+    assert "affinity" not in job.template["spec"]["affinity"]  # the spec itself is left alone
+    plain = worker_pod(context(spec()), spec(), 0, 4, gang=0, node="gpu-1")
+    assert plain["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] == {
+        "nodeSelectorTerms": [{"matchFields": [pin | {"values": ["gpu-1"]}]}]
+    }
+
+
+def test_reservations_hold_until_the_pods_are_bound_and_unbound_workers_time_out() -> None:
+    admission = GangAdmission()
+    admission.reservations["ns/a"] = Reservation({"a-worker-0": ("n1", 8), "a-worker-1": ("n2", 8)})
+    admission.reservations["ns/b"] = Reservation({"b-worker-0": ("n1", 0), "b-worker-1": ("", 0)})
+    assert admission.reserved([]) == {"n1": 8, "n2": 8}
+    bound = [{"metadata": {"namespace": "ns", "name": "a-worker-0"}, "spec": {"nodeName": "n1"}}]
+    assert admission.reserved(bound) == {"n2": 8}
+    both = [*bound, {"metadata": {"namespace": "ns", "name": "a-worker-1"}, "spec": {"nodeName": "n2"}}]
+    assert admission.reserved(both) == {} and "ns/a" not in admission.reservations
+    admission.forget("ns/b")
+    assert not admission.reservations
+
+    def worker(name: str, age: float, node: str | None = None) -> dict[str, Any]:
+        created = (NOW - timedelta(seconds=age)).isoformat().replace("+00:00", "Z")
+        return {"metadata": {"name": name, "creationTimestamp": created}, "spec": {"nodeName": node}}
+
+    pods = [worker("w-0", 500, "n1"), worker("w-1", 500), worker("w-2", 10)]
+    assert unbound_too_long(pods, NOW) == ["w-1"]
