@@ -489,3 +489,24 @@ def test_concurrent_gangs_beyond_capacity_never_deadlock_or_overcommit(
     finally:
         for node in nodes:
             kubectl.run("delete", "node", node["metadata"]["name"], "--ignore-not-found")
+
+
+@pytest.mark.parametrize(
+    ("storage", "message"),
+    [
+        ({"uri": "minio://b/p"}, "checkpoint.storage.uri must start with s3://, gs://, gcs:// or file://"),
+        ({"uri": "gs://b/p", "endpoint": "https://x"}, "checkpoint.storage.endpoint is for an s3:// uri"),
+        (
+            {"persistentVolumeClaim": "ckpt", "credentialsSecret": "s3"},
+            "checkpoint.storage.credentialsSecret is for an object-store uri",
+        ),
+    ],
+)
+def test_bad_checkpoint_storage_is_refused_with_a_clear_message(
+    kubectl: Kubectl, crds: None, namespace: str, storage: dict[str, str], message: str
+) -> None:
+    job_manifest = manifest("bad", namespace, 1)
+    job_manifest["spec"]["checkpoint"]["storage"] = storage
+    result = kubectl.apply(job_manifest)
+    assert result.returncode != 0 and message in result.stderr
+    assert kubectl.get("trainingjob", "bad", namespace) is None
