@@ -239,6 +239,17 @@ class TrainingJobStatus(Status):
         ge=0,
         description="Node-hours earlier gangs ran, the failure-rate exposure besides the current gang's.",
     )
+    cluster_failures: int = Field(
+        default=0,
+        ge=0,
+        description="Gang failures the operator has seen on the cluster's other TrainingJobs; with "
+        "clusterExposureNodeHours it updates the failure-rate prior of the auto interval.",
+    )
+    cluster_exposure_node_hours: float = Field(
+        default=0,
+        ge=0,
+        description="Node-hours the cluster's other TrainingJobs have run, as the operator has seen them.",
+    )
 
 
 TRAINING_JOB = Resource(

@@ -45,6 +45,7 @@ from controllers import metrics
 from controllers.reconciler import Context, controller
 from controllers.trainingjob import reports
 from controllers.trainingjob.admission import Reservation, gang_admission
+from controllers.trainingjob.history import cluster_history
 
 GANG_LABEL = f"{LABEL_PREFIX}/gang"
 RANK_LABEL = f"{LABEL_PREFIX}/rank"
@@ -383,6 +384,12 @@ async def _reconcile(ctx: Context, now: datetime) -> None:
     spec: TrainingJobSpec = ctx.spec
     status: TrainingJobStatus = ctx.status
     status.selector = ctx.selector()
+    others_failed, others_ran = cluster_history(ctx.memo).record(
+        f"{ctx.namespace}/{ctx.name}", status.restarts, reports.exposure_node_hours(status, now)
+    )
+    # Two significant figures: the prior barely moves below that, and the status is not
+    # rewritten every pass while the other gangs run.
+    status.cluster_failures, status.cluster_exposure_node_hours = others_failed, float(f"{others_ran:.2g}")
     if interval_stale(spec, status):
         reports.set_interval(spec, status, now)
     if status.phase in (TrainingPhase.SUCCEEDED, TrainingPhase.FAILED):

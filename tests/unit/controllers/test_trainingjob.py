@@ -10,7 +10,7 @@ import kopf
 import pytest
 
 from ampacity.api import TRAINING_JOB
-from ampacity.api.trainingjob import CheckpointRecord, TrainingJobSpec, TrainingJobStatus
+from ampacity.api.trainingjob import CheckpointCost, CheckpointRecord, TrainingJobSpec, TrainingJobStatus
 from ampacity.kube import KubeError
 from controllers.reconciler import Context
 from controllers.trainingjob import reports
@@ -28,6 +28,7 @@ from controllers.trainingjob.controller import (
     work_lost,
     worker_pod,
 )
+from controllers.trainingjob.history import ClusterFailureHistory
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -268,3 +269,22 @@ def test_reservations_hold_until_the_pods_are_bound_and_unbound_workers_time_out
 
     pods = [worker("w-0", 500, "n1"), worker("w-1", 500), worker("w-2", 10)]
     assert unbound_too_long(pods, NOW) == ["w-1"]
+
+
+def test_the_other_jobs_failures_move_this_jobs_interval() -> None:
+    history = ClusterFailureHistory()
+    assert history.record("ns/a", 0, 100.0) == (0, 0.0)
+    history.record("ns/b", 6, 3000.0)
+    assert history.record("ns/a", 1, 120.0) == (6, 3000.0)  # never its own: that is the job's evidence
+    assert history.record("ns/c", 0, 0.0) == (7, 3120.0)
+    job = spec()
+    measured = CheckpointCost(step=10, stall_seconds=1.0, persist_seconds=30.0)
+    quiet = TrainingJobStatus(nodes=64, checkpoint_cost=measured)
+    flaky = quiet.model_copy(update={"cluster_failures": 40, "cluster_exposure_node_hours": 2000.0})
+    calm = quiet.model_copy(update={"cluster_failures": 0, "cluster_exposure_node_hours": 2e6})
+    interval = {
+        name: reports.decide_interval(job, status, NOW).interval_seconds
+        for name, status in (("quiet", quiet), ("flaky", flaky), ("calm", calm))
+    }
+    assert interval["flaky"] < interval["quiet"] < interval["calm"]
+    assert "40 failures in 2000 node-h on this cluster" in reports.decide_interval(job, flaky, NOW).reason
