@@ -265,3 +265,34 @@ def test_a_checkpoint_without_its_manifest_is_torn_and_retention_keeps_the_lates
             ckpt.save(3, loaded)
     assert torch.equal(loaded["w"], torch.arange(6.0) + 3)
     assert Manifest.from_json(store.read_manifest(3).to_json()) == store.read_manifest(3)
+
+
+def test_a_plain_python_trainer_joins_the_gang_through_world_size_and_rank(tmp_path: Path) -> None:
+    """No torchrun: one process per pod, `init_process_group` reads WORLD_SIZE/RANK/MASTER_* itself."""
+    port = free_port()
+    pods = []
+    for rank in range(2):
+        env = rendezvous_env(
+            rank=rank, world_size=2, gpus_per_worker=0, master_addr="127.0.0.1", master_port=port
+        )
+        job_env = base_env(
+            {**env, "AMPACITY_CHECKPOINT_URI": f"file://{tmp_path / 'ckpt'}", "AMPACITY_ATTEMPT": "0"}
+        )
+        pods.append(
+            subprocess.Popen(
+                [sys.executable, str(EXAMPLE), "--steps", "3", "--checkpoint-every", "2"],
+                env=job_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outputs = [p.communicate(timeout=DEADLINE_SECONDS) for p in pods]
+    assert [p.returncode for p in pods] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    lines = [json.loads(line) for line in outputs[0][0].splitlines() if line.startswith("{")]
+    assert [line["step"] for line in lines if "step" in line] == [0, 1, 2]
+    assert {line["committed"] for line in lines if "committed" in line} == {0, 2}
+    assert [c.step for c in CheckpointStore(f"file://{tmp_path / 'ckpt'}").checkpoints() if c.committed] == [
+        0,
+        2,
+    ]
