@@ -410,9 +410,22 @@ def test_concurrent_gangs_beyond_capacity_never_deadlock_or_overcommit(
     shapes = [(2, 4), (1, 8), (3, 4), (2, 8), (1, 4), (4, 2), (2, 4), (1, 8), (3, 2), (2, 4)]
     assert sum(w * g for w, g in shapes) > 32
 
-    def settled(done: set[str]) -> dict[str, dict[str, Any]] | None:
-        """Every job not `done` running its whole gang or waiting with its place in line."""
-        jobs = {}
+    def settled(done: set[str]) -> set[str] | None:
+        """The jobs now running, once every job not `done` runs its whole gang (every pod bound) or
+        waits with its place in a line that is in creation order; None while that does not hold.
+        GPUs are never over-committed, checked on every look."""
+        pods = [
+            p
+            for p in kubectl.json("get", "pods", "-n", namespace)["items"]
+            if not p["metadata"].get("deletionTimestamp")
+        ]
+        used: dict[str, int] = {}
+        for p in pods:
+            if node := p["spec"].get("nodeName"):
+                gpus = int(p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+                used[node] = used.get(node, 0) + gpus
+        assert set(used) <= names and all(gpus <= 8 for gpus in used.values()), used
+        running_jobs, line = set(), []
         for i in range(len(shapes)):
             if f"j{i}" in done:
                 continue
@@ -421,39 +434,20 @@ def test_concurrent_gangs_beyond_capacity_never_deadlock_or_overcommit(
                 return None
             assert obj is not None
             status, ready = obj["status"], condition(obj)
-            waiting = ready and ready["reason"] == "InsufficientCapacity" and status.get("queuePosition")
-            if status.get("phase") != "Running" and not waiting:
+            gang = [p for p in pods if p["metadata"]["labels"].get(SELECTOR) == f"j{i}"]
+            if status.get("phase") == "Running":
+                if len(gang) != shapes[i][0] or not all(p["spec"].get("nodeName") for p in gang):
+                    return None
+                running_jobs.add(f"j{i}")
+            elif ready and ready["reason"] == "InsufficientCapacity" and status.get("queuePosition"):
+                line.append((status["queuePosition"], i))
+            else:
                 return None
-            jobs[f"j{i}"] = obj
-        pods = kubectl.json("get", "pods", "-n", namespace)["items"]
         if any(p["metadata"]["labels"].get(SELECTOR) in done for p in pods):
             return None  # the finished jobs' pods are still going
-        return jobs
-
-    def check_placement(jobs: dict[str, dict[str, Any]]) -> set[str]:
-        """No pod unbound (half-placed), no node over-committed, the waiting in creation order."""
-        live = [
-            p
-            for p in kubectl.json("get", "pods", "-n", namespace)["items"]
-            if not p["metadata"].get("deletionTimestamp")
-        ]
-        used: dict[str, int] = {}
-        for p in live:
-            node = p["spec"].get("nodeName")
-            assert node in names, f"{p['metadata']['name']} is not bound: a half-placed gang"
-            used[node] = used.get(node, 0) + int(
-                p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
-            )
-        assert all(gpus <= 8 for gpus in used.values()), used
-        running_jobs = {k for k, o in jobs.items() if o["status"]["phase"] == "Running"}
-        for k in running_jobs:
-            gang = [p for p in live if p["metadata"]["labels"].get(SELECTOR) == k]
-            assert len(gang) == shapes[int(k[1:])][0]
-        line = sorted(
-            (o["status"]["queuePosition"], int(k[1:])) for k, o in jobs.items() if k not in running_jobs
-        )
-        assert [p for p, _ in line] == list(range(1, len(line) + 1))
-        assert [i for _, i in line] == sorted(i for _, i in line)  # all priority 0: oldest first
+        # All priority 0: the line is in creation order, numbered from 1.
+        if sorted(line) != [(n + 1, i) for n, i in enumerate(sorted(i for _, i in line))]:
+            return None
         return running_jobs
 
     try:
@@ -465,16 +459,11 @@ def test_concurrent_gangs_beyond_capacity_never_deadlock_or_overcommit(
             assert kubectl.apply(job_manifest).returncode == 0
         ran: set[str] = set()
         for _ in range(len(shapes)):
-            jobs = wait_for(
-                lambda done=frozenset(ran): (  # type: ignore[misc]
-                    (j := settled(set(done)))
-                    and any(o["status"]["phase"] == "Running" for o in j.values())
-                    and j
-                ),
+            running_now = wait_for(
+                lambda done=frozenset(ran): settled(set(done)),  # type: ignore[misc]
                 timeout=180,
-                what="every job running or waiting in line",
+                what="every job running its whole gang or waiting in line, in order",
             )
-            running_now = check_placement(jobs)
             if not ran:
                 assert len(running_now) < len(shapes)  # demand exceeds capacity: some wait
             ran |= running_now
