@@ -64,7 +64,7 @@ def _structural(node: Schema) -> Schema:
         non_null = [branch for branch in any_of if branch.get("type") != "null"]
         if len(non_null) != 1:
             raise ValueError(f"only Optional[X] unions can become a structural schema, got {any_of}")
-        node = {**non_null[0], **node}
+        node = {k: v for k, v in {**non_null[0], **node}.items() if k not in _DROPPED_KEYS}
         if node.get("default", "absent") is None:
             del node["default"]
     if isinstance(node.get("exclusiveMinimum"), int | float) and not isinstance(
@@ -86,7 +86,9 @@ def _structural(node: Schema) -> Schema:
         node["items"] = _structural(node["items"])
     if "const" in node:
         node["enum"] = [node.pop("const")]
-    if "type" not in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+    if "type" not in node and not (
+        node.get("x-kubernetes-preserve-unknown-fields") or node.get("x-kubernetes-int-or-string")
+    ):
         raise ValueError(f"schema node has no type, so it is not structural: {node}")
     return node
 
@@ -102,6 +104,10 @@ def custom_resource_definition(resource: Resource) -> Schema:
     spec_schema = openapi_schema(resource.spec)
     status_schema = openapi_schema(resource.status)
     subresources: Schema = {"status": {}}
+    # Rules on the whole object: only here may CEL read metadata.name.
+    root_rules: Schema = (
+        {"x-kubernetes-validations": list(resource.name_limit.validations())} if resource.name_limit else {}
+    )
     if resource.scale:
         subresources["scale"] = dict(resource.scale)
     return {
@@ -147,6 +153,7 @@ def custom_resource_definition(resource: Resource) -> Schema:
                                 "spec": spec_schema,
                                 "status": status_schema,
                             },
+                            **root_rules,
                         }
                     },
                 }

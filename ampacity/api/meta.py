@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -171,3 +172,81 @@ Duration = Annotated[
     PlainSerializer(format_duration, return_type=str, when_used="json"),
     WithJsonSchema({"type": "string", "pattern": _DURATION_PATTERN}),
 ]
+
+
+def _positive(seconds: float) -> float:
+    if seconds <= 0:
+        raise ValueError("must be greater than zero, e.g. 500ms or 30s")
+    return seconds
+
+
+#: A duration that must be greater than zero (a staleness bound, a deadline, an interval);
+#: the API server checks it with CEL, the operator with the same rule in Python.
+PositiveDuration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    AfterValidator(_positive),
+    PlainSerializer(format_duration, return_type=str, when_used="json"),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": _DURATION_PATTERN,
+            "x-kubernetes-validations": [
+                cel("duration(self) > duration('0s')", "must be greater than zero, e.g. 500ms or 30s")
+            ],
+        }
+    ),
+]
+
+#: A DNS-1035 label, what a Service name must be: lowercase letters, digits and '-', starting
+#: with a letter and ending with a letter or digit.
+DNS_LABEL_1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+#: A DNS-1123 label (container, volume and host names): may also start with a digit.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+#: Kubernetes' limit on a label, and so on a Service, a hostname or a label value.
+LABEL_MAX = 63
+
+
+class NameLimit(BaseModel):
+    """What the names of a kind's objects must be, because its children are named after them.
+
+    The API server accepts any DNS subdomain (253 characters) as a custom object's name, but
+    a child such as the Service `<name>-prefill` must fit a 63-character DNS label. The CRD
+    checks these rules at the root of the object (where CEL may read `metadata.name`), and
+    `problems` checks the same in Python for objects created before the rules existed.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    #: The longest name whose children still fit.
+    max_length: int
+    #: Why, in words, for the error message: which child names the limit comes from.
+    because: str
+    #: Whether the name also names a Service, so it must be a DNS-1035 label.
+    names_a_service: bool = True
+
+    def validations(self) -> tuple[dict[str, str], ...]:
+        rules = [
+            cel(
+                f"self.metadata.name.size() <= {self.max_length}",
+                f"metadata.name must be at most {self.max_length} characters: {self.because}",
+            )
+        ]
+        if self.names_a_service:
+            rules.append(
+                cel(
+                    f"self.metadata.name.matches('{DNS_LABEL_1035}')",
+                    "metadata.name must start with a letter and hold only lowercase letters, digits "
+                    "and '-' (no '.'), because it also names a Service",
+                )
+            )
+        return tuple(rules)
+
+    def problems(self, name: str) -> list[str]:
+        """The messages of the rules `name` breaks (the same as the API server's)."""
+        broken = []
+        if len(name) > self.max_length:
+            broken.append(self.validations()[0]["message"])
+        if self.names_a_service and not re.fullmatch(DNS_LABEL_1035, name):
+            broken.append(self.validations()[1]["message"])
+        return broken

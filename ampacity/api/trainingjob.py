@@ -4,23 +4,32 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
 
 from pydantic import Field
 
-from ampacity.api.meta import ApiModel, Duration, Status, cel
+from ampacity.api.meta import ApiModel, Duration, NameLimit, PositiveDuration, Status, cel
+from ampacity.api.podtemplate import PodTemplateSpec
 from ampacity.api.resource import Resource, age_column, ready_column, reason_column
+
+#: Most workers a job may have: ranks then have at most five digits, which the name limit counts on.
+MAX_WORKERS = 100_000
 
 
 class Workers(ApiModel):
     """How many workers run, and the elastic range the operator may resize within."""
 
-    replicas: int = Field(ge=1, description="Number of workers (pods) in the gang.")
+    replicas: int = Field(ge=1, le=MAX_WORKERS, description="Number of workers (pods) in the gang.")
     min_replicas: int | None = Field(
-        default=None, ge=1, description="Smallest world size the job may shrink to (defaults to replicas)."
+        default=None,
+        ge=1,
+        le=MAX_WORKERS,
+        description="Smallest world size the job may shrink to (defaults to replicas).",
     )
     max_replicas: int | None = Field(
-        default=None, ge=1, description="Largest world size the job may grow to (defaults to replicas)."
+        default=None,
+        ge=1,
+        le=MAX_WORKERS,
+        description="Largest world size the job may grow to (defaults to replicas).",
     )
     gpus_per_worker: int = Field(default=1, ge=0, description="nvidia.com/gpu requested by each worker.")
 
@@ -66,7 +75,9 @@ class CheckpointInterval(ApiModel):
         default=IntervalPolicy.AUTO,
         description="fixed: every `every`; auto: Young/Daly from measured checkpoint cost and failure rate.",
     )
-    every: Duration | None = Field(default=None, description="Interval for the fixed policy, e.g. 30m.")
+    every: PositiveDuration | None = Field(
+        default=None, description="Interval for the fixed policy, e.g. 30m."
+    )
 
     validations = (
         cel(
@@ -109,10 +120,9 @@ class TrainingJobSpec(ApiModel):
     """Desired state of a TrainingJob."""
 
     workers: Workers = Field(description="Worker count and elastic range.")
-    template: dict[str, Any] = Field(
+    template: PodTemplateSpec = Field(
         description="Pod template (a core/v1 PodTemplateSpec) for every worker; the operator adds rank, "
         "world size, rendezvous address and checkpoint environment variables.",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
     checkpoint: Checkpointing = Field(description="Checkpoint orchestration.")
     failure_policy: FailurePolicy = Field(
@@ -206,6 +216,11 @@ TRAINING_JOB = Resource(
     spec=TrainingJobSpec,
     status=TrainingJobStatus,
     short_names=("tj",),
+    name_limit=NameLimit(
+        max_length=63 - len(f"-worker-{MAX_WORKERS - 1}"),
+        because="worker pods are named <name>-worker-<rank> (rank up to 99999), and a pod's hostname "
+        "holds at most 63 characters",
+    ),
     description="Gang-scheduled distributed training with checkpoint orchestration.",
     printer_columns=(
         {"name": "Workers", "type": "integer", "jsonPath": ".status.replicas", "description": "World size."},
