@@ -106,7 +106,9 @@ def custom_resource_definition(resource: Resource) -> Schema:
     subresources: Schema = {"status": {}}
     # Rules on the whole object: only here may CEL read metadata.name.
     root_rules: Schema = (
-        {"x-kubernetes-validations": list(resource.name_limit.validations())} if resource.name_limit else {}
+        {"x-kubernetes-validations": [rule.schema() for rule in resource.name_limit.validations()]}
+        if resource.name_limit
+        else {}
     )
     if resource.scale:
         subresources["scale"] = dict(resource.scale)

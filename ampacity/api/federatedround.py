@@ -7,6 +7,7 @@ from enum import StrEnum
 from typing import Annotated
 
 from pydantic import AfterValidator, Field
+from pydantic_core import PydanticCustomError
 
 from ampacity.api.meta import ApiModel, NameLimit, PositiveDuration, Status, cel
 from ampacity.api.resource import Resource, age_column, ready_column, reason_column
@@ -32,7 +33,14 @@ class LocalSteps(ApiModel):
     min: int = Field(default=1, ge=1, description="Fewest local steps a client is assigned (Q_min).")
     max: int = Field(default=100, ge=1, description="Most local steps a client is assigned (Q_max).")
 
-    validations = (cel("self.min <= self.max", "localSteps.min must not exceed localSteps.max", ".min"),)
+    validations = (
+        cel(
+            "self.min <= self.max",
+            "localSteps.min must not exceed localSteps.max",
+            ".min",
+            check=lambda s: s.min <= s.max,
+        ),
+    )
 
 
 class Aggregation(ApiModel):
@@ -82,7 +90,7 @@ _MODEL_MESSAGE = (
 
 def _loadable_model(uri: str) -> str:
     if not (uri.startswith(_MODEL_PREFIX) and uri.endswith(".npz") and "/../" not in uri):
-        raise ValueError(_MODEL_MESSAGE)
+        raise PydanticCustomError("loadable_model", _MODEL_MESSAGE)
     return uri
 
 
@@ -116,18 +124,30 @@ class FederatedRoundSpec(ApiModel):
     )
 
     validations = (
-        cel("self.minQuorum <= self.cohortSize", "minQuorum must not exceed cohortSize", ".minQuorum"),
+        cel(
+            "self.minQuorum <= self.cohortSize",
+            "minQuorum must not exceed cohortSize",
+            ".minQuorum",
+            check=lambda s: s.min_quorum <= s.cohort_size,
+        ),
         cel(
             "!has(self.aggregation) || !(self.aggregation.rule in ['krum', 'multiKrum'])"
             " || self.minQuorum > 2 * self.aggregation.byzantineClients + 2",
             "krum and multiKrum need minQuorum > 2 * byzantineClients + 2",
             ".aggregation",
+            check=lambda s: (
+                s.aggregation.rule not in ("krum", "multiKrum")
+                or s.min_quorum > 2 * s.aggregation.byzantine_clients + 2
+            ),
         ),
         cel(
             "!has(self.aggregation) || self.aggregation.rule != 'trimmedMean'"
             " || self.minQuorum > 2 * self.aggregation.byzantineClients",
             "trimmedMean needs minQuorum > 2 * byzantineClients",
             ".aggregation",
+            check=lambda s: (
+                s.aggregation.rule != "trimmedMean" or s.min_quorum > 2 * s.aggregation.byzantine_clients
+            ),
         ),
     )
 

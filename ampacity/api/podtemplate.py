@@ -104,6 +104,7 @@ class PodSpec(_Open):
             f"template.spec.volumes may not be named {' or '.join(RESERVED_VOLUMES)}: "
             "the operator adds those volumes itself",
             ".volumes",
+            check=lambda s: not any(v.name in RESERVED_VOLUMES for v in s.volumes or []),
         ),
     )
 

@@ -30,6 +30,7 @@ class SelectorRequirement(ApiModel):
             "(self.operator in ['In', 'NotIn']) == (size(self.values) > 0)",
             "values must be non-empty for In and NotIn and empty for Exists and DoesNotExist",
             ".values",
+            check=lambda s: (s.operator in ("In", "NotIn")) == (len(s.values) > 0),
         ),
     )
 
@@ -57,7 +58,14 @@ class Thresholds(ApiModel):
         description="Above this fraction, cap every GPU, lowest priority hardest.",
     )
 
-    validations = (cel("self.t1 < self.t2", "thresholds.t1 must be below thresholds.t2", ".t1"),)
+    validations = (
+        cel(
+            "self.t1 < self.t2",
+            "thresholds.t1 must be below thresholds.t2",
+            ".t1",
+            check=lambda s: s.t1 < s.t2,
+        ),
+    )
 
 
 class PriorityClass(ApiModel):
@@ -112,6 +120,7 @@ class PowerBudgetSpec(ApiModel):
             "self.priorityClasses.exists(c, c.name == self.defaultPriorityClass)",
             "defaultPriorityClass must name one of priorityClasses",
             ".defaultPriorityClass",
+            check=lambda s: any(c.name == s.default_priority_class for c in s.priority_classes),
         ),
     )
 

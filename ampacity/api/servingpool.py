@@ -121,11 +121,19 @@ class ServingPoolSpec(ApiModel):
     )
 
     validations = (
-        cel("self.minGpus <= self.maxGpus", "minGpus must not exceed maxGpus", ".minGpus"),
+        cel(
+            "self.minGpus <= self.maxGpus",
+            "minGpus must not exceed maxGpus",
+            ".minGpus",
+            check=lambda s: s.min_gpus <= s.max_gpus,
+        ),
         cel(
             "!has(self.autoscaling) || !has(self.autoscaling.scaleToZeroAfter) || self.minGpus == 0",
             "autoscaling.scaleToZeroAfter needs minGpus 0",
             ".autoscaling",
+            check=lambda s: (
+                s.autoscaling is None or s.autoscaling.scale_to_zero_after is None or s.min_gpus == 0
+            ),
         ),
     )
 

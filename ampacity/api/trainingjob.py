@@ -38,11 +38,13 @@ class Workers(ApiModel):
             "!has(self.minReplicas) || self.minReplicas <= self.replicas",
             "workers.minReplicas must not exceed workers.replicas",
             ".minReplicas",
+            check=lambda s: s.min_replicas is None or s.min_replicas <= s.replicas,
         ),
         cel(
             "!has(self.maxReplicas) || self.replicas <= self.maxReplicas",
             "workers.replicas must not exceed workers.maxReplicas",
             ".maxReplicas",
+            check=lambda s: s.max_replicas is None or s.replicas <= s.max_replicas,
         ),
     )
 
@@ -59,6 +61,7 @@ class CheckpointStorage(ApiModel):
         cel(
             "has(self.persistentVolumeClaim) != has(self.uri)",
             "checkpoint.storage needs exactly one of persistentVolumeClaim or uri",
+            check=lambda s: (s.persistent_volume_claim is None) != (s.uri is None),
         ),
     )
 
@@ -84,6 +87,7 @@ class CheckpointInterval(ApiModel):
             "self.policy != 'fixed' || has(self.every)",
             "checkpoint.interval.every is required when policy is fixed",
             ".every",
+            check=lambda s: s.policy != "fixed" or s.every is not None,
         ),
     )
 
