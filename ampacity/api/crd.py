@@ -74,7 +74,15 @@ def _structural(node: Schema) -> Schema:
     if isinstance(node.get("exclusiveMaximum"), int | float) and not isinstance(
         node["exclusiveMaximum"], bool
     ):
-        node["maximum"], node["exclusiveMaximum"] = node["exclusiveMaximum"], True
+        bound = node.pop("exclusiveMaximum")
+        if float(bound).is_integer():
+            node["maximum"], node["exclusiveMaximum"] = bound, True
+        else:
+            # The API server compares a whole-number value with a fractional exclusive maximum
+            # as integers (0 < int(0.5) fails: "should be less than 0"), so CEL checks it instead.
+            node["maximum"] = bound
+            rules = node.setdefault("x-kubernetes-validations", [])
+            rules.append({"rule": f"self < {bound!r}", "message": f"must be less than {bound:g}"})
     if node.get("additionalProperties") is True:
         del node["additionalProperties"]
         node["x-kubernetes-preserve-unknown-fields"] = True

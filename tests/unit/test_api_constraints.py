@@ -195,7 +195,8 @@ OVERRIDES: dict[str, tuple[Any, Any]] = {
     "federatedround spec.minQuorum minimum": (0, 5),
     "federatedround spec.cohortSize minimum": (0, 12),
     "federatedround spec.localSteps.max minimum": (0, 5),
-    "federatedround spec.aggregation.trimFraction maximum": (0.5, 0.49),
+    # The CEL rule beside it refuses 0.5 itself.
+    "federatedround spec.aggregation.trimFraction maximum": (0.51, 0.5 - 0.01),
     "federatedround spec.localSteps.min minimum": (0, 1),
     "servingpool spec.maxGpus minimum": (-1, 1),
 }
@@ -335,6 +336,9 @@ def cases() -> list[Case]:
                 target, message = path, path
             elif what == POSITIVE:
                 bad, good, target, message = "0s", "1ms", path, POSITIVE
+            elif what.startswith("must be less than "):  # an exclusive maximum, checked by CEL
+                bound = node["maximum"]
+                bad, good, target, message = bound, bound - 0.01, path, path
             else:
                 target, bad, good, *chosen = RULE_CASES[what]
                 message = what
