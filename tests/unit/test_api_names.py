@@ -19,7 +19,7 @@ from ampacity.api import FEDERATED_ROUND, SERVING_POOL, TRAINING_JOB, Resource
 from ampacity.api.meta import DNS_LABEL, DNS_LABEL_1035, LABEL_MAX
 from ampacity.api.trainingjob import MAX_WORKERS
 from controllers.federatedround import controller as federatedround
-from controllers.reconciler import Context
+from controllers.reconciler import Context, _reconcile_once
 from controllers.servingpool import controller as servingpool
 from controllers.trainingjob import controller as trainingjob
 from tests.unit.test_api_constraints import BASES
@@ -98,3 +98,22 @@ def test_the_limit_is_tight(resource: Resource) -> None:
         if len(value) > LABEL_MAX
     ]
     assert too_long
+
+
+async def test_a_name_admitted_before_the_limit_ends_in_invalid_spec() -> None:
+    body = kopf.Body(
+        {
+            "apiVersion": SERVING_POOL.api_version,
+            "kind": SERVING_POOL.kind,
+            "metadata": {"name": "p" * 60, "namespace": "ns", "generation": 2},
+            "spec": BASES["servingpool"][0],
+        }
+    )
+
+    async def never(_: Context) -> None:
+        pytest.fail("reconcile ran for a name whose children cannot be created")
+
+    ctx = await _reconcile_once(SERVING_POOL, never, body, kube=None, logger=None)  # type: ignore[arg-type]
+    ready = ctx.status.condition("Ready")
+    assert ready is not None and ready.reason == "InvalidSpec"
+    assert ready.message.startswith("metadata.name must be at most 55 characters")
