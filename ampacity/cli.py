@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "training": ("ampacity.training.cli", "TrainingJob checkpoint policy, simulation, benchmark"),
     "federated": ("ampacity.federated.cli", "federated learning: simulation, aggregator, client"),
     "observability": ("ampacity.observability", "Grafana dashboards and Prometheus rules"),
+    "bench": ("ampacity.dev.scale_bench", "operator benchmarks on a local control plane"),
 }
 
 
