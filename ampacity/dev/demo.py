@@ -123,7 +123,9 @@ def start_federated(companions: Companions, kubectl: Kubectl, manifest: dict[str
     state.mkdir(parents=True, exist_ok=True)
     model = state / "initial-model.npz"
     subprocess.run(
-        [sys.executable, "-m", "ampacity.cli", "federated", "init-model", f"--out={model}"], check=True
+        [sys.executable, "-m", "ampacity.cli", "federated", "init-model", f"--out={model}"],
+        check=True,
+        stdout=subprocess.DEVNULL,
     )
     admin = {"AMPACITY_FL_ADMIN_TOKEN": token}
     url = f"http://127.0.0.1:{port}"
@@ -239,7 +241,10 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         companions.stop_all()
         operator.stop()
-    _say(f"cluster still up: export KUBECONFIG={cluster.kubeconfig}; stop it with `ampacity cluster down`")
+    stop = "ampacity cluster" + (
+        "" if args.state_dir == DEFAULT_STATE_DIR else f" --state-dir {args.state_dir}"
+    )
+    _say(f"cluster still up: export KUBECONFIG={cluster.kubeconfig}; stop it with `{stop} down`")
     return 0 if finished else 1
 
 
