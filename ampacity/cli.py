@@ -15,6 +15,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "crds": ("ampacity.api.cli", "CustomResourceDefinitions generated from the API models"),
     "cluster": ("ampacity.dev.cluster.cli", "local control plane with kwok GPU nodes"),
     "serving": ("ampacity.serving.cli", "LLM serving pools: simulate, plan, benchmark"),
+    "plan": (
+        "ampacity.serving.cli",
+        "preview the plan the operator would make for a ServingPool (no cluster needed)",
+    ),
     "power": ("ampacity.power.cli", "power oversubscription: simulation and GPU model"),
     "demo": ("ampacity.dev.demo", "local control plane + operator + the samples in examples/"),
     "training": ("ampacity.training.cli", "TrainingJob checkpoint policy, simulation, benchmark"),
@@ -42,11 +46,14 @@ def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentPa
     parser = argparse.ArgumentParser(prog="ampacity", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ampacity {version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = {module for name, (module, _) in COMMANDS.items() if commands is None or name in commands}
+    registered: set[str] = set()
     for name, (module, help_text) in COMMANDS.items():
-        if commands is None or name in commands:
-            importlib.import_module(module).register(subparsers)
-        else:
+        if module not in wanted:
             subparsers.add_parser(name, help=help_text, add_help=False)
+        elif module not in registered:  # a module may register several commands
+            importlib.import_module(module).register(subparsers)
+            registered.add(module)
     return parser
 
 

@@ -332,6 +332,7 @@ class ServingPoolSpec(ApiModel):
             "has(self.workload.promptTokens) == has(self.workload.outputTokens)",
             "workload.promptTokens and workload.outputTokens go together",
             ".workload",
+            check=lambda s: (s.workload.prompt_tokens is None) == (s.workload.output_tokens is None),
         ),
         cel(
             "!has(self.autoscaling) || !has(self.autoscaling.scaleToZeroAfter) || self.minGpus == 0",

@@ -32,11 +32,45 @@ POSITIVE = "must be greater than zero, e.g. 500ms or 30s"
 BASES: dict[str, list[dict[str, Any]]] = {
     "servingpool": [
         {
-            "model": {"name": "llama2-70b", "uri": "hf://meta-llama/Llama-2-70b-chat-hf"},
+            "model": {
+                "name": "llama2-70b",
+                "uri": "hf://meta-llama/Llama-2-70b-chat-hf",
+                # Every field, so that each bound has a place to break (a mixture of experts).
+                "architecture": {
+                    "num_hidden_layers": 32,
+                    "hidden_size": 4096,
+                    "num_attention_heads": 32,
+                    "num_key_value_heads": 8,
+                    "head_dim": 128,
+                    "intermediate_size": 14336,
+                    "vocab_size": 32000,
+                    "tie_word_embeddings": False,
+                    "num_local_experts": 8,
+                    "n_routed_experts": 8,
+                    "num_experts": 8,
+                    "num_experts_per_tok": 2,
+                    "n_shared_experts": 1,
+                    "moe_intermediate_size": 1408,
+                    "shared_expert_intermediate_size": 1408,
+                    "first_k_dense_replace": 1,
+                    "kv_lora_rank": 512,
+                    "qk_rope_head_dim": 64,
+                    "num_parameters": 46_700_000_000,
+                },
+            },
             "engine": {"image": "vllm/vllm-openai:v0.9.2", "port": 8000},
             "gpuType": "h100",
             "slo": {"ttft": "1s", "tpot": "100ms", "attainment": 0.9},
-            "workload": {"profile": "azure-conv", "peakRate": 10},
+            "workload": {
+                "profile": "azure-conv",
+                "peakRate": 10,
+                "burstiness": 2,
+                "promptTokens": {
+                    "percentiles": [{"percentile": 50, "tokens": 200}, {"percentile": 100, "tokens": 1000}]
+                },
+                "outputTokens": {"histogram": [{"upTo": 64, "count": 10}, {"upTo": 256, "count": 30}]},
+            },
+            "latencyProfile": {"configMap": "llama-h100-profile", "key": "perf_model.csv"},
             "mode": "auto",
             "minGpus": 0,
             "maxGpus": 16,
@@ -53,6 +87,20 @@ BASES: dict[str, list[dict[str, Any]]] = {
             "slo": {"ttft": "1s", "tpot": "100ms"},
             "minGpus": 8,
             "maxGpus": 16,
+        },
+        {
+            "model": {"name": "llama2-70b", "uri": "hf://meta-llama/Llama-2-70b-chat-hf"},
+            "engine": {"image": "vllm/vllm-openai:v0.9.2"},
+            "gpuType": "h100",
+            "slo": {"ttft": "1s", "tpot": "100ms"},
+            "maxGpus": 16,
+            # The other form of each distribution.
+            "workload": {
+                "promptTokens": {"histogram": [{"upTo": 512, "count": 10}, {"upTo": 2048, "count": 3}]},
+                "outputTokens": {
+                    "percentiles": [{"percentile": 50, "tokens": 100}, {"percentile": 100, "tokens": 800}]
+                },
+            },
         },
     ],
     "trainingjob": [
@@ -133,7 +181,48 @@ BASES: dict[str, list[dict[str, Any]]] = {
 }
 
 #: The CEL rules whose breaking needs context: rule message -> (path to set, rejected, accepted[, base]).
+ARCHITECTURE = {"num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32}
 RULE_CASES: dict[str, tuple[Any, ...]] = {
+    "num_attention_heads must divide hidden_size (or set head_dim)": (
+        "spec.model.architecture",
+        ARCHITECTURE | {"hidden_size": 4100},
+        ARCHITECTURE | {"hidden_size": 4100, "head_dim": 128},
+    ),
+    "num_key_value_heads must divide num_attention_heads": (
+        "spec.model.architecture",
+        ARCHITECTURE | {"num_key_value_heads": 5},
+        ARCHITECTURE | {"num_key_value_heads": 4},
+    ),
+    "num_experts_per_tok must not exceed the number of experts": (
+        "spec.model.architecture",
+        ARCHITECTURE | {"num_experts": 8, "num_experts_per_tok": 9},
+        ARCHITECTURE | {"num_experts": 8, "num_experts_per_tok": 8},
+    ),
+    "first_k_dense_replace must be smaller than num_hidden_layers": (
+        "spec.model.architecture.first_k_dense_replace",
+        32,
+        31,
+    ),
+    "give either percentiles or a histogram": (
+        "spec.workload.promptTokens",
+        {"percentiles": [{"percentile": 100, "tokens": 9}], "histogram": [{"upTo": 9, "count": 1}]},
+        {"histogram": [{"upTo": 9, "count": 1}]},
+    ),
+    "percentiles must include the 100th: the longest request the pool must admit": (
+        "spec.workload.promptTokens.percentiles",
+        [{"percentile": 99, "tokens": 900}],
+        [{"percentile": 100, "tokens": 900}],
+    ),
+    "the histogram needs at least one request": (
+        "spec.workload.outputTokens.histogram",
+        [{"upTo": 64, "count": 0}],
+        [{"upTo": 64, "count": 1}],
+    ),
+    "workload.promptTokens and workload.outputTokens go together": (
+        "spec.workload",
+        {"promptTokens": {"histogram": [{"upTo": 64, "count": 1}]}},
+        {"profile": "mooncake"},
+    ),
     "minGpus must not exceed maxGpus": ("spec.minGpus", 17, 16, 1),
     "autoscaling.scaleToZeroAfter needs minGpus 0": ("spec.minGpus", 1, 0),
     "workers.minReplicas must not exceed workers.replicas": ("spec.workers.minReplicas", 5, 4),
@@ -199,6 +288,11 @@ OVERRIDES: dict[str, tuple[Any, Any]] = {
     "federatedround spec.aggregation.trimFraction maximum": (0.51, 0.5 - 0.01),
     "federatedround spec.localSteps.min minimum": (0, 1),
     "servingpool spec.maxGpus minimum": (-1, 1),
+    # The full architecture's other fields need these above their bounds (first_k_dense_replace 1,
+    # 8 key-value heads, 2 experts per token).
+    "servingpool spec.model.architecture.num_hidden_layers minimum": (0, 2),
+    "servingpool spec.model.architecture.num_attention_heads minimum": (0, 8),
+    "servingpool spec.model.architecture.num_local_experts minimum": (0, 2),
 }
 
 #: Good values for patterns.
@@ -304,6 +398,8 @@ def _bound_values(node: dict[str, Any], keyword: str) -> tuple[Any, Any]:
         return "a" * (node["maxLength"] + 1), "a" * node["maxLength"]
     if keyword == "minItems":
         return [], None  # None: the base's own list
+    if keyword == "maxItems":
+        return ("repeat", node["maxItems"] + 1), ("repeat", node["maxItems"])  # the base's items, repeated
     if keyword == "pattern":
         return PATTERN_EXAMPLES[node["pattern"]]
     if keyword == "enum":
@@ -330,7 +426,16 @@ def cases() -> list[Case]:
                 bad, good = _name_values(resource, what)
                 found.append(Case(kind, constraint, path, bad, good, what))
                 continue
-            keyword = what in ("minimum", "maximum", "minLength", "maxLength", "minItems", "pattern", "enum")
+            keyword = what in (
+                "minimum",
+                "maximum",
+                "minLength",
+                "maxLength",
+                "minItems",
+                "maxItems",
+                "pattern",
+                "enum",
+            )
             if keyword:
                 bad, good = OVERRIDES.get(constraint) or _bound_values(node, what)
                 target, message = path, path
@@ -342,13 +447,14 @@ def cases() -> list[Case]:
             else:
                 target, bad, good, *chosen = RULE_CASES[what]
                 message = what
-            base = (
-                chosen[0]
-                if chosen
-                else next(i for i, b in enumerate(BASES[kind]) if _has({"spec": b}, target))
-            )
+            bases = [i for i, b in enumerate(BASES[kind]) if _has({"spec": b}, target)]
+            assert chosen or bases, f"no base of {kind} has {target}: add one ({constraint})"
+            base = chosen[0] if chosen else bases[0]
             if good is None:
                 good = copy.deepcopy(_get({"spec": BASES[kind][base]}, target))
+            if isinstance(bad, tuple) and bad[0] == "repeat":
+                items = _get({"spec": BASES[kind][base]}, target)
+                bad, good = [(items * bad[1])[: bad[1]], (items * good[1])[: good[1]]]
             found.append(Case(kind, constraint, target, bad, good, message, base))
     return found
 

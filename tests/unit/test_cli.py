@@ -12,13 +12,12 @@ import pytest
 from ampacity.cli import COMMANDS, build_parser, main, version
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_the_listed_help_is_what_the_module_registers(command: str) -> None:
-    module, help_text = COMMANDS[command]
+@pytest.mark.parametrize("module", sorted({module for module, _ in COMMANDS.values()}))
+def test_the_listed_help_is_what_the_module_registers(module: str) -> None:
     subparsers = argparse.ArgumentParser().add_subparsers()
     importlib.import_module(module).register(subparsers)
     registered = {action.dest: action.help for action in subparsers._choices_actions}
-    assert registered == {command: help_text}
+    assert registered == {name: help_text for name, (m, help_text) in COMMANDS.items() if m == module}
 
 
 def test_help_imports_no_command_module() -> None:
