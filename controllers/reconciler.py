@@ -185,6 +185,11 @@ async def _reconcile_once(
         logger=logger,
         memo=memo if memo is not None else {},
     )
+    # An object admitted before the CRD limited names: its children could not be created.
+    bad_name = resource.name_limit.problems(ctx.name) if resource.name_limit else []
+    if bad_name:
+        ctx.set_ready(False, "InvalidSpec", "; ".join(bad_name))
+        return ctx
     try:
         spec: ApiModel = resource.spec.model_validate(body.get("spec") or {})
     except ValidationError as error:

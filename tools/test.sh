@@ -15,6 +15,7 @@ if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 echo "== control plane binaries" >&2
+# stdout is only the binaries' folder; progress and the 30 s heartbeat go to stderr.
 tools/controlplane/build.sh >/dev/null
 echo "== ruff" >&2
 ruff check .

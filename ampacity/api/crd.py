@@ -64,7 +64,7 @@ def _structural(node: Schema) -> Schema:
         non_null = [branch for branch in any_of if branch.get("type") != "null"]
         if len(non_null) != 1:
             raise ValueError(f"only Optional[X] unions can become a structural schema, got {any_of}")
-        node = {**non_null[0], **node}
+        node = {k: v for k, v in {**non_null[0], **node}.items() if k not in _DROPPED_KEYS}
         if node.get("default", "absent") is None:
             del node["default"]
     if isinstance(node.get("exclusiveMinimum"), int | float) and not isinstance(
@@ -74,7 +74,15 @@ def _structural(node: Schema) -> Schema:
     if isinstance(node.get("exclusiveMaximum"), int | float) and not isinstance(
         node["exclusiveMaximum"], bool
     ):
-        node["maximum"], node["exclusiveMaximum"] = node["exclusiveMaximum"], True
+        bound = node.pop("exclusiveMaximum")
+        if float(bound).is_integer():
+            node["maximum"], node["exclusiveMaximum"] = bound, True
+        else:
+            # The API server compares a whole-number value with a fractional exclusive maximum
+            # as integers (0 < int(0.5) fails: "should be less than 0"), so CEL checks it instead.
+            node["maximum"] = bound
+            rules = node.setdefault("x-kubernetes-validations", [])
+            rules.append({"rule": f"self < {bound!r}", "message": f"must be less than {bound:g}"})
     if node.get("additionalProperties") is True:
         del node["additionalProperties"]
         node["x-kubernetes-preserve-unknown-fields"] = True
@@ -86,7 +94,9 @@ def _structural(node: Schema) -> Schema:
         node["items"] = _structural(node["items"])
     if "const" in node:
         node["enum"] = [node.pop("const")]
-    if "type" not in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+    if "type" not in node and not (
+        node.get("x-kubernetes-preserve-unknown-fields") or node.get("x-kubernetes-int-or-string")
+    ):
         raise ValueError(f"schema node has no type, so it is not structural: {node}")
     return node
 
@@ -102,6 +112,12 @@ def custom_resource_definition(resource: Resource) -> Schema:
     spec_schema = openapi_schema(resource.spec)
     status_schema = openapi_schema(resource.status)
     subresources: Schema = {"status": {}}
+    # Rules on the whole object: only here may CEL read metadata.name.
+    root_rules: Schema = (
+        {"x-kubernetes-validations": [rule.schema() for rule in resource.name_limit.validations()]}
+        if resource.name_limit
+        else {}
+    )
     if resource.scale:
         subresources["scale"] = dict(resource.scale)
     return {
@@ -147,6 +163,7 @@ def custom_resource_definition(resource: Resource) -> Schema:
                                 "spec": spec_schema,
                                 "status": status_schema,
                             },
+                            **root_rules,
                         }
                     },
                 }

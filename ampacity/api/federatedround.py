@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import Annotated
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
+from pydantic_core import PydanticCustomError
 
-from ampacity.api.meta import ApiModel, Duration, Status, cel
+from ampacity.api.meta import ApiModel, NameLimit, PositiveDuration, Status, cel
 from ampacity.api.resource import Resource, age_column, ready_column, reason_column
 
 
@@ -38,7 +40,14 @@ class LocalSteps(ApiModel):
     min: int = Field(default=1, ge=1, description="Fewest local steps a client is assigned (Q_min).")
     max: int = Field(default=100, ge=1, description="Most local steps a client is assigned (Q_max).")
 
-    validations = (cel("self.min <= self.max", "localSteps.min must not exceed localSteps.max", ".min"),)
+    validations = (
+        cel(
+            "self.min <= self.max",
+            "localSteps.min must not exceed localSteps.max",
+            ".min",
+            check=lambda s: s.min <= s.max,
+        ),
+    )
 
 
 class Aggregation(ApiModel):
@@ -87,16 +96,32 @@ class AggregatorSpec(ApiModel):
     )
 
 
+#: The only models the aggregator loads: a .npz file on its state volume (mounted at /state).
+_MODEL_PREFIX = "file:///state/"
+_MODEL_RULE = f"self.startsWith('{_MODEL_PREFIX}') && self.endsWith('.npz') && !self.contains('/../')"
+_MODEL_MESSAGE = (
+    "must be a file:///state/<path>.npz URI on the aggregator's state volume, the only kind of model "
+    "the aggregator loads (install any other with PUT /v1/model)"
+)
+
+
+def _loadable_model(uri: str) -> str:
+    if not (uri.startswith(_MODEL_PREFIX) and uri.endswith(".npz") and "/../" not in uri):
+        raise PydanticCustomError("loadable_model", _MODEL_MESSAGE)
+    return uri
+
+
 class FederatedRoundSpec(ApiModel):
     """Desired state of a FederatedRound."""
 
-    model: str = Field(
+    model: Annotated[str, AfterValidator(_loadable_model)] = Field(
         min_length=1,
         description=(
-            "URI of the global model artifact the round starts from: file:///state/<path>.npz on the"
-            " aggregator's state volume seeds an empty aggregator; any other URI names a model the"
-            " aggregator already holds (installed with PUT /v1/model)."
+            "The global model the round starts from, as file:///state/<path>.npz on the aggregator's"
+            " state volume: it seeds an empty aggregator. An aggregator that already holds a model"
+            " (installed with PUT /v1/model) keeps it, and one without waits for it."
         ),
+        json_schema_extra={"x-kubernetes-validations": [{"rule": _MODEL_RULE, "message": _MODEL_MESSAGE}]},
     )
     client_selector: dict[str, str] = Field(
         default_factory=dict, description="Labels a registered client must carry to be selected."
@@ -112,7 +137,9 @@ class FederatedRoundSpec(ApiModel):
     )
     cohort_size: int = Field(ge=1, description="Clients selected for the round.")
     min_quorum: int = Field(ge=1, description="Updates needed for the round to aggregate.")
-    deadline: Duration = Field(description="Time allowed for updates after the round starts, e.g. 10m.")
+    deadline: PositiveDuration = Field(
+        description="Time allowed for updates after the round starts, e.g. 10m."
+    )
     strategy: Strategy = Field(default=Strategy.FEDCOMPASS, description="fedavg, fedcompass or fedbuff.")
     local_steps: LocalSteps = Field(default_factory=lambda: LocalSteps(), description="Local-step bounds.")
     aggregation: Aggregation = Field(
@@ -123,19 +150,30 @@ class FederatedRoundSpec(ApiModel):
     )
 
     validations = (
-        cel("self.minQuorum <= self.cohortSize", "minQuorum must not exceed cohortSize", ".minQuorum"),
-        cel("duration(self.deadline) > duration('0s')", "deadline must be greater than zero", ".deadline"),
+        cel(
+            "self.minQuorum <= self.cohortSize",
+            "minQuorum must not exceed cohortSize",
+            ".minQuorum",
+            check=lambda s: s.min_quorum <= s.cohort_size,
+        ),
         cel(
             "!has(self.aggregation) || !(self.aggregation.rule in ['krum', 'multiKrum'])"
             " || self.minQuorum > 2 * self.aggregation.byzantineClients + 2",
             "krum and multiKrum need minQuorum > 2 * byzantineClients + 2",
             ".aggregation",
+            check=lambda s: (
+                s.aggregation.rule not in ("krum", "multiKrum")
+                or s.min_quorum > 2 * s.aggregation.byzantine_clients + 2
+            ),
         ),
         cel(
             "!has(self.aggregation) || self.aggregation.rule != 'trimmedMean'"
             " || self.minQuorum > 2 * self.aggregation.byzantineClients",
             "trimmedMean needs minQuorum > 2 * byzantineClients",
             ".aggregation",
+            check=lambda s: (
+                s.aggregation.rule != "trimmedMean" or s.min_quorum > 2 * s.aggregation.byzantine_clients
+            ),
         ),
     )
 
@@ -250,6 +288,11 @@ FEDERATED_ROUND = Resource(
     spec=FederatedRoundSpec,
     status=FederatedRoundStatus,
     short_names=("fr",),
+    name_limit=NameLimit(
+        max_length=63 - len("-aggregator"),
+        because="its aggregator's Deployment and Service are named <name>-aggregator, and a Service "
+        "name holds at most 63 characters",
+    ),
     description="Rounds of federated learning: client selection, local training, robust aggregation.",
     printer_columns=(
         {"name": "Strategy", "type": "string", "jsonPath": ".spec.strategy", "description": "Strategy."},

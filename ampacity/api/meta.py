@@ -8,11 +8,14 @@ read back from the API server use the Kubernetes spelling.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -20,10 +23,11 @@ from pydantic import (
     GetJsonSchemaHandler,
     PlainSerializer,
     WithJsonSchema,
+    model_validator,
 )
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema
+from pydantic_core import CoreSchema, PydanticCustomError
 
 GROUP = "ampacity.dev"
 VERSION = "v1alpha1"
@@ -33,12 +37,31 @@ API_VERSION = f"{GROUP}/{VERSION}"
 LABEL_PREFIX = GROUP
 
 
-def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
-    """One CEL rule for `x-kubernetes-validations`, checked by the API server on admission."""
-    validation = {"rule": rule, "message": message}
-    if field_path:
-        validation["fieldPath"] = field_path
-    return validation
+@dataclass(frozen=True)
+class Rule:
+    """One CEL rule for `x-kubernetes-validations`, and the same rule in Python.
+
+    The API server checks `rule` on admission; `check` (given the parsed model) lets the
+    operator refuse, with the same message, an object admitted before the rule existed.
+    """
+
+    rule: str
+    message: str
+    field_path: str | None = None
+    check: Callable[[Any], bool] | None = None
+
+    def schema(self) -> dict[str, str]:
+        validation = {"rule": self.rule, "message": self.message}
+        if self.field_path:
+            validation["fieldPath"] = self.field_path
+        return validation
+
+
+def cel(
+    rule: str, message: str, field_path: str | None = None, check: Callable[[Any], bool] | None = None
+) -> Rule:
+    """One CEL rule, checked by the API server on admission and (with `check`) by the operator."""
+    return Rule(rule, message, field_path, check)
 
 
 class ApiModel(BaseModel):
@@ -58,7 +81,7 @@ class ApiModel(BaseModel):
     )
 
     #: CEL rules for this object, emitted as `x-kubernetes-validations`.
-    validations: ClassVar[tuple[dict[str, str], ...]] = ()
+    validations: ClassVar[tuple[Rule, ...]] = ()
 
     @classmethod
     def __get_pydantic_json_schema__(
@@ -66,8 +89,15 @@ class ApiModel(BaseModel):
     ) -> JsonSchemaValue:
         schema = handler.resolve_ref_schema(handler(core_schema))
         if cls.validations:
-            schema["x-kubernetes-validations"] = list(cls.validations)
+            schema["x-kubernetes-validations"] = [rule.schema() for rule in cls.validations]
         return schema
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Self:
+        for rule in self.validations:
+            if rule.check is not None and not rule.check(self):
+                raise PydanticCustomError("rule", rule.message)
+        return self
 
     def to_api(self) -> dict[str, Any]:
         """The object as the API server stores it (camelCase, unset optionals omitted)."""
@@ -171,3 +201,81 @@ Duration = Annotated[
     PlainSerializer(format_duration, return_type=str, when_used="json"),
     WithJsonSchema({"type": "string", "pattern": _DURATION_PATTERN}),
 ]
+
+
+def _positive(seconds: float) -> float:
+    if seconds <= 0:
+        raise PydanticCustomError("positive_duration", "must be greater than zero, e.g. 500ms or 30s")
+    return seconds
+
+
+#: A duration that must be greater than zero (a staleness bound, a deadline, an interval);
+#: the API server checks it with CEL, the operator with the same rule in Python.
+PositiveDuration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    AfterValidator(_positive),
+    PlainSerializer(format_duration, return_type=str, when_used="json"),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": _DURATION_PATTERN,
+            "x-kubernetes-validations": [
+                cel(
+                    "duration(self) > duration('0s')", "must be greater than zero, e.g. 500ms or 30s"
+                ).schema()
+            ],
+        }
+    ),
+]
+
+#: A DNS-1035 label, what a Service name must be: lowercase letters, digits and '-', starting
+#: with a letter and ending with a letter or digit.
+DNS_LABEL_1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+#: A DNS-1123 label (container, volume and host names): may also start with a digit.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+#: Kubernetes' limit on a label, and so on a Service, a hostname or a label value.
+LABEL_MAX = 63
+
+
+class NameLimit(BaseModel):
+    """What the names of a kind's objects must be, because its children are named after them.
+
+    The API server accepts any DNS subdomain (253 characters) as a custom object's name, but
+    a child such as the Service `<name>-prefill` must fit a 63-character DNS label. The CRD
+    checks these rules at the root of the object (where CEL may read `metadata.name`), and
+    `problems` checks the same in Python for objects created before the rules existed.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    #: The longest name whose children still fit.
+    max_length: int
+    #: Why, in words, for the error message: which child names the limit comes from.
+    because: str
+    #: Whether the name also names a Service, so it must be a DNS-1035 label.
+    names_a_service: bool = True
+
+    def validations(self) -> tuple[Rule, ...]:
+        """The rules on the object's name; each rule's `check` takes the name."""
+        rules = [
+            cel(
+                f"self.metadata.name.size() <= {self.max_length}",
+                f"metadata.name must be at most {self.max_length} characters: {self.because}",
+                check=lambda name: len(name) <= self.max_length,
+            )
+        ]
+        if self.names_a_service:
+            rules.append(
+                cel(
+                    f"self.metadata.name.matches('{DNS_LABEL_1035}')",
+                    "metadata.name must start with a letter and hold only lowercase letters, digits "
+                    "and '-' (no '.'), because it also names a Service",
+                    check=lambda name: re.fullmatch(DNS_LABEL_1035, name) is not None,
+                )
+            )
+        return tuple(rules)
+
+    def problems(self, name: str) -> list[str]:
+        """The messages of the rules `name` breaks (the same as the API server's)."""
+        return [rule.message for rule in self.validations() if rule.check and not rule.check(name)]

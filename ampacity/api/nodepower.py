@@ -13,7 +13,7 @@ from datetime import datetime
 
 from pydantic import Field
 
-from ampacity.api.meta import ApiModel, Duration, Status
+from ampacity.api.meta import ApiModel, PositiveDuration, Status
 from ampacity.api.resource import Resource, age_column, ready_column, reason_column
 
 
@@ -41,7 +41,7 @@ class NodePowerSpec(ApiModel):
     safe_cap_watts: float | None = Field(
         default=None, gt=0, description="Cap the agent applies on its own when the assignment is stale."
     )
-    staleness: Duration = Field(
+    staleness: PositiveDuration = Field(
         default=10.0, description="How old assignedAt may be before the agent falls back to the safe cap."
     )
 

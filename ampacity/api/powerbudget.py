@@ -7,7 +7,7 @@ from enum import StrEnum
 
 from pydantic import Field
 
-from ampacity.api.meta import ApiModel, Duration, Status, cel
+from ampacity.api.meta import ApiModel, Duration, NameLimit, PositiveDuration, Status, cel
 from ampacity.api.resource import Resource, age_column, ready_column, reason_column
 
 
@@ -30,6 +30,7 @@ class SelectorRequirement(ApiModel):
             "(self.operator in ['In', 'NotIn']) == (size(self.values) > 0)",
             "values must be non-empty for In and NotIn and empty for Exists and DoesNotExist",
             ".values",
+            check=lambda s: (s.operator in ("In", "NotIn")) == (len(s.values) > 0),
         ),
     )
 
@@ -46,8 +47,9 @@ class NodeSelector(ApiModel):
 class Thresholds(ApiModel):
     """POLCA's two thresholds, as fractions of the limit."""
 
+    # Above the policy's release hysteresis (5% of the limit below a threshold), or caps never loosen.
     t1: float = Field(
-        default=0.85, gt=0, le=1, description="Above this fraction of the limit, cap low-priority GPUs."
+        default=0.85, gt=0.05, le=1, description="Above this fraction of the limit, cap low-priority GPUs."
     )
     t2: float = Field(
         default=0.95,
@@ -56,7 +58,14 @@ class Thresholds(ApiModel):
         description="Above this fraction, cap every GPU, lowest priority hardest.",
     )
 
-    validations = (cel("self.t1 < self.t2", "thresholds.t1 must be below thresholds.t2", ".t1"),)
+    validations = (
+        cel(
+            "self.t1 < self.t2",
+            "thresholds.t1 must be below thresholds.t2",
+            ".t1",
+            check=lambda s: s.t1 < s.t2,
+        ),
+    )
 
 
 class PriorityClass(ApiModel):
@@ -88,6 +97,7 @@ class PowerBudgetSpec(ApiModel):
             PriorityClass(name="batch", priority=0, min_cap_watts=200),
             PriorityClass(name="interactive", priority=100, min_cap_watts=400),
         ],
+        min_length=1,
         description="Priority classes, from the pod label ampacity.dev/power-priority.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
@@ -97,7 +107,7 @@ class PowerBudgetSpec(ApiModel):
     safe_cap_watts: float = Field(
         gt=0, description="Cap a node agent applies on its own when its assignment is stale or unreachable."
     )
-    telemetry_staleness: Duration = Field(
+    telemetry_staleness: PositiveDuration = Field(
         default=10.0, description="How old telemetry or assignments may be before they are distrusted."
     )
     release_hold: Duration = Field(
@@ -110,6 +120,7 @@ class PowerBudgetSpec(ApiModel):
             "self.priorityClasses.exists(c, c.name == self.defaultPriorityClass)",
             "defaultPriorityClass must name one of priorityClasses",
             ".defaultPriorityClass",
+            check=lambda s: any(c.name == s.default_priority_class for c in s.priority_classes),
         ),
     )
 
@@ -150,6 +161,12 @@ POWER_BUDGET = Resource(
     spec=PowerBudgetSpec,
     status=PowerBudgetStatus,
     short_names=("pb",),
+    name_limit=NameLimit(
+        max_length=63,
+        because="it is the value of the ampacity.dev/powerbudget label on the NodePowers it assigns, "
+        "and a label value holds at most 63 characters",
+        names_a_service=False,
+    ),
     description="A power limit for a set of GPU nodes, enforced by capping lowest-priority work first.",
     printer_columns=(
         {"name": "Limit", "type": "number", "jsonPath": ".spec.limitWatts", "description": "Limit (W)."},

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ampacity.api.meta import API_VERSION, GROUP, VERSION, ApiModel, Status
+from ampacity.api.meta import API_VERSION, GROUP, VERSION, ApiModel, NameLimit, Status
 
 
 def ready_column() -> dict[str, str]:
@@ -46,6 +46,8 @@ class Resource:
     #: `scale` subresource paths, for kinds whose size standard tooling may read or set.
     scale: dict[str, str] | None = None
     categories: tuple[str, ...] = field(default=("ampacity",))
+    #: Limits on the objects' names that the children named after them need.
+    name_limit: NameLimit | None = None
 
     @property
     def singular(self) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from ampacity.api.meta import ApiModel, Duration, Status, cel
+from ampacity.api.meta import ApiModel, Duration, NameLimit, PositiveDuration, Status, cel
 from ampacity.api.resource import Resource, age_column, ready_column, reason_column
 
 
@@ -168,18 +168,13 @@ class Engine(ApiModel):
 class ServingSLO(ApiModel):
     """Latency objectives a request must meet to count towards goodput."""
 
-    ttft: Duration = Field(description="Time-to-first-token objective, e.g. 1s.")
-    tpot: Duration = Field(description="Time-per-output-token objective, e.g. 100ms.")
+    ttft: PositiveDuration = Field(description="Time-to-first-token objective, e.g. 1s.")
+    tpot: PositiveDuration = Field(description="Time-per-output-token objective, e.g. 100ms.")
     attainment: float = Field(
         default=0.9,
         gt=0,
         le=1,
         description="Fraction of requests that must meet both objectives (DistServe uses 0.9).",
-    )
-
-    validations = (
-        cel("duration(self.ttft) > duration('0s')", "slo.ttft must be greater than zero", ".ttft"),
-        cel("duration(self.tpot) > duration('0s')", "slo.tpot must be greater than zero", ".tpot"),
     )
 
 
@@ -274,7 +269,7 @@ class Autoscaling(ApiModel):
     cooldown: Duration = Field(
         default=300.0, description="How long demand must stay low before a phase shrinks, e.g. 5m."
     )
-    scale_to_zero_after: Duration | None = Field(
+    scale_to_zero_after: PositiveDuration | None = Field(
         default=None,
         description="Stop every engine after this long without a request (needs minGpus 0); the next "
         "request brings the pool back. Unset: never scale to zero.",
@@ -327,16 +322,25 @@ class ServingPoolSpec(ApiModel):
     )
 
     validations = (
-        cel("self.minGpus <= self.maxGpus", "minGpus must not exceed maxGpus", ".minGpus"),
+        cel(
+            "self.minGpus <= self.maxGpus",
+            "minGpus must not exceed maxGpus",
+            ".minGpus",
+            check=lambda s: s.min_gpus <= s.max_gpus,
+        ),
         cel(
             "has(self.workload.promptTokens) == has(self.workload.outputTokens)",
             "workload.promptTokens and workload.outputTokens go together",
             ".workload",
+            check=lambda s: (s.workload.prompt_tokens is None) == (s.workload.output_tokens is None),
         ),
         cel(
             "!has(self.autoscaling) || !has(self.autoscaling.scaleToZeroAfter) || self.minGpus == 0",
             "autoscaling.scaleToZeroAfter needs minGpus 0",
             ".autoscaling",
+            check=lambda s: (
+                s.autoscaling is None or s.autoscaling.scale_to_zero_after is None or s.min_gpus == 0
+            ),
         ),
     )
 
@@ -419,6 +423,11 @@ SERVING_POOL = Resource(
     spec=ServingPoolSpec,
     status=ServingPoolStatus,
     short_names=("sp",),
+    name_limit=NameLimit(
+        max_length=63 - len("-prefill"),
+        because="its Services are named <name>, <name>-engine, <name>-prefill and <name>-decode, "
+        "and a Service name holds at most 63 characters",
+    ),
     description="An LLM served under TTFT/TPOT objectives, with prefill and decode disaggregated "
     "when that yields more goodput per GPU.",
     printer_columns=(

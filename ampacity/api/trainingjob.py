@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
 
 from pydantic import Field
 
-from ampacity.api.meta import ApiModel, Duration, Status, cel
+from ampacity.api.meta import ApiModel, Duration, NameLimit, PositiveDuration, Status, cel
+from ampacity.api.podtemplate import PodTemplateSpec
 from ampacity.api.resource import Resource, age_column, ready_column, reason_column
+
+#: Most workers a job may have: ranks then have at most five digits, which the name limit counts on.
+MAX_WORKERS = 100_000
 
 
 class Workers(ApiModel):
     """How many workers run, and the elastic range the operator may resize within."""
 
-    replicas: int = Field(ge=1, description="Number of workers (pods) in the gang.")
+    replicas: int = Field(ge=1, le=MAX_WORKERS, description="Number of workers (pods) in the gang.")
     min_replicas: int | None = Field(
-        default=None, ge=1, description="Smallest world size the job may shrink to (defaults to replicas)."
+        default=None,
+        ge=1,
+        le=MAX_WORKERS,
+        description="Smallest world size the job may shrink to (defaults to replicas).",
     )
     max_replicas: int | None = Field(
-        default=None, ge=1, description="Largest world size the job may grow to (defaults to replicas)."
+        default=None,
+        ge=1,
+        le=MAX_WORKERS,
+        description="Largest world size the job may grow to (defaults to replicas).",
     )
     gpus_per_worker: int = Field(default=1, ge=0, description="nvidia.com/gpu requested by each worker.")
 
@@ -29,11 +39,13 @@ class Workers(ApiModel):
             "!has(self.minReplicas) || self.minReplicas <= self.replicas",
             "workers.minReplicas must not exceed workers.replicas",
             ".minReplicas",
+            check=lambda s: s.min_replicas is None or s.min_replicas <= s.replicas,
         ),
         cel(
             "!has(self.maxReplicas) || self.replicas <= self.maxReplicas",
             "workers.replicas must not exceed workers.maxReplicas",
             ".maxReplicas",
+            check=lambda s: s.max_replicas is None or s.replicas <= s.max_replicas,
         ),
     )
 
@@ -67,21 +79,25 @@ class CheckpointStorage(ApiModel):
         cel(
             "has(self.persistentVolumeClaim) != has(self.uri)",
             "checkpoint.storage needs exactly one of persistentVolumeClaim or uri",
+            check=lambda s: (s.persistent_volume_claim is None) != (s.uri is None),
         ),
         cel(
             "!has(self.uri) || self.uri.matches('^(s3|gs|gcs|file)://.+')",
             "checkpoint.storage.uri must start with s3://, gs://, gcs:// or file://",
             ".uri",
+            check=lambda s: s.uri is None or re.match(r"^(s3|gs|gcs|file)://.+", s.uri) is not None,
         ),
         cel(
             "!has(self.endpoint) || (has(self.uri) && self.uri.startsWith('s3://'))",
             "checkpoint.storage.endpoint is for an s3:// uri",
             ".endpoint",
+            check=lambda s: s.endpoint is None or (s.uri is not None and s.uri.startswith("s3://")),
         ),
         cel(
             "!has(self.credentialsSecret) || has(self.uri)",
             "checkpoint.storage.credentialsSecret is for an object-store uri",
             ".credentialsSecret",
+            check=lambda s: s.credentials_secret is None or s.uri is not None,
         ),
     )
 
@@ -98,13 +114,16 @@ class CheckpointInterval(ApiModel):
         default=IntervalPolicy.AUTO,
         description="fixed: every `every`; auto: Young/Daly from measured checkpoint cost and failure rate.",
     )
-    every: Duration | None = Field(default=None, description="Interval for the fixed policy, e.g. 30m.")
+    every: PositiveDuration | None = Field(
+        default=None, description="Interval for the fixed policy, e.g. 30m."
+    )
 
     validations = (
         cel(
             "self.policy != 'fixed' || has(self.every)",
             "checkpoint.interval.every is required when policy is fixed",
             ".every",
+            check=lambda s: s.policy != "fixed" or s.every is not None,
         ),
     )
 
@@ -141,10 +160,9 @@ class TrainingJobSpec(ApiModel):
     """Desired state of a TrainingJob."""
 
     workers: Workers = Field(description="Worker count and elastic range.")
-    template: dict[str, Any] = Field(
+    template: PodTemplateSpec = Field(
         description="Pod template (a core/v1 PodTemplateSpec) for every worker; the operator adds rank, "
         "world size, rendezvous address and checkpoint environment variables.",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
     checkpoint: Checkpointing = Field(description="Checkpoint orchestration.")
     failure_policy: FailurePolicy = Field(
@@ -259,6 +277,11 @@ TRAINING_JOB = Resource(
     spec=TrainingJobSpec,
     status=TrainingJobStatus,
     short_names=("tj",),
+    name_limit=NameLimit(
+        max_length=63 - len(f"-worker-{MAX_WORKERS - 1}"),
+        because="worker pods are named <name>-worker-<rank> (rank up to 99999), and a pod's hostname "
+        "holds at most 63 characters",
+    ),
     description="Gang-scheduled distributed training with checkpoint orchestration.",
     printer_columns=(
         {"name": "Workers", "type": "integer", "jsonPath": ".status.replicas", "description": "World size."},

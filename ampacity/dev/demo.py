@@ -1,15 +1,30 @@
 """`ampacity demo`: the whole path on the embedded default, end to end.
 
-Starts the local control plane (building it on first use), installs the CRDs,
-runs the operator, applies the samples in examples/ and shows what
-`kubectl get` says about them once the operator has reconciled them.
+Starts the local control plane (building it on first use), installs the CRDs, runs the
+operator, applies the samples in examples/ and waits until every one is Ready (or, for the
+FederatedRound, Completed). kwok runs no containers, so what a kind needs besides the
+operator runs here as local processes, the same commands the chart's pods run:
+
+- PowerBudget: one node agent per fake GPU node (`python -m agents --simulate`), which reports
+  simulated H100 telemetry and enforces the caps;
+- FederatedRound: the round's aggregator (`ampacity federated aggregator`, reached through the
+  operator's aggregator URL override) and a few clients training on the digits data;
+- ServingPool: its engines stay kwok pods for now (the engine processes of the request-path
+  work plug in at `start_companions`, beside the other two).
+
+It ends by saying where to look next.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import copy
+import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -17,15 +32,145 @@ from ampacity.api import RESOURCES
 from ampacity.api.cli import CRD_DIRS
 from ampacity.dev.cluster.kubectl import Kubectl, condition, install_crds, reconciled
 from ampacity.dev.cluster.local_operator import LocalOperator
-from ampacity.dev.cluster.localcluster import DEFAULT_STATE_DIR, LocalCluster
+from ampacity.dev.cluster.localcluster import DEFAULT_STATE_DIR, LocalCluster, free_port
 from ampacity.dev.cluster.polling import wait_for
+from controllers.federatedround.controller import POLL_INTERVAL_ENV, PORT_ANNOTATION, URL_OVERRIDE_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
+#: The sample round asks for 20 clients; the demo runs three on this machine, and tolerates one
+#: Byzantine client instead of two (trimmedMean needs minQuorum > 2 * byzantineClients).
+DEMO_CLIENTS = 3
+DEMO_ROUND = {
+    "cohortSize": DEMO_CLIENTS,
+    "minQuorum": DEMO_CLIENTS,
+    "deadline": "5m",
+    "aggregation": {"rule": "trimmedMean", "trimFraction": 0.2, "byzantineClients": 1},
+}
+DONE_TIMEOUT_S = 300.0
 
 
 def _say(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
+
+
+class Companions:
+    """The local processes standing in for the pods kwok does not run; all stopped together."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.running: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        with (self.logs / f"{name}.log").open("ab") as log:
+            self.running.append(
+                subprocess.Popen(
+                    [sys.executable, *argv],
+                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+
+    def stop_all(self) -> None:
+        for process in self.running:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.running:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def start_node_agents(companions: Companions, kubectl: Kubectl, kubeconfig: Path) -> list[str]:
+    """One simulated node agent per fake GPU node (admin credentials: a local demo, not the chart)."""
+    nodes = [n["metadata"]["name"] for n in kubectl.json("get", "nodes", "-l", "type=kwok")["items"]]
+    for node in nodes:
+        companions.start(
+            f"agent-{node}",
+            [
+                "-m",
+                "agents",
+                f"--node={node}",
+                "--simulate",
+                f"--kubeconfig={kubeconfig}",
+                "--metrics-port=0",
+            ],
+        )
+    return nodes
+
+
+def demo_round(manifest: dict[str, Any], port: int) -> dict[str, Any]:
+    """The sample round, sized for the demo's clients, pointing the operator at a local aggregator."""
+    round_ = copy.deepcopy(manifest)
+    round_["metadata"].setdefault("annotations", {})[PORT_ANNOTATION] = str(port)
+    round_["spec"] |= DEMO_ROUND
+    return round_
+
+
+def start_federated(companions: Companions, kubectl: Kubectl, manifest: dict[str, Any], state: Path) -> str:
+    """The round's aggregator and clients, with the admin token the operator put in the round's Secret."""
+    name, namespace = manifest["metadata"]["name"], manifest["metadata"].get("namespace", "default")
+    port = int(manifest["metadata"]["annotations"][PORT_ANNOTATION])
+    secret: dict[str, Any] = wait_for(
+        lambda: kubectl.get("secret", f"{name}-aggregator-admin", namespace) or {},
+        timeout=60,
+        what="admin Secret",
+    )
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    state.mkdir(parents=True, exist_ok=True)
+    model = state / "initial-model.npz"
+    subprocess.run(
+        [sys.executable, "-m", "ampacity.cli", "federated", "init-model", f"--out={model}"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    admin = {"AMPACITY_FL_ADMIN_TOKEN": token}
+    url = f"http://127.0.0.1:{port}"
+    companions.start(
+        "aggregator",
+        [
+            "-m",
+            "ampacity.cli",
+            "federated",
+            "aggregator",
+            "--host=127.0.0.1",
+            f"--port={port}",
+            f"--state-dir={state / 'state'}",
+            f"--initial-model={model}",
+        ],
+        admin,
+    )
+    label = ",".join(f"{k}={v}" for k, v in manifest["spec"].get("clientSelector", {}).items())
+    for shard in range(DEMO_CLIENTS):
+        companions.start(
+            f"client-{shard}",
+            [
+                "-m",
+                "ampacity.cli",
+                "federated",
+                "client",
+                f"--url={url}",
+                f"--client-id=device-{shard}",
+                f"--shard={shard}",
+                f"--shards={DEMO_CLIENTS}",
+                f"--label={label}",
+                "--poll-seconds=0.5",
+                f"--timeout-seconds={DONE_TIMEOUT_S:.0f}",
+            ],
+            admin,
+        )
+    return url
+
+
+def _finished(kind: str, obj: dict[str, Any] | None) -> bool:
+    """Ready, or for a FederatedRound its end (Completed, or Failed, which the summary shows)."""
+    if kind == "federatedround":
+        return (obj or {}).get("status", {}).get("phase") in ("Completed", "Failed")
+    ready = condition(obj)
+    return reconciled(obj) and ready is not None and ready["status"] == "True"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -37,38 +182,88 @@ def _run(args: argparse.Namespace) -> int:
     _say("installing CRDs")
     install_crds(kubectl, REPO / CRD_DIRS[0])
 
-    operator = LocalOperator(cluster.kubeconfig, cluster.logs / "operator.log")
+    operator = LocalOperator(
+        cluster.kubeconfig,
+        cluster.logs / "operator.log",
+        # The round's aggregator runs on this machine, not behind its in-cluster Service.
+        env={URL_OVERRIDE_ENV: "http://127.0.0.1:{port}", POLL_INTERVAL_ENV: "1"},
+    )
     _say(f"starting the operator (log: {operator.log})")
     operator.start()
+    companions = Companions(cluster.logs)
+    samples = [yaml.safe_load(path.read_text()) for path in sorted(EXAMPLES.glob("*.yaml"))]
+    samples = [demo_round(s, free_port()) if s["kind"] == "FederatedRound" else s for s in samples]
+    finished = False
     try:
-        samples = sorted(EXAMPLES.glob("*.yaml"))
+        nodes = start_node_agents(companions, kubectl, cluster.kubeconfig)
+        _say(f"started {len(nodes)} node agents with simulated GPUs (logs: {cluster.logs}/agent-*.log)")
         for sample in samples:
-            _say(f"applying {sample.name}")
-            kubectl("apply", "-f", str(sample))
+            _say(f"applying {sample['kind']} {sample['metadata']['name']}")
+            kubectl.apply(sample).check_returncode()
+        # ServingPool engines: the request-path work starts them here, as the aggregator below.
         for sample in samples:
-            manifest = yaml.safe_load(sample.read_text())
-            kind, name = manifest["kind"].lower(), manifest["metadata"]["name"]
-            namespace = manifest["metadata"].get("namespace")
+            if sample["kind"] == "FederatedRound":
+                url = start_federated(companions, kubectl, sample, cluster.state_dir / "federated")
+                _say(f"started the round's aggregator at {url} and {DEMO_CLIENTS} clients")
+        for sample in samples:
+            kind, name = sample["kind"].lower(), sample["metadata"]["name"]
+            namespace = sample["metadata"].get("namespace")
+            _say(f"waiting for {kind}/{name}")
 
             def done(kind: str = kind, name: str = name, namespace: str | None = namespace) -> bool:
-                # Reconciled, and past the transient *Starting reasons while children come up.
-                obj = kubectl.get(kind, name, namespace)
-                ready = condition(obj)
-                return reconciled(obj) and ready is not None and not ready["reason"].endswith("Starting")
+                return _finished(kind, kubectl.get(kind, name, namespace))
 
-            wait_for(done, timeout=120, what=f"{kind}/{name} to be reconciled")
-        kinds = ",".join(r.plural for r in RESOURCES)
-        print(kubectl("get", kinds, "-A", "-o", "wide"))
-        print(kubectl("get", "deployments,pods,services", "-n", "default", "-o", "wide"))
+            try:
+                wait_for(done, timeout=DONE_TIMEOUT_S, what=f"{kind}/{name} to be Ready")
+            except TimeoutError:
+                ready = condition(kubectl.get(kind, name, namespace)) or {}
+                _say(f"{kind}/{name} is not Ready: {ready.get('reason')}: {ready.get('message')}")
+        print(kubectl("get", ",".join(r.plural for r in RESOURCES), "-A", "-o", "wide"))
+        print(kubectl("get", "deployments,pods,services", "-n", "default"))
+        finished = all(
+            _finished(
+                s["kind"].lower(),
+                kubectl.get(s["kind"].lower(), s["metadata"]["name"], s["metadata"].get("namespace")),
+            )
+            for s in samples
+        )
+        _say(
+            "every sample is Ready (the round Completed)"
+            if finished
+            else "some samples did not finish: see above"
+        )
+        _next_steps(cluster, operator, samples)
         if args.keep_running:
-            _say("operator running; Ctrl-C to stop it")
+            _say("operator, agents and aggregator running; Ctrl-C to stop them")
             wait_for(lambda: False, timeout=float("inf"), what="Ctrl-C")
     except KeyboardInterrupt:
         pass
     finally:
+        companions.stop_all()
         operator.stop()
-    _say(f"cluster still up: export KUBECONFIG={cluster.kubeconfig}; stop it with `ampacity cluster down`")
-    return 0
+    stop = "ampacity cluster" + (
+        "" if args.state_dir == DEFAULT_STATE_DIR else f" --state-dir {args.state_dir}"
+    )
+    _say(f"cluster still up: export KUBECONFIG={cluster.kubeconfig}; stop it with `{stop} down`")
+    return 0 if finished else 1
+
+
+def _next_steps(cluster: LocalCluster, operator: LocalOperator, samples: list[dict[str, Any]]) -> None:
+    describe = [
+        f"kubectl describe {s['kind'].lower()} {s['metadata']['name']}"
+        + (f" -n {s['metadata']['namespace']}" if s["metadata"].get("namespace") else "")
+        for s in samples
+    ]
+    lines = [
+        "where to look next:",
+        f"  export KUBECONFIG={cluster.kubeconfig}",
+        *(f"  {line}   # conditions, plan and events" for line in describe),
+        "  kubectl get nodepowers   # per-node caps (spec) and simulated telemetry (status)",
+        f"  operator metrics: {operator.metrics_url} (with --keep-running)",
+        f"  dashboards: {REPO / 'dashboards'}/*.json (Grafana, over a Prometheus scraping the operator)",
+        f"  logs: {cluster.logs} (operator.log, agent-*.log, aggregator.log, client-*.log)",
+    ]
+    print("\n".join(lines), flush=True)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

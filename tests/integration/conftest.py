@@ -7,6 +7,7 @@ each test gets its own namespace.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import uuid
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ampacity.dev.cluster.binaries import ensure_binaries
 from ampacity.dev.cluster.kubectl import Kubectl, install_crds
 from ampacity.dev.cluster.local_operator import LocalOperator
 from ampacity.dev.cluster.localcluster import LocalCluster
@@ -31,7 +33,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[LocalCluster]:
+    # The first run builds the control plane (20-40 min): its progress and heartbeat go to the
+    # terminal, not into pytest's capture, so a long build does not look like a hang.
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        ensure_binaries()
     local = LocalCluster(
         tmp_path_factory.mktemp("cluster"), progress=lambda m: print(f"[cluster] {m}", file=sys.stderr)
     )

@@ -41,7 +41,11 @@ def test_schemas_are_structural_and_documented(resource: Any) -> None:
     schema = custom_resource_definition(resource)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     for path, node in _walk(schema):
         assert "$ref" not in node and "anyOf" not in node and "allOf" not in node, path
-        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), f"{path} has no type"
+        assert (
+            "type" in node
+            or node.get("x-kubernetes-preserve-unknown-fields")
+            or node.get("x-kubernetes-int-or-string")
+        ), f"{path} has no type"
         if path.startswith((".spec", ".status")):
             assert node.get("description") or path.endswith("[]") or path.endswith("{}"), (
                 f"{path} undocumented"

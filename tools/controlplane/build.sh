@@ -22,13 +22,13 @@ bin=${1:-${AMPACITY_CACHE:-$HOME/.cache/ampacity}/controlplane/$KEY/bin}
 mkdir -p "$bin"
 
 export CGO_ENABLED=0 GOFLAGS=-mod=mod
-step() { printf '[controlplane] %s\n' "$*" >&2; }
+# shellcheck source=heartbeat.sh
+source "$here/heartbeat.sh"
 have() { [ -x "$bin/$1" ]; }
-timed() { local t0=$SECONDS; "$@"; step "  done in $((SECONDS - t0)) s"; }
 
 if ! have etcd; then
   step "building etcd $ETCD_VERSION (about 2-4 min cold)"
-  (cd "$here/etcd" && timed go build -trimpath -ldflags "-s -w" -o "$bin/etcd.tmp" . && mv "$bin/etcd.tmp" "$bin/etcd")
+  (cd "$here/etcd" && timed etcd go build -trimpath -ldflags "-s -w" -o "$bin/etcd.tmp" . && mv "$bin/etcd.tmp" "$bin/etcd")
 fi
 
 k8s_cmds=()
@@ -45,19 +45,19 @@ if [ ${#k8s_cmds[@]} -gt 0 ]; then
   tmp=$(mktemp -d "$bin/.k8s.XXXX")
   pkgs=()
   for c in "${k8s_cmds[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
-  (cd "$here/k8s" && timed go build -trimpath -buildvcs=false -tags=selinux,notest,grpcnotrace \
+  (cd "$here/k8s" && timed "${k8s_cmds[*]}" go build -trimpath -buildvcs=false -tags=selinux,notest,grpcnotrace \
     -ldflags="$ldf" -o "$tmp/" "${pkgs[@]}")
   mv "$tmp"/* "$bin/" && rmdir "$tmp"
 fi
 
 if ! have kwok; then
   step "building kwok $KWOK_VERSION"
-  GOBIN=$bin timed go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+  GOBIN=$bin timed kwok go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
 fi
 
 if ! have helm; then
   step "building helm $HELM_VERSION"
-  GOBIN=$bin timed go install -trimpath -ldflags "-s -w \
+  GOBIN=$bin timed helm go install -trimpath -ldflags "-s -w \
     -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION \
     -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 \
     -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$K8S_MINOR" \

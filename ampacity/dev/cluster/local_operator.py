@@ -30,6 +30,11 @@ class LocalOperator:
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
+    def pid(self) -> int | None:
+        """The operator process's id while it runs (for /proc readings)."""
+        return self._process.pid if self._process is not None and self._process.poll() is None else None
+
+    @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 

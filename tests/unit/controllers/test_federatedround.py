@@ -183,8 +183,11 @@ def test_fedcompass_gives_fast_clients_more_steps_and_fits_the_deadline() -> Non
 
 
 def test_fedavg_assigns_q_max_to_everyone_and_passes_the_rule() -> None:
+    # minQuorum 3: Krum needs more than 2f + 2 updates, which the API server checks.
     round_spec = spec(
-        strategy="fedavg", aggregation={"rule": "multiKrum", "byzantineClients": 0, "maxUpdateNorm": 5}
+        strategy="fedavg",
+        minQuorum=3,
+        aggregation={"rule": "multiKrum", "byzantineClients": 0, "maxUpdateNorm": 5},
     )
     plan = fr.plan_round(round_spec, "r1-1", clients(a=0.1, b=3.0, c=None), None, 0, 7)
     assert isinstance(plan, fr.RoundPlan)

@@ -26,7 +26,7 @@ def spec(interval: dict[str, Any] | None = None) -> TrainingJobSpec:
     return TrainingJobSpec.model_validate(
         {
             "workers": {"replicas": 2},
-            "template": {},
+            "template": {"spec": {"containers": [{"name": "trainer", "image": "trainer:test"}]}},
             "checkpoint": {"storage": {"uri": "s3://b"}, "interval": interval or {"policy": "auto"}},
         }
     )
