@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ampacity.serving import hardware, replan
+from ampacity.serving.engine import cli as engine_cli
 from ampacity.serving.eval import coldstart, replay
 from ampacity.serving.keepalive import KeepAlivePolicy
 from ampacity.serving.planner import (
@@ -441,3 +442,5 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     replan_eval.add_argument("--timeline", action="store_true", help="print every interval's decision")
     _add_common(replan_eval)
     replan_eval.set_defaults(func=_replan_eval)
+
+    engine_cli.add_parser(actions)
