@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, JsonValue
 
 from ampacity.api.meta import ApiModel, Duration, Status, cel
 from ampacity.api.resource import Resource, age_column, ready_column, reason_column
@@ -27,18 +28,125 @@ class ModelSource(ApiModel):
     )
     uri: str = Field(
         min_length=1,
-        description="Where the weights live (s3://, gs://, hf://, pvc://NAME/PATH); passed to the engine.",
+        description="Where the weights live: hf://ORG/NAME (a Hugging Face repo id), pvc://CLAIM/PATH (a "
+        "PersistentVolumeClaim in the pool's namespace, mounted read-only), s3://BUCKET/PATH or "
+        "gs://BUCKET/PATH (streamed with vLLM's runai_streamer loader).",
+    )
+
+    validations = (
+        cel(
+            "self.uri.matches('^(hf://[^/]+/.+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|s3://.+|gs://.+)$')",
+            "model.uri must be hf://ORG/NAME, pvc://CLAIM/PATH, s3://BUCKET/PATH or gs://BUCKET/PATH",
+            ".uri",
+        ),
+    )
+
+
+#: `vllm serve` flags the operator sets from the plan and the spec; `engine.args` may not set them.
+PLANNED_ENGINE_FLAGS = (
+    "--tensor-parallel-size",
+    "-tp",
+    "--port",
+    "--host",
+    "--kv-transfer-config",
+    "--served-model-name",
+    "--load-format",
+    "--model",
+)
+_OPEN_OBJECT: dict[str, JsonValue] = {"x-kubernetes-preserve-unknown-fields": True}
+
+
+def _open_list(description: str) -> Any:
+    return Field(
+        default_factory=list,
+        description=description,
+        json_schema_extra={"items": {"type": "object", **_OPEN_OBJECT}},
     )
 
 
 class Engine(ApiModel):
-    """The serving engine container: users bring the image, the operator sets roles and resources."""
+    """The serving engine container: users bring the image, the operator sets roles and resources.
 
-    image: str = Field(min_length=1, description="Container image of the engine, e.g. vllm/vllm-openai:v0.9.")
+    The operator runs `vllm serve MODEL --port PORT --tensor-parallel-size TP --served-model-name NAME`
+    (plus the KV connector in disaggregated mode and the loader for s3:// and gs://); `args` follow.
+    The pod-level fields below are merged under the operator's own (GPU requests, probes, the model
+    volume, /dev/shm), which always win.
+    """
+
+    image: str = Field(
+        min_length=1, description="Container image of the engine, e.g. vllm/vllm-openai:v0.11.0."
+    )
     args: list[str] = Field(
-        default_factory=list, description="Extra arguments appended to the engine command."
+        default_factory=list,
+        description="Extra `vllm serve` arguments, appended after the operator's. Flags the plan sets "
+        "(--tensor-parallel-size, --port, --kv-transfer-config, ...) are rejected.",
     )
     port: int = Field(default=8000, ge=1, le=65535, description="Port the engine serves HTTP on.")
+    model_credentials_secret: str | None = Field(
+        default=None,
+        description="Secret (same namespace) whose keys become the engine's environment: HF_TOKEN for "
+        "hf:// models, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL) for s3://, "
+        "GOOGLE_APPLICATION_CREDENTIALS-style keys for gs://. The operator never reads it.",
+    )
+    env: list[dict[str, Any]] = _open_list(
+        "Extra environment variables of the engine container (core/v1 EnvVar)."
+    )
+    env_from: list[dict[str, Any]] = _open_list(
+        "Extra envFrom sources of the engine container (core/v1 EnvFromSource)."
+    )
+    volumes: list[dict[str, Any]] = _open_list("Extra volumes of the engine pod (core/v1 Volume).")
+    volume_mounts: list[dict[str, Any]] = _open_list(
+        "Extra volume mounts of the engine container (core/v1 VolumeMount)."
+    )
+    resources: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra requests and limits of the engine container (core/v1 ResourceRequirements), e.g. "
+        "cpu and memory; the GPU count comes from the plan.",
+        json_schema_extra=_OPEN_OBJECT,
+    )
+    tolerations: list[dict[str, Any]] = _open_list("Tolerations of the engine pods (core/v1 Toleration).")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the engine pods need, on top of the GPU affinity."
+    )
+    service_account_name: str | None = Field(
+        default=None, description="ServiceAccount of the engine pods (default: the namespace's default)."
+    )
+    image_pull_secrets: list[dict[str, Any]] = _open_list(
+        "Secrets for pulling the engine image (core/v1 LocalObjectReference: {name: ...})."
+    )
+
+    validations = (
+        cel(
+            "!self.args.exists(a, a.matches('^(" + "|".join(PLANNED_ENGINE_FLAGS) + ")(=.*)?$'))",
+            "engine.args may not set " + ", ".join(PLANNED_ENGINE_FLAGS) + ": the operator sets them "
+            "from the plan and the spec",
+            ".args",
+        ),
+    )
+
+
+class RouterPolicy(StrEnum):
+    ROUND_ROBIN = "round_robin"
+    POWER_OF_TWO = "power_of_two"
+    CACHE_AWARE = "cache_aware"
+    RANDOM = "random"
+    CONSISTENT_HASH = "consistent_hash"
+
+
+class Router(ApiModel):
+    """The pool's front door: vllm-router, one Service named after the pool."""
+
+    image: str | None = Field(
+        default=None,
+        description="Image with the vllm-router binary (PyPI vllm-router); default: the operator's "
+        "configured router image.",
+    )
+    policy: RouterPolicy = Field(
+        default=RouterPolicy.ROUND_ROBIN,
+        description="Load-balancing policy over the engines (in disaggregated mode, for both phases).",
+    )
+    replicas: int = Field(default=1, ge=1, le=16, description="Router instances behind the pool's Service.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port of the pool's Service and router.")
 
 
 class ServingSLO(ApiModel):
@@ -124,6 +232,9 @@ class ServingPoolSpec(ApiModel):
     autoscaling: Autoscaling | None = Field(
         default=None, description="Re-plan from live metrics; unset keeps the planned size."
     )
+    router: Router = Field(
+        default_factory=lambda: Router(), description="The router in front of the engines."
+    )
 
     validations = (
         cel("self.minGpus <= self.maxGpus", "minGpus must not exceed maxGpus", ".minGpus"),
@@ -184,6 +295,10 @@ class ServingPoolStatus(Status):
     )
     replicas: int = Field(default=0, ge=0, description="Engine instances created (prefill plus decode).")
     ready_replicas: int = Field(default=0, ge=0, description="Engine instances that are ready.")
+    endpoint: str = Field(
+        default="",
+        description="The pool's OpenAI-compatible base URL inside the cluster (the router's Service).",
+    )
 
 
 SERVING_POOL = Resource(
@@ -199,6 +314,12 @@ SERVING_POOL = Resource(
         {"name": "Model", "type": "string", "jsonPath": ".spec.model.name", "description": "Served model."},
         {"name": "Mode", "type": "string", "jsonPath": ".status.plan.mode", "description": "Planned mode."},
         {"name": "GPUs", "type": "integer", "jsonPath": ".status.plan.gpus", "description": "GPUs planned."},
+        {
+            "name": "Endpoint",
+            "type": "string",
+            "jsonPath": ".status.endpoint",
+            "description": "OpenAI base URL of the pool.",
+        },
         {
             "name": "Ready-Replicas",
             "type": "integer",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -17,31 +18,22 @@ from ampacity.serving.placement import affinity_weights, node_from_labels, prefe
 from ampacity.serving.replan import parse_metrics
 from controllers import metrics
 from controllers.reconciler import Context, controller
+from controllers.servingpool import children
 from controllers.servingpool.autoscale import next_size, planned_size
 from controllers.servingpool.plan import PlanningError, SizedPlan, plan_pool
 
 CAPACITY_LIMITED = "CapacityLimited"
 METRICS_AVAILABLE = "MetricsAvailable"
 METRICS_MEMO = "serving_metrics"
+#: The router runs from the operator's own image, which carries the vllm-router binary.
+ROUTER_IMAGE = os.environ.get("AMPACITY_IMAGE", "ghcr.io/ampacity/ampacity:0.1.0")
+#: Children the pool owns besides the engines, pruned by kind when they are no longer wanted.
+OWNED_KINDS = ("Deployment", "Service", "ServiceAccount", "Role", "RoleBinding")
 
 
 def _has_gpu(node: dict[str, Any], gpu_type: str) -> bool:
     labels = node["metadata"].get("labels", {})
     return gpu_type in (labels.get(GPU_TYPE_LABEL), labels.get(GPU_PRODUCT_LABEL))
-
-
-def _affinity(gpu_type: str, preferences: list[dict[str, Any]]) -> dict[str, Any]:
-    """Only nodes with the requested GPU (short type or NVIDIA's product label); warm ones first."""
-    terms = [
-        {"matchExpressions": [{"key": GPU_TYPE_LABEL, "operator": "In", "values": [gpu_type]}]},
-        {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In", "values": [gpu_type]}]},
-    ]
-    node_affinity: dict[str, Any] = {
-        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}
-    }
-    if preferences:
-        node_affinity["preferredDuringSchedulingIgnoredDuringExecution"] = preferences
-    return {"nodeAffinity": node_affinity}
 
 
 def warm_node_preferences(
@@ -66,64 +58,6 @@ def warm_node_preferences(
     if len({e.tier for e in estimates}) < 2:
         return []
     return preferred_affinity(affinity_weights(estimates))
-
-
-def engine_deployment(
-    ctx: Context,
-    spec: ServingPoolSpec,
-    role: str,
-    replicas: int,
-    tp: int,
-    preferences: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """One engine role (colocated, prefill or decode) as a Deployment.
-
-    The engine reads its role and parallelism from the environment; args may
-    reference them as $(AMPACITY_TENSOR_PARALLEL), which Kubernetes expands.
-    """
-    name = f"{ctx.name}-{role}"
-    labels = ctx.child_labels(role)
-    env = [
-        {"name": "AMPACITY_ROLE", "value": role},
-        {"name": "AMPACITY_MODEL", "value": spec.model.name},
-        {"name": "AMPACITY_MODEL_URI", "value": spec.model.uri},
-        {"name": "AMPACITY_TENSOR_PARALLEL", "value": str(tp)},
-        {"name": "AMPACITY_PORT", "value": str(spec.engine.port)},
-    ]
-    container = {
-        "name": "engine",
-        "image": spec.engine.image,
-        "args": list(spec.engine.args),
-        "env": env,
-        "ports": [{"name": "http", "containerPort": spec.engine.port}],
-        "resources": {"limits": {GPU_RESOURCE: str(tp)}, "requests": {GPU_RESOURCE: str(tp)}},
-        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5},
-    }
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": ctx.child_metadata(name, role),
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {"containers": [container], "affinity": _affinity(spec.gpu_type, preferences)},
-            },
-        },
-    }
-
-
-def role_service(ctx: Context, spec: ServingPoolSpec, name: str, role: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": ctx.child_metadata(name, role),
-        "spec": {
-            "selector": ctx.child_labels(role),
-            "ports": [{"name": "http", "port": spec.engine.port, "targetPort": "http"}],
-        },
-    }
 
 
 def roles(plan: ServingPlan, size: AutoscalingStatus) -> dict[str, tuple[int, int]]:
@@ -204,22 +138,31 @@ async def reconcile(ctx: Context) -> None:
     ctx.status.autoscaling = size if spec.autoscaling else None
     wanted = roles(plan, size)
     nodes = await ctx.kube.list_objects("Node", None)
-    deployments = [
-        engine_deployment(ctx, spec, role, r, tp, warm_node_preferences(nodes, spec, tp))
-        for role, (r, tp) in wanted.items()
-    ]
-    # The front door routes to the first phase a request meets (prefill or the colocated engine).
-    front_role = "prefill" if plan.mode == "disaggregated" else "engine"
-    services = [role_service(ctx, spec, ctx.name, front_role)]
-    services += [role_service(ctx, spec, f"{ctx.name}-{role}", role) for role in wanted if role != front_role]
-    applied = [await ctx.kube.apply(obj) for obj in deployments + services]
-    await ctx.kube.prune(
-        "Deployment", ctx.namespace, ctx.selector(), {d["metadata"]["name"] for d in deployments}
-    )
-    await ctx.kube.prune("Service", ctx.namespace, ctx.selector(), {s["metadata"]["name"] for s in services})
+    disaggregated = plan.mode == "disaggregated"
+    try:
+        deployments = [
+            children.engine_deployment(ctx, spec, role, r, tp, warm_node_preferences(nodes, spec, tp))
+            for role, (r, tp) in wanted.items()
+        ]
+    except children.InvalidEngineSpec as error:
+        ctx.set_ready(False, "InvalidSpec", str(error))
+        return
+    engines = {d["metadata"]["name"] for d in deployments}
+    router = children.router_deployment(ctx, spec, ROUTER_IMAGE, disaggregated)
+    front = [*children.router_rbac(ctx), router, children.pool_service(ctx, spec)]
+    applied = [await ctx.kube.apply(obj) for obj in deployments + front]
+    desired_names = {(o["kind"], o["metadata"]["name"]) for o in deployments + front}
+    for kind in OWNED_KINDS:
+        keep = {name for k, name in desired_names if k == kind}
+        await ctx.kube.prune(kind, ctx.namespace, ctx.selector(), keep)
+    ctx.status.endpoint = children.endpoint(ctx, spec)
 
     desired = sum(d["spec"]["replicas"] for d in deployments)
-    ready = sum(d.get("status", {}).get("readyReplicas", 0) for d in applied if d["kind"] == "Deployment")
+    ready = sum(
+        d.get("status", {}).get("readyReplicas", 0)
+        for d in applied
+        if d["kind"] == "Deployment" and d["metadata"]["name"] in engines
+    )
     ctx.status.replicas, ctx.status.ready_replicas = desired, ready
     metrics.SERVING_POOL_GPUS.labels(ctx.namespace, ctx.name).set(plan.gpus)
     metrics.SERVING_POOL_READY_REPLICAS.labels(ctx.namespace, ctx.name).set(ready)
