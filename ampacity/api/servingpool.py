@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, JsonValue
+from pydantic import Field, JsonValue, StringConstraints
 
 from ampacity.api.meta import ApiModel, Duration, Status, cel
 from ampacity.api.resource import Resource, age_column, ready_column, reason_column
@@ -28,6 +28,7 @@ class ModelSource(ApiModel):
     )
     uri: str = Field(
         min_length=1,
+        max_length=2048,
         description="Where the weights live: hf://ORG/NAME (a Hugging Face repo id), pvc://CLAIM/PATH (a "
         "PersistentVolumeClaim in the pool's namespace, mounted read-only), s3://BUCKET/PATH or "
         "gs://BUCKET/PATH (streamed with vLLM's runai_streamer loader).",
@@ -76,8 +77,9 @@ class Engine(ApiModel):
     image: str = Field(
         min_length=1, description="Container image of the engine, e.g. vllm/vllm-openai:v0.11.0."
     )
-    args: list[str] = Field(
+    args: list[Annotated[str, StringConstraints(max_length=4096)]] = Field(
         default_factory=list,
+        max_length=128,
         description="Extra `vllm serve` arguments, appended after the operator's. Flags the plan sets "
         "(--tensor-parallel-size, --port, --kv-transfer-config, ...) are rejected.",
     )
@@ -191,10 +193,13 @@ class ServingWorkload(ApiModel):
 class Autoscaling(ApiModel):
     """Resizing each phase from the engines' live metrics between plans."""
 
-    metrics_url: str = Field(
+    metrics_url: str | None = Field(
+        default=None,
         min_length=1,
-        description="Prometheus text endpoint with the pool's vLLM metrics (vllm:request_success_total, "
-        "vllm:prompt_tokens_total, vllm:time_to_first_token_seconds, ...), e.g. the router's /metrics.",
+        description="One Prometheus text endpoint with the whole pool's vLLM metrics "
+        "(vllm:request_success_total, vllm:prompt_tokens_total, vllm:time_to_first_token_seconds, ...) "
+        "to read instead of the engines. Unset: the operator scrapes every Ready engine pod's /metrics "
+        "and differences each engine's counters on their own.",
     )
     cooldown: Duration = Field(
         default=300.0, description="How long demand must stay low before a phase shrinks, e.g. 5m."

@@ -3,7 +3,8 @@
 Between plans, `ampacity.serving.replan.decide` resizes each phase (hysteresis and
 a cool-down against flapping); on top of it the pool scales to zero after
 `scaleToZeroAfter` without a request, and back to the planned size when
-requests come again. `next_size` is pure; the reconciler fetches the metrics.
+requests come again. `next_size` is pure; the reconciler scrapes every engine pod (or the one
+`metricsUrl`), and each engine's counters are differenced on their own (`replan.pool_increase`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from ampacity.serving.lengths import load_profile
 from ampacity.serving.planner import PoolPlan
 from ampacity.serving.replan import (
     MetricsSnapshot,
+    Observation,
     PlannedMix,
     ReplanConfig,
     ReplanState,
     decide,
-    observe,
+    observe_pool,
 )
 from ampacity.serving.simulator import Colocated, Disaggregated, Pool, Slo
 
@@ -57,22 +59,38 @@ def planned_size(plan: ServingPlan) -> AutoscalingStatus:
     )
 
 
+Scrape = dict[str, MetricsSnapshot]
+"""One scrape of the pool: each engine's (pod's) snapshot, by pod name."""
+
+
+def observation(before: Scrape | None, after: Scrape) -> Observation | None:
+    """The pool's rates between two scrapes, engine by engine (None: no rates yet)."""
+    if not before or not after:
+        return None
+    elapsed = max(s.time for s in after.values()) - max(s.time for s in before.values())
+    return observe_pool(before, after, elapsed) if elapsed > 0 else None
+
+
+def busy(scrape: Scrape) -> bool:
+    return any(s.running > 0 or s.waiting > 0 for s in scrape.values())
+
+
 def next_size(
     spec: ServingPoolSpec,
     plan: ServingPlan,
     previous: AutoscalingStatus | None,
-    before: MetricsSnapshot | None,
-    after: MetricsSnapshot,
+    before: Scrape | None,
+    after: Scrape,
     now: datetime,
 ) -> AutoscalingStatus:
-    """Instances per phase for the next interval, from two scrapes of the pool's metrics."""
+    """Instances per phase for the next interval, from two scrapes of the pool's engines."""
     assert spec.autoscaling is not None
     last = previous if previous is not None else planned_size(plan)
-    if before is None or after.time <= before.time:
+    observed = observation(before, after)
+    if observed is None:
         # One scrape gives no rates; the creation of the pool counts as activity.
         return last.model_copy(update={"last_request_time": last.last_request_time or now})
-    observed = observe(before, after)
-    active = observed.rate > 0 or after.waiting > 0 or after.running > 0
+    active = observed.rate > 0 or busy(after)
     last_request = now if active else (last.last_request_time or now)
     idle_for = (now - last_request).total_seconds()
     zero_after = spec.autoscaling.scale_to_zero_after

@@ -30,6 +30,7 @@ ROUTER = "router"
 KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
 NIXL_SIDE_CHANNEL_PORT = 5600
 ROUTER_METRICS_PORT = 29000
+ROUTER_HEALTH_INTERVAL_SECONDS = 5
 #: Weight loading of a 70B model from a network store takes minutes: 30 min before it counts as failed.
 STARTUP_SECONDS = 1800
 #: How long a stopping engine may keep serving the requests it has (the longest generation).
@@ -261,6 +262,14 @@ def router_args(ctx: Context, spec: ServingPoolSpec, disaggregated: bool) -> lis
         ctx.namespace,
         "--service-discovery-port",
         str(spec.engine.port),
+        # A dead engine leaves the rotation within ~10 s even before its pod turns unready:
+        # vllm-router 0.1.17 does not retry a P/D request's decode stage on another engine.
+        "--health-check-interval-secs",
+        str(ROUTER_HEALTH_INTERVAL_SECONDS),
+        "--health-failure-threshold",
+        "2",
+        "--cb-failure-threshold",
+        "3",
     ]
     if disaggregated:
         args += ["--vllm-pd-disaggregation", "--prefill-selector", *_selector_args(ctx, "prefill")]

@@ -15,16 +15,17 @@ from ampacity.api.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TYPE_LABEL
 from ampacity.api.servingpool import AutoscalingStatus, ServingPlan, ServingPoolSpec
 from ampacity.serving import hardware
 from ampacity.serving.placement import affinity_weights, node_from_labels, preferred_affinity, rank
-from ampacity.serving.replan import parse_metrics
+from ampacity.serving.replan import MetricsSnapshot, merge, parse_metrics, pool_increase
 from controllers import metrics
 from controllers.reconciler import Context, controller
 from controllers.servingpool import children
-from controllers.servingpool.autoscale import next_size, planned_size
+from controllers.servingpool.autoscale import Scrape, next_size, planned_size
 from controllers.servingpool.plan import PlanningError, SizedPlan, plan_pool
 
 CAPACITY_LIMITED = "CapacityLimited"
 METRICS_AVAILABLE = "MetricsAvailable"
 METRICS_MEMO = "serving_metrics"
+SCRAPE_TIMEOUT_SECONDS = 3.0
 #: The router runs from the operator's own image, which carries the vllm-router binary.
 ROUTER_IMAGE = os.environ.get("AMPACITY_IMAGE", "ghcr.io/ampacity/ampacity:0.1.0")
 #: Children the pool owns besides the engines, pruned by kind when they are no longer wanted.
@@ -70,27 +71,107 @@ def roles(plan: ServingPlan, size: AutoscalingStatus) -> dict[str, tuple[int, in
     return {"engine": (size.prefill_replicas, plan.prefill_tensor_parallel)}
 
 
+async def _scrape(client: httpx.AsyncClient, url: str) -> MetricsSnapshot:
+    response = await client.get(url)
+    response.raise_for_status()
+    return parse_metrics(response.text, time.time())
+
+
+async def scrape_pool(ctx: Context, spec: ServingPoolSpec) -> tuple[Scrape, dict[str, str], list[str]]:
+    """Every Ready engine pod's /metrics (or the one metricsUrl): snapshots and roles by pod, and
+    what could not be read."""
+    assert spec.autoscaling is not None
+    if spec.autoscaling.metrics_url:
+        targets = {"metricsUrl": (spec.autoscaling.metrics_url, "engine")}
+    else:
+        selector = f"{ctx.selector()},app.kubernetes.io/component in ({','.join(children.ENGINE_ROLES)})"
+        pods = await ctx.kube.list_objects("Pod", ctx.namespace, label_selector=selector)
+        targets = {
+            p["metadata"]["name"]: (
+                f"http://{p['status']['podIP']}:{spec.engine.port}/metrics",
+                p["metadata"]["labels"]["app.kubernetes.io/component"],
+            )
+            for p in pods
+            if p.get("status", {}).get("podIP") and _ready(p) and not p["metadata"].get("deletionTimestamp")
+        }
+    async with httpx.AsyncClient(timeout=SCRAPE_TIMEOUT_SECONDS) as client:
+        results = await asyncio.gather(
+            *(_scrape(client, url) for url, _ in targets.values()), return_exceptions=True
+        )
+    scrape: Scrape = {}
+    failed = []
+    for (pod, (url, _)), result in zip(targets.items(), results, strict=True):
+        if isinstance(result, MetricsSnapshot):
+            scrape[pod] = result
+        else:
+            failed.append(f"{pod} ({url}): {_describe(result)}")
+    return scrape, {pod: role for pod, (_, role) in targets.items()}, failed
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in pod.get("status", {}).get("conditions", [])
+    )
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, httpx.HTTPStatusError):
+        return f"HTTP {error.response.status_code}"
+    if isinstance(error, httpx.HTTPError):
+        return type(error).__name__
+    return "not Prometheus text"
+
+
+def measured_attainment(
+    spec: ServingPoolSpec, plan: ServingPlan, before: Scrape | None, after: Scrape, roles: dict[str, str]
+) -> float | None:
+    """Share of the interval's requests within the TTFT and TPOT objectives, from the engines'
+    histograms: TTFT where a request meets its first engine (colocated engines, or prefill engines
+    in P/D, whose TTFT leaves out the decode's KV pull and first step), TPOT where it is decoded.
+    The objectives are checked one at a time, so this is the attainment of the tighter one (the
+    joint attainment is at most this)."""
+    if not before:
+        return None
+    delta = {pod: s for pod, s in after.items() if pod in before}
+    if not delta:
+        return None
+    increase = {pod: pool_increase({pod: before[pod]}, {pod: s}) for pod, s in delta.items()}
+    first = "prefill" if plan.mode == "disaggregated" else "engine"
+    last = "decode" if plan.mode == "disaggregated" else "engine"
+    ttft = merge([s for p, s in increase.items() if roles.get(p) == first] or [MetricsSnapshot(0)]).ttft
+    decoded = [s for p, s in increase.items() if roles.get(p) == last] or [MetricsSnapshot(0)]
+    tpot_hist = merge(decoded).request_tpot
+    tpot = tpot_hist if tpot_hist.buckets else merge(decoded).tpot
+    fractions = [
+        f for f in (ttft.fraction_within(spec.slo.ttft), tpot.fraction_within(spec.slo.tpot)) if f is not None
+    ]
+    return min(fractions) if fractions else None
+
+
 async def _autoscale(ctx: Context, plan: ServingPlan) -> AutoscalingStatus:
-    """The size live metrics call for; the planned size when they cannot be read."""
+    """The size live metrics call for; the last (or planned) size when no engine can be read."""
     spec: ServingPoolSpec = ctx.spec
     assert spec.autoscaling is not None
     # A new plan (spec change) starts again from its own size.
     replanned = ctx.status.observed_generation != ctx.generation
     previous = None if replanned else ctx.status.autoscaling
-    try:
-        async with httpx.AsyncClient(timeout=5) as client:
-            response = await client.get(spec.autoscaling.metrics_url)
-            response.raise_for_status()
-    except httpx.HTTPError as error:
-        ctx.status.set_condition(METRICS_AVAILABLE, "False", "ScrapeFailed", str(error), ctx.generation)
+    scrape, roles_by_pod, failed = await scrape_pool(ctx, spec)
+    if not scrape and (failed or spec.autoscaling.metrics_url):
+        message = "; ".join(failed) or "no engine answered"
+        ctx.status.set_condition(METRICS_AVAILABLE, "False", "ScrapeFailed", message, ctx.generation)
+        metrics.SERVING_POOL_METRICS_UP.labels(ctx.namespace, ctx.name).set(0)
         return previous or planned_size(plan)
-    ctx.status.set_condition(
-        METRICS_AVAILABLE, "True", "Scraped", spec.autoscaling.metrics_url, ctx.generation
-    )
-    snapshot = parse_metrics(response.text, time.time())
+    reason = "Scraped" if not failed else "PartlyScraped"
+    message = f"{len(scrape)} engine(s) scraped" + (f"; unreadable: {'; '.join(failed)}" if failed else "")
+    ctx.status.set_condition(METRICS_AVAILABLE, "True", reason, message, ctx.generation)
+    metrics.SERVING_POOL_METRICS_UP.labels(ctx.namespace, ctx.name).set(1)
     before = None if replanned else ctx.memo.get(METRICS_MEMO)
-    ctx.memo[METRICS_MEMO] = snapshot
-    size = next_size(spec, plan, previous, before, snapshot, datetime.now(UTC))
+    ctx.memo[METRICS_MEMO] = scrape
+    attainment = measured_attainment(spec, plan, before, scrape, roles_by_pod)
+    if attainment is not None:
+        metrics.SERVING_POOL_MEASURED_ATTAINMENT.labels(ctx.namespace, ctx.name).set(attainment)
+    size = next_size(spec, plan, previous, before, scrape, datetime.now(UTC))
     old = previous or planned_size(plan)
     if (size.prefill_replicas, size.decode_replicas) != (old.prefill_replicas, old.decode_replicas):
         ctx.event("Autoscaled", f"{size.reason} ({size.observed_rate:g} req/s)")
