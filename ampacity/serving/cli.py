@@ -15,7 +15,7 @@ import numpy as np
 
 from ampacity.serving import hardware, replan
 from ampacity.serving.engine import cli as engine_cli
-from ampacity.serving.eval import coldstart, replay
+from ampacity.serving.eval import coldstart, e2e, replay
 from ampacity.serving.keepalive import KeepAlivePolicy
 from ampacity.serving.planner import (
     TP_DEGREES,
@@ -444,3 +444,4 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     replan_eval.set_defaults(func=_replan_eval)
 
     engine_cli.add_parser(actions)
+    e2e.add_parser(actions, parse_duration)

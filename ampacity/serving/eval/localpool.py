@@ -123,6 +123,9 @@ class LocalPool:
     time_scale: float = 1.0
     processes: list[LocalProcess] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
     def __enter__(self) -> LocalPool:
         return self
 
