@@ -21,7 +21,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from ampacity.api.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TYPE_LABEL
+from ampacity.api.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TYPE_LABEL, product_labels
 from ampacity.api.servingpool import PLANNED_ENGINE_FLAGS, ServingPoolSpec
 from controllers.reconciler import Context
 
@@ -147,7 +147,11 @@ def gpu_affinity(gpu_type: str, preferences: list[dict[str, Any]]) -> dict[str, 
     """Only nodes with the requested GPU (GPU Feature Discovery's product label or the short type)."""
     terms = [
         {"matchExpressions": [{"key": GPU_TYPE_LABEL, "operator": "In", "values": [gpu_type]}]},
-        {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In", "values": [gpu_type]}]},
+        {
+            "matchExpressions": [
+                {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": product_labels(gpu_type)}
+            ]
+        },
     ]
     node_affinity: dict[str, Any] = {
         "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from ampacity.api import SERVING_POOL
-from ampacity.api.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TYPE_LABEL
+from ampacity.api.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TYPE_LABEL, product_labels
 from ampacity.api.servingpool import AutoscalingStatus, ServingPlan, ServingPoolSpec
 from ampacity.serving import hardware
 from ampacity.serving.placement import affinity_weights, node_from_labels, preferred_affinity, rank
@@ -34,7 +34,7 @@ OWNED_KINDS = ("Deployment", "Service", "ServiceAccount", "Role", "RoleBinding")
 
 def _has_gpu(node: dict[str, Any], gpu_type: str) -> bool:
     labels = node["metadata"].get("labels", {})
-    return gpu_type in (labels.get(GPU_TYPE_LABEL), labels.get(GPU_PRODUCT_LABEL))
+    return labels.get(GPU_TYPE_LABEL) == gpu_type or labels.get(GPU_PRODUCT_LABEL) in product_labels(gpu_type)
 
 
 def warm_node_preferences(

@@ -80,7 +80,10 @@ def test_colocated_engine_runs_vllm_serve_with_the_planned_parallelism() -> None
     terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
         "nodeSelectorTerms"
     ]
-    assert {t["matchExpressions"][0]["key"] for t in terms} >= {GPU_PRODUCT_LABEL}
+    products = next(
+        t["matchExpressions"][0] for t in terms if t["matchExpressions"][0]["key"] == GPU_PRODUCT_LABEL
+    )
+    assert "NVIDIA-H100-80GB-HBM3" in products["values"]  # GPU Feature Discovery's label for an H100 SXM
 
 
 @pytest.mark.parametrize(("role", "kv_role"), [("prefill", "kv_producer"), ("decode", "kv_consumer")])
