@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime
 
 import numpy as np
@@ -21,13 +21,14 @@ from ampacity.api.servingpool import AutoscalingStatus, ServingPlan, ServingPool
 from ampacity.serving.lengths import load_profile
 from ampacity.serving.planner import PoolPlan
 from ampacity.serving.replan import (
+    QUANTILE,
     MetricsSnapshot,
     Observation,
     PlannedMix,
     ReplanConfig,
     ReplanState,
     decide,
-    observe_pool,
+    pool_increase,
 )
 from ampacity.serving.simulator import Colocated, Disaggregated, Pool, Slo
 
@@ -59,20 +60,53 @@ def planned_size(plan: ServingPlan) -> AutoscalingStatus:
     )
 
 
-Scrape = dict[str, MetricsSnapshot]
-"""One scrape of the pool: each engine's (pod's) snapshot, by pod name."""
+@dataclass(frozen=True)
+class EngineScrape:
+    role: str
+    """engine (colocated, or the one metricsUrl), prefill or decode."""
+    snapshot: MetricsSnapshot
+
+
+Scrape = dict[str, EngineScrape]
+"""One scrape of the pool: each engine's (pod's) role and snapshot, by pod name."""
+
+FIRST_PHASE = ("engine", "prefill")
+LAST_PHASE = ("engine", "decode")
+
+
+def _phase(scrape: Scrape, roles: tuple[str, ...]) -> dict[str, MetricsSnapshot]:
+    return {pod: e.snapshot for pod, e in scrape.items() if e.role in roles}
+
+
+def phase_increase(before: Scrape, after: Scrape, roles: tuple[str, ...]) -> MetricsSnapshot:
+    """What the engines of one phase counted between the scrapes (MetricsSnapshot(0) if none)."""
+    now = _phase(after, roles)
+    return pool_increase(_phase(before, roles), now) if now else MetricsSnapshot(0)
 
 
 def observation(before: Scrape | None, after: Scrape) -> Observation | None:
-    """The pool's rates between two scrapes, engine by engine (None: no rates yet)."""
+    """The pool's rates between two scrapes, engine by engine (None: no rates yet).
+
+    In a disaggregated pool every request passes a prefill and a decode engine, and both count
+    it: requests and output tokens are counted where requests end (decode), prompt tokens and
+    TTFT where they start (prefill), so nothing is counted twice."""
     if not before or not after:
         return None
-    elapsed = max(s.time for s in after.values()) - max(s.time for s in before.values())
-    return observe_pool(before, after, elapsed) if elapsed > 0 else None
+    elapsed = max(e.snapshot.time for e in after.values()) - max(e.snapshot.time for e in before.values())
+    if elapsed <= 0:
+        return None
+    first, last = phase_increase(before, after, FIRST_PHASE), phase_increase(before, after, LAST_PHASE)
+    return Observation(
+        rate=last.requests / elapsed,
+        prompt_tokens_rate=first.prompt_tokens / elapsed,
+        output_tokens_rate=last.output_tokens / elapsed,
+        ttft=first.ttft.quantile(QUANTILE),
+        tpot=last.tpot.quantile(QUANTILE),
+    )
 
 
 def busy(scrape: Scrape) -> bool:
-    return any(s.running > 0 or s.waiting > 0 for s in scrape.values())
+    return any(e.snapshot.running > 0 or e.snapshot.waiting > 0 for e in scrape.values())
 
 
 def next_size(

@@ -15,11 +15,19 @@ from ampacity.api.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TYPE_LABEL, pr
 from ampacity.api.servingpool import AutoscalingStatus, ServingPlan, ServingPoolSpec
 from ampacity.serving import hardware
 from ampacity.serving.placement import affinity_weights, node_from_labels, preferred_affinity, rank
-from ampacity.serving.replan import MetricsSnapshot, merge, parse_metrics, pool_increase
+from ampacity.serving.replan import MetricsSnapshot, parse_metrics
 from controllers import metrics
 from controllers.reconciler import Context, controller
 from controllers.servingpool import children
-from controllers.servingpool.autoscale import Scrape, next_size, planned_size
+from controllers.servingpool.autoscale import (
+    FIRST_PHASE,
+    LAST_PHASE,
+    EngineScrape,
+    Scrape,
+    next_size,
+    phase_increase,
+    planned_size,
+)
 from controllers.servingpool.plan import PlanningError, SizedPlan, plan_pool
 
 CAPACITY_LIMITED = "CapacityLimited"
@@ -77,9 +85,8 @@ async def _scrape(client: httpx.AsyncClient, url: str) -> MetricsSnapshot:
     return parse_metrics(response.text, time.time())
 
 
-async def scrape_pool(ctx: Context, spec: ServingPoolSpec) -> tuple[Scrape, dict[str, str], list[str]]:
-    """Every Ready engine pod's /metrics (or the one metricsUrl): snapshots and roles by pod, and
-    what could not be read."""
+async def scrape_pool(ctx: Context, spec: ServingPoolSpec) -> tuple[Scrape, list[str]]:
+    """Every Ready engine pod's /metrics (or the one metricsUrl), and what could not be read."""
     assert spec.autoscaling is not None
     if spec.autoscaling.metrics_url:
         targets = {"metricsUrl": (spec.autoscaling.metrics_url, "engine")}
@@ -100,12 +107,12 @@ async def scrape_pool(ctx: Context, spec: ServingPoolSpec) -> tuple[Scrape, dict
         )
     scrape: Scrape = {}
     failed = []
-    for (pod, (url, _)), result in zip(targets.items(), results, strict=True):
+    for (pod, (url, role)), result in zip(targets.items(), results, strict=True):
         if isinstance(result, MetricsSnapshot):
-            scrape[pod] = result
+            scrape[pod] = EngineScrape(role, result)
         else:
             failed.append(f"{pod} ({url}): {_describe(result)}")
-    return scrape, {pod: role for pod, (_, role) in targets.items()}, failed
+    return scrape, failed
 
 
 def _ready(pod: dict[str, Any]) -> bool:
@@ -123,9 +130,7 @@ def _describe(error: BaseException) -> str:
     return "not Prometheus text"
 
 
-def measured_attainment(
-    spec: ServingPoolSpec, plan: ServingPlan, before: Scrape | None, after: Scrape, roles: dict[str, str]
-) -> float | None:
+def measured_attainment(spec: ServingPoolSpec, before: Scrape | None, after: Scrape) -> float | None:
     """Share of the interval's requests within the TTFT and TPOT objectives, from the engines'
     histograms: TTFT where a request meets its first engine (colocated engines, or prefill engines
     in P/D, whose TTFT leaves out the decode's KV pull and first step), TPOT where it is decoded.
@@ -133,18 +138,13 @@ def measured_attainment(
     joint attainment is at most this)."""
     if not before:
         return None
-    delta = {pod: s for pod, s in after.items() if pod in before}
-    if not delta:
-        return None
-    increase = {pod: pool_increase({pod: before[pod]}, {pod: s}) for pod, s in delta.items()}
-    first = "prefill" if plan.mode == "disaggregated" else "engine"
-    last = "decode" if plan.mode == "disaggregated" else "engine"
-    ttft = merge([s for p, s in increase.items() if roles.get(p) == first] or [MetricsSnapshot(0)]).ttft
-    decoded = [s for p, s in increase.items() if roles.get(p) == last] or [MetricsSnapshot(0)]
-    tpot_hist = merge(decoded).request_tpot
-    tpot = tpot_hist if tpot_hist.buckets else merge(decoded).tpot
+    first = phase_increase(before, after, FIRST_PHASE)
+    last = phase_increase(before, after, LAST_PHASE)
+    tpot = last.request_tpot if last.request_tpot.buckets else last.tpot
     fractions = [
-        f for f in (ttft.fraction_within(spec.slo.ttft), tpot.fraction_within(spec.slo.tpot)) if f is not None
+        f
+        for f in (first.ttft.fraction_within(spec.slo.ttft), tpot.fraction_within(spec.slo.tpot))
+        if f is not None
     ]
     return min(fractions) if fractions else None
 
@@ -156,7 +156,7 @@ async def _autoscale(ctx: Context, plan: ServingPlan) -> AutoscalingStatus:
     # A new plan (spec change) starts again from its own size.
     replanned = ctx.status.observed_generation != ctx.generation
     previous = None if replanned else ctx.status.autoscaling
-    scrape, roles_by_pod, failed = await scrape_pool(ctx, spec)
+    scrape, failed = await scrape_pool(ctx, spec)
     if not scrape and (failed or spec.autoscaling.metrics_url):
         message = "; ".join(failed) or "no engine answered"
         ctx.status.set_condition(METRICS_AVAILABLE, "False", "ScrapeFailed", message, ctx.generation)
@@ -168,7 +168,7 @@ async def _autoscale(ctx: Context, plan: ServingPlan) -> AutoscalingStatus:
     metrics.SERVING_POOL_METRICS_UP.labels(ctx.namespace, ctx.name).set(1)
     before = None if replanned else ctx.memo.get(METRICS_MEMO)
     ctx.memo[METRICS_MEMO] = scrape
-    attainment = measured_attainment(spec, plan, before, scrape, roles_by_pod)
+    attainment = measured_attainment(spec, before, scrape)
     if attainment is not None:
         metrics.SERVING_POOL_MEASURED_ATTAINMENT.labels(ctx.namespace, ctx.name).set(attainment)
     size = next_size(spec, plan, previous, before, scrape, datetime.now(UTC))
