@@ -198,7 +198,15 @@ class Engine:
             out = self.producer.finished(rid, req.prompt_tokens) if self.producer else None
             if out and out["remote_block_ids"]:
                 self.batcher.hold(len(out["remote_block_ids"]) * kv.BLOCK_SIZE)
-        self._record(**log, status=200, completion_tokens=seq.generated, kv_transfer_params_out=out)
+        self._record(
+            **log,
+            status=200,
+            completion_tokens=seq.generated,
+            kv_transfer_params_out=out,
+            queue_seconds=None if seq.scheduled is None else seq.scheduled - arrival,
+            ttft_seconds=None if seq.first_token is None else seq.first_token - arrival,
+            e2e_seconds=None if seq.finished is None else seq.finished - arrival,
+        )
         if response is not None:
             return response
         text = "".join(protocol.token_text(i) for i in range(seq.generated))

@@ -31,13 +31,21 @@ import numpy as np
 
 from ampacity.serving import hardware, planner
 from ampacity.serving.eval.localpool import LocalPool, LocalProcess, engine_serve_args
-from ampacity.serving.simulator import Colocated, Pool, Slo, simulate
+from ampacity.serving.simulator import Colocated, Disaggregated, Pool, Slo, simulate
 from ampacity.serving.workload import Workload, load_azure
 
 MODEL = "llama2-70b"
 #: The router arguments the operator's Deployment carries, less discovery (see controllers/servingpool).
-ROUTER_ARGS = ["--host", "0.0.0.0", "--port", "8000", "--policy", "round_robin"]
-ROUTER_ARGS += ["--prometheus-host", "0.0.0.0", "--prometheus-port", "29000"]
+ROUTER_ARGS = [
+    "--host",
+    "0.0.0.0",
+    "--port",
+    "8000",
+    "--prometheus-host",
+    "0.0.0.0",
+    "--prometheus-port",
+    "29000",
+]
 
 
 @dataclass
@@ -52,6 +60,9 @@ class RateResult:
     tpot_p90: float
     predicted_ttft_p90: float
     predicted_tpot_p90: float
+    protocol_attainment: float
+    """The simulator's attainment with vllm-router's P/D protocol added to TTFT: the first token a
+    client sees comes from the decode engine, after the KV pull and its first decode step."""
     failed: int
 
 
@@ -112,11 +123,12 @@ def _engines(pool: LocalPool, unit: Pool) -> dict[str, list[LocalProcess]]:
     }
 
 
-def _router(pool: LocalPool, engines: dict[str, list[LocalProcess]]) -> LocalProcess:
+def _router(pool: LocalPool, engines: dict[str, list[LocalProcess]], policy: str) -> LocalProcess:
+    args = [*ROUTER_ARGS, "--policy", policy]
     if "engine" in engines:
-        return pool.router(ROUTER_ARGS, workers=[e.url for e in engines["engine"]])
+        return pool.router(args, workers=[e.url for e in engines["engine"]])
     return pool.router(
-        [*ROUTER_ARGS, "--vllm-pd-disaggregation"],
+        [*args, "--vllm-pd-disaggregation"],
         prefill=[e.url for e in engines["prefill"]],
         decode=[e.url for e in engines["decode"]],
     )
@@ -134,7 +146,12 @@ def run_rate(url: str, unit: Pool, minute: Workload, rate: float, slo: Slo, time
     measured = asyncio.run(replay(url, workload, time_scale))
     ok = [m for m in measured if m is not None]
     meets = [m is not None and m[0] <= slo.ttft and m[1] <= slo.tpot for m in measured]
-    sim = simulate(unit, workload, hardware.model(MODEL), hardware.gpu("h100"))
+    spec, gpu = hardware.model(MODEL), hardware.gpu("h100")
+    sim = simulate(unit, workload, spec, gpu)
+    ttft_seen = sim.ttft
+    if isinstance(unit, Disaggregated):
+        # The KV pull at the link's speed, then one decode step (the request's own TPOT).
+        ttft_seen = sim.ttft + workload.prompts * spec.kv_bytes_per_token / unit.kv_bandwidth + sim.tpot
     duration = workload.duration or 1.0
     ttft = np.array([m[0] for m in ok]) if ok else np.array([np.nan])
     tpot = np.array([m[1] for m in ok]) if ok else np.array([np.nan])
@@ -149,30 +166,34 @@ def run_rate(url: str, unit: Pool, minute: Workload, rate: float, slo: Slo, time
         tpot_p90=float(np.percentile(tpot, 90)),
         predicted_ttft_p90=float(np.percentile(sim.ttft, 90)),
         predicted_tpot_p90=float(np.percentile(sim.tpot, 90)),
+        protocol_attainment=float(np.mean((ttft_seen <= slo.ttft) & (sim.tpot <= slo.tpot))),
         failed=len(measured) - len(ok),
     )
 
 
-async def _latencies(url: str, n: int) -> list[float]:
+async def _paired_latencies(direct: str, routed: str, n: int) -> tuple[list[float], list[float]]:
+    """One-token completions alternating between the engine and the router, so both see the same
+    machine load."""
+    body = {"model": MODEL, "prompt": [1] * 8, "max_tokens": 1}
+    times: dict[str, list[float]] = {direct: [], routed: []}
     async with aiohttp.ClientSession() as session:
-        out = []
-        for _ in range(n):
-            start = time.monotonic()
-            body = {"model": MODEL, "prompt": [1] * 8, "max_tokens": 1}
-            async with session.post(url + "/v1/completions", json=body) as reply:
-                await reply.read()
-            out.append(time.monotonic() - start)
-        return out
+        for i in range(n + 20):
+            for url in (direct, routed) if i % 2 else (routed, direct):
+                start = time.monotonic()
+                async with session.post(url + "/v1/completions", json=body) as reply:
+                    await reply.read()
+                if i >= 20:  # the first requests warm the connections
+                    times[url].append(time.monotonic() - start)
+    return times[direct], times[routed]
 
 
 def router_overhead(workdir: Path, n: int) -> dict[str, float]:
-    """p50/p99 of (through the router) - (direct), for one-token completions on one idle engine."""
+    """Latency of one-token completions on one idle engine, directly and through the router."""
     with LocalPool(workdir, time_scale=1.0) as pool:
         engine = pool.engine("overhead-engine", engine_serve_args("m", MODEL, 4, None))
-        router = pool.router(ROUTER_ARGS, workers=[engine.url])
-        asyncio.run(_latencies(router.url, 20))  # warm both paths' connections
-        direct = np.array(asyncio.run(_latencies(engine.url, n)))
-        routed = np.array(asyncio.run(_latencies(router.url, n)))
+        router = pool.router([*ROUTER_ARGS, "--policy", "round_robin"], workers=[engine.url])
+        direct_list, routed_list = asyncio.run(_paired_latencies(engine.url, router.url, n))
+    direct, routed = np.array(direct_list), np.array(routed_list)
     return {
         "direct_p50_ms": float(np.percentile(direct, 50) * 1e3),
         "direct_p99_ms": float(np.percentile(direct, 99) * 1e3),
@@ -202,14 +223,15 @@ def bench(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-e2e-"))
     with LocalPool(workdir, time_scale=args.time_scale) as pool:
         engines = _engines(pool, unit.pool)
-        router = _router(pool, engines)
+        router = _router(pool, engines, args.policy)
         for rate in rates:
             print(f"replaying {len(minute)} requests at {rate:g} req/s ...", file=sys.stderr, flush=True)
             results.append(run_rate(router.url, unit.pool, minute, rate, slo, args.time_scale))
             r = results[-1]
             print(
                 f"  measured {r.measured_attainment:.1%} (goodput {r.measured_goodput:.2f} req/s), "
-                f"predicted {r.predicted_attainment:.1%} ({r.predicted_goodput:.2f}); failed {r.failed}",
+                f"predicted {r.predicted_attainment:.1%} ({r.predicted_goodput:.2f}), with the P/D "
+                f"protocol {r.protocol_attainment:.1%}; failed {r.failed}",
                 file=sys.stderr,
             )
     print("router overhead ...", file=sys.stderr, flush=True)
@@ -233,22 +255,24 @@ def format_report(report: dict[str, object]) -> str:
     lines = [
         f"plan: {report['plan']} ({report['gpus']} GPUs), "
         f"planned goodput {report['planned_goodput']:.2f} req/s",
-        "| rate (req/s) | requests | measured attainment | predicted | measured goodput | predicted goodput |"
-        " TTFT p90 meas./pred. | TPOT p90 meas./pred. | failed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| rate (req/s) | requests | measured attainment | predicted | predicted + P/D protocol |"
+        " measured goodput | predicted goodput | TTFT p90 meas./pred. | TPOT p90 meas./pred. | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rates"]:  # type: ignore[attr-defined]
         lines.append(
             f"| {r['rate']:g} | {r['requests']} | "
             f"{r['measured_attainment']:.1%} | {r['predicted_attainment']:.1%} | "
+            f"{r['protocol_attainment']:.1%} | "
             f"{r['measured_goodput']:.2f} | {r['predicted_goodput']:.2f} | "
             f"{r['ttft_p90'] * 1e3:.0f} / {r['predicted_ttft_p90'] * 1e3:.0f} ms | "
             f"{r['tpot_p90'] * 1e3:.1f} / {r['predicted_tpot_p90'] * 1e3:.1f} ms | {r['failed']} |"
         )
     o = report["router_overhead"]
     lines.append(
-        f"router added latency: p50 {o['added_p50_ms']:.2f} ms, p99 {o['added_p99_ms']:.2f} ms "  # type: ignore[index]
-        f"(direct p50 {o['direct_p50_ms']:.2f} ms, p99 {o['direct_p99_ms']:.2f} ms)"  # type: ignore[index]
+        f"one-token completions, direct: p50 {o['direct_p50_ms']:.2f} ms, p99 {o['direct_p99_ms']:.2f} ms; "  # type: ignore[index]
+        f"through the router: p50 {o['router_p50_ms']:.2f} ms, p99 {o['router_p99_ms']:.2f} ms "  # type: ignore[index]
+        f"(added: p50 {o['added_p50_ms']:.2f} ms, p99 {o['added_p99_ms']:.2f} ms)"  # type: ignore[index]
     )
     return "\n".join(lines)
 
@@ -268,6 +292,9 @@ def add_parser(
     )
     parser.add_argument(
         "--time-scale", type=float, default=4.0, help="slow the engines down (4: quarter speed)"
+    )
+    parser.add_argument(
+        "--policy", default="round_robin", help="router policy (round_robin, the ServingPool default)"
     )
     parser.add_argument("--overhead-requests", type=int, default=300)
     parser.add_argument("--workdir", type=Path, help="logs of the engines and the router")
