@@ -41,7 +41,15 @@ def test_samples_reach_ready_or_explained(kubectl: Kubectl, operator: LocalOpera
     assert condition(pool)["reason"] == "EnginesReady"  # type: ignore[index]
     plan = pool["status"]["plan"]
     assert plan["gpus"] >= 8 and plan["predictedGoodput"] > 0
-    engines = kubectl.json("get", "deployments", "-n", namespace, "-l", "ampacity.dev/servingpool")["items"]
+    # The pool's engines; its router (component=router) runs no GPU.
+    engines = kubectl.json(
+        "get",
+        "deployments",
+        "-n",
+        namespace,
+        "-l",
+        "ampacity.dev/servingpool,app.kubernetes.io/component!=router",
+    )["items"]
     gpus = {
         d["metadata"]["name"]: (
             d["spec"]["replicas"],
@@ -137,7 +145,7 @@ def test_spec_change_replans_and_prunes(kubectl: Kubectl, operator: LocalOperato
     assert tighter["status"]["plan"]["gpus"] > first["status"]["plan"]["gpus"]
     pool["spec"]["mode"] = "disaggregated"
     assert kubectl.apply(pool).returncode == 0
-    engines = "ampacity.dev/servingpool=llama2-70b-chat"
+    engines = "ampacity.dev/servingpool=llama2-70b-chat,app.kubernetes.io/component!=router"
 
     def deployment_names() -> set[str]:
         items = kubectl.json("get", "deployments", "-n", namespace, "-l", engines)["items"]
