@@ -197,7 +197,7 @@ def test_restarted_operator_converges(kubectl: Kubectl, operator: LocalOperator,
         ),
         what="ServingPool ready after restart",
     )  # type: ignore[index]
-    # Nothing duplicated: exactly one gang of four workers and one Deployment per engine role.
+    # Nothing duplicated: exactly one gang of four workers, one Deployment per engine role and the router.
     pods = kubectl.json("get", "pods", "-n", namespace, "-l", "ampacity.dev/trainingjob=gpt-pretrain")[
         "items"
     ]
@@ -206,7 +206,7 @@ def test_restarted_operator_converges(kubectl: Kubectl, operator: LocalOperator,
         "items"
     ]
     plan = kubectl.get("servingpool", "llama2-70b-chat", namespace)["status"]["plan"]  # type: ignore[index]
-    assert len(deployments) == (2 if plan["mode"] == "disaggregated" else 1)
+    assert len(deployments) == (3 if plan["mode"] == "disaggregated" else 2)
 
 
 def test_failed_worker_restarts_the_whole_gang(
