@@ -17,25 +17,8 @@ GPU_PRESENT_LABEL = "nvidia.com/gpu.present"
 GPU_COUNT_LABEL = "nvidia.com/gpu.count"
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
 GPU_TYPE_LABEL = "ampacity.dev/gpu-type"
-#: GPU Feature Discovery's `nvidia.com/gpu.product` values (the CUDA device name, spaces as dashes)
-#: for each short GPU type, so a pool asking for `h100` lands on GFD-labelled nodes too.
-GFD_PRODUCTS: dict[str, tuple[str, ...]] = {
-    "h100": ("NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe", "NVIDIA-H100-NVL"),
-    "a100": (
-        "NVIDIA-A100-SXM4-80GB",
-        "NVIDIA-A100-80GB-PCIe",
-        "NVIDIA-A100-SXM4-40GB",
-        "NVIDIA-A100-PCIE-40GB",
-    ),
-}
 ROW_LABEL = "ampacity.dev/row"
 RACK_LABEL = "ampacity.dev/rack"
-
-
-def product_labels(gpu_type: str) -> list[str]:
-    """The `nvidia.com/gpu.product` values a GPU type matches: its GFD products, or itself when it is
-    already a product label (e.g. NVIDIA-H100-80GB-HBM3)."""
-    return list(GFD_PRODUCTS.get(gpu_type.lower(), (gpu_type,)))
 
 
 def pod_gpus(pod: Mapping[str, Any]) -> int:

@@ -21,7 +21,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from ampacity.api.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TYPE_LABEL, product_labels
+from ampacity.api.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TYPE_LABEL
+from ampacity.api.gpu_products import gpu_product
 from ampacity.api.servingpool import PLANNED_ENGINE_FLAGS, ServingPoolSpec
 from controllers.reconciler import Context
 
@@ -107,7 +108,7 @@ def kv_transfer_config(role: str) -> str:
     return json.dumps({"kv_connector": "NixlConnector", "kv_role": KV_ROLES[role]}, separators=(",", ":"))
 
 
-def engine_args(spec: ServingPoolSpec, role: str, tp: int) -> list[str]:
+def engine_args(spec: ServingPoolSpec, role: str, tp: int, chunk: int = 0) -> list[str]:
     """`vllm serve` arguments (after `vllm serve`) for one engine role."""
     conflicts = conflicting_args(spec.engine.args)
     if conflicts:
@@ -128,6 +129,9 @@ def engine_args(spec: ServingPoolSpec, role: str, tp: int) -> list[str]:
     ]
     if role in KV_ROLES:
         args += ["--kv-transfer-config", kv_transfer_config(role)]
+    if chunk > 0:
+        # The plan's chunked prefill: prompts enter each pass at most `chunk` tokens at a time.
+        args += ["--enable-chunked-prefill", "--max-num-batched-tokens", str(chunk)]
     return args + list(spec.engine.args)
 
 
@@ -143,15 +147,21 @@ def _merge_resources(extra: dict[str, Any], tp: int) -> dict[str, Any]:
     return resources
 
 
+def gpu_names(gpu_type: str) -> tuple[list[str], list[str]]:
+    """(short types, GFD product labels) a gpuType matches: a catalogued GPU by either name."""
+    try:
+        product = gpu_product(gpu_type)
+    except KeyError:
+        return [gpu_type], [gpu_type]
+    return sorted({gpu_type, product.short_name}), sorted({gpu_type, product.product})
+
+
 def gpu_affinity(gpu_type: str, preferences: list[dict[str, Any]]) -> dict[str, Any]:
     """Only nodes with the requested GPU (GPU Feature Discovery's product label or the short type)."""
+    short, products = gpu_names(gpu_type)
     terms = [
-        {"matchExpressions": [{"key": GPU_TYPE_LABEL, "operator": "In", "values": [gpu_type]}]},
-        {
-            "matchExpressions": [
-                {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": product_labels(gpu_type)}
-            ]
-        },
+        {"matchExpressions": [{"key": GPU_TYPE_LABEL, "operator": "In", "values": short}]},
+        {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In", "values": products}]},
     ]
     node_affinity: dict[str, Any] = {
         "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}
@@ -166,7 +176,13 @@ def engine_labels(ctx: Context, role: str) -> dict[str, str]:
 
 
 def engine_deployment(
-    ctx: Context, spec: ServingPoolSpec, role: str, replicas: int, tp: int, preferences: list[dict[str, Any]]
+    ctx: Context,
+    spec: ServingPoolSpec,
+    role: str,
+    replicas: int,
+    tp: int,
+    preferences: list[dict[str, Any]],
+    chunk: int = 0,
 ) -> dict[str, Any]:
     """One engine role (engine: colocated, prefill or decode) as a Deployment."""
     engine = spec.engine
@@ -190,7 +206,7 @@ def engine_deployment(
         "name": "engine",
         "image": engine.image,
         "command": ["vllm", "serve"],
-        "args": engine_args(spec, role, tp),
+        "args": engine_args(spec, role, tp, chunk),
         "env": env,
         "ports": ports,
         "resources": _merge_resources(engine.resources, tp),

@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 
 from ampacity.api import SERVING_POOL
-from ampacity.api.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TYPE_LABEL, product_labels
+from ampacity.api.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TYPE_LABEL
 from ampacity.api.servingpool import AutoscalingStatus, ServingPlan, ServingPoolSpec
-from ampacity.serving import hardware
 from ampacity.serving.placement import affinity_weights, node_from_labels, preferred_affinity, rank
+from ampacity.serving.pool_plan import resolve_model
 from ampacity.serving.replan import MetricsSnapshot, parse_metrics
 from controllers import metrics
 from controllers.reconciler import Context, controller
@@ -28,7 +28,15 @@ from controllers.servingpool.autoscale import (
     phase_increase,
     planned_size,
 )
-from controllers.servingpool.plan import PlanningError, SizedPlan, plan_pool
+from controllers.servingpool.plan import (
+    LATENCY_PROFILE_INVALID,
+    PLANNED_CONDITION,
+    PlanningError,
+    SizedPlan,
+    plan_pool,
+    record_plan,
+    record_planning_error,
+)
 
 CAPACITY_LIMITED = "CapacityLimited"
 METRICS_AVAILABLE = "MetricsAvailable"
@@ -36,13 +44,12 @@ METRICS_MEMO = "serving_metrics"
 SCRAPE_TIMEOUT_SECONDS = 3.0
 #: The router runs from the operator's own image, which carries the vllm-router binary.
 ROUTER_IMAGE = os.environ.get("AMPACITY_IMAGE", "ghcr.io/ampacity/ampacity:0.1.0")
-#: Children the pool owns besides the engines, pruned by kind when they are no longer wanted.
-OWNED_KINDS = ("Deployment", "Service", "ServiceAccount", "Role", "RoleBinding")
 
 
 def _has_gpu(node: dict[str, Any], gpu_type: str) -> bool:
     labels = node["metadata"].get("labels", {})
-    return labels.get(GPU_TYPE_LABEL) == gpu_type or labels.get(GPU_PRODUCT_LABEL) in product_labels(gpu_type)
+    short, products = children.gpu_names(gpu_type)
+    return labels.get(GPU_TYPE_LABEL) in short or labels.get(GPU_PRODUCT_LABEL) in products
 
 
 def warm_node_preferences(
@@ -63,10 +70,26 @@ def warm_node_preferences(
         for n in nodes
         if _has_gpu(n, spec.gpu_type)
     ]
-    estimates = rank(caches, spec.model.name, hardware.model(spec.model.name).weight_bytes, tp)
+    model = resolve_model(spec)
+    if model is None:
+        return []  # no weight size to estimate load times from
+    estimates = rank(caches, spec.model.name, model.weight_bytes, tp)
     if len({e.tier for e in estimates}) < 2:
         return []
     return preferred_affinity(affinity_weights(estimates))
+
+
+async def _ensure(ctx: Context, obj: dict[str, Any]) -> None:
+    """Apply a child the cache does not watch (the router's RBAC) only when it is missing or differs:
+    a read per pass instead of a write."""
+    live = await ctx.kube.get(obj["kind"], ctx.namespace, obj["metadata"]["name"])
+    fields = ("rules", "roleRef", "subjects")
+    if (
+        live is None
+        or any(live.get(f) != obj.get(f) for f in fields)
+        or live["metadata"].get("ownerReferences") != obj["metadata"]["ownerReferences"]
+    ):
+        await ctx.kube.apply(obj)
 
 
 def roles(plan: ServingPlan, size: AutoscalingStatus) -> dict[str, tuple[int, int]]:
@@ -92,7 +115,7 @@ async def scrape_pool(ctx: Context, spec: ServingPoolSpec) -> tuple[Scrape, list
         targets = {"metricsUrl": (spec.autoscaling.metrics_url, "engine")}
     else:
         selector = f"{ctx.selector()},app.kubernetes.io/component in ({','.join(children.ENGINE_ROLES)})"
-        pods = await ctx.kube.list_objects("Pod", ctx.namespace, label_selector=selector)
+        pods = await ctx.cache.pods(ctx.namespace, selector)
         targets = {
             p["metadata"]["name"]: (
                 f"http://{p['status']['podIP']}:{spec.engine.port}/metrics",
@@ -185,11 +208,22 @@ async def _plan(ctx: Context) -> SizedPlan:
     thread, and only when the spec changed.
     """
     status = ctx.status
-    if status.plan is not None and status.observed_generation == ctx.generation:
+    planned = status.condition(PLANNED_CONDITION)
+    # A plan kept through an unreadable latency profile is retried until the profile reads.
+    retry = planned is not None and planned.reason == LATENCY_PROFILE_INVALID
+    if status.plan is not None and status.observed_generation == ctx.generation and not retry:
         limited = status.condition(CAPACITY_LIMITED)
-        return SizedPlan(status.plan, limited.message if limited and limited.status == "True" else "")
-    sized = await asyncio.to_thread(plan_pool, ctx.spec)
+        return SizedPlan(
+            status.plan,
+            limited.message if limited and limited.status == "True" else "",
+            planned.reason if planned else "Planned",
+            planned.message if planned else "",
+        )
+    sized = await asyncio.to_thread(plan_pool, ctx.spec, await _latency_profile(ctx))
     plan = sized.plan
+    if not sized.planned:
+        ctx.event(sized.reason, sized.message, warning=True)
+        return sized
     ctx.event(
         "Planned",
         f"{plan.mode}: {plan.gpus} GPUs for {plan.capacity:g} req/s, "
@@ -198,14 +232,36 @@ async def _plan(ctx: Context) -> SizedPlan:
     return sized
 
 
+async def _latency_profile(ctx: Context) -> str | None:
+    """The text of the pool's latency-profile ConfigMap key; None when it is missing."""
+    ref = ctx.spec.latency_profile
+    if ref is None:
+        return None
+    config_map = await ctx.kube.get("ConfigMap", ctx.namespace, ref.config_map)
+    data = (config_map or {}).get("data") or {}
+    if ref.key is not None:
+        return data.get(ref.key)
+    return next(iter(data.values())) if len(data) == 1 else None
+
+
 async def reconcile(ctx: Context) -> None:
     spec: ServingPoolSpec = ctx.spec
     try:
         sized = await _plan(ctx)
     except PlanningError as error:
-        ctx.status.plan = None
-        ctx.set_ready(False, "Unplannable", str(error))
-        return
+        before = ctx.status.condition(PLANNED_CONDITION)
+        repeated = (
+            before is not None and before.reason == error.reason and before.message.startswith(str(error))
+        )
+        if not record_planning_error(ctx.status, error, ctx.generation):
+            ctx.set_ready(False, error.reason, str(error))
+            return
+        if not repeated:
+            ctx.event(error.reason, str(error), warning=True)
+        assert ctx.status.plan is not None
+        sized = SizedPlan(ctx.status.plan)
+    else:
+        record_plan(ctx.status, sized, ctx.generation)
     plan = ctx.status.plan = sized.plan
     ctx.status.set_condition(
         CAPACITY_LIMITED,
@@ -218,11 +274,13 @@ async def reconcile(ctx: Context) -> None:
     size = await _autoscale(ctx, plan) if spec.autoscaling else planned_size(plan)
     ctx.status.autoscaling = size if spec.autoscaling else None
     wanted = roles(plan, size)
-    nodes = await ctx.kube.list_objects("Node", None)
+    nodes = await ctx.cache.nodes()
     disaggregated = plan.mode == "disaggregated"
     try:
         deployments = [
-            children.engine_deployment(ctx, spec, role, r, tp, warm_node_preferences(nodes, spec, tp))
+            children.engine_deployment(
+                ctx, spec, role, r, tp, warm_node_preferences(nodes, spec, tp), plan.prefill_chunk_tokens
+            )
             for role, (r, tp) in wanted.items()
         ]
     except children.InvalidEngineSpec as error:
@@ -230,12 +288,15 @@ async def reconcile(ctx: Context) -> None:
         return
     engines = {d["metadata"]["name"] for d in deployments}
     router = children.router_deployment(ctx, spec, ROUTER_IMAGE, disaggregated)
-    front = [*children.router_rbac(ctx), router, children.pool_service(ctx, spec)]
-    applied = [await ctx.kube.apply(obj) for obj in deployments + front]
+    for rbac in children.router_rbac(ctx):
+        await _ensure(ctx, rbac)
+    front = [router, children.pool_service(ctx, spec)]
+    applied = [await ctx.apply(obj) for obj in deployments + front]
+    # Engine Deployments and Services come and go with the mode; the router's RBAC stays.
     desired_names = {(o["kind"], o["metadata"]["name"]) for o in deployments + front}
-    for kind in OWNED_KINDS:
+    for kind in ("Deployment", "Service"):
         keep = {name for k, name in desired_names if k == kind}
-        await ctx.kube.prune(kind, ctx.namespace, ctx.selector(), keep)
+        await ctx.cache.prune(kind, ctx.namespace, ctx.selector(), keep)
     ctx.status.endpoint = children.endpoint(ctx, spec)
 
     desired = sum(d["spec"]["replicas"] for d in deployments)

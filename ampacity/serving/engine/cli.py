@@ -34,8 +34,9 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
     latency_model = args.latency_model or served
     try:
         hardware.model(latency_model)
+        hardware.gpu(args.gpu)
     except KeyError as err:
-        raise SystemExit(f"{err.args[0]} (set --latency-model)") from err
+        raise SystemExit(f"{err.args[0]} (set --latency-model or --gpu)") from err
     return EngineConfig(
         model=args.model,
         served_model_name=served,
@@ -81,7 +82,9 @@ def add_parser(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     engine.add_argument("--port", type=int, default=8000)
     engine.add_argument("--served-model-name", help="the model name clients ask for (default: --model)")
     engine.add_argument("--latency-model", help="architecture for the latency model (default: served name)")
-    engine.add_argument("--gpu", default="h100", choices=sorted(hardware.GPUS))
+    engine.add_argument(
+        "--gpu", default="h100", help="GPU for the latency model (h100, a100, a GFD product name)"
+    )
     engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     engine.add_argument(
         "--kv-transfer-config",
@@ -89,6 +92,11 @@ def add_parser(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     engine.add_argument("--max-num-seqs", type=int, default=Limits().max_batch)
     engine.add_argument("--max-num-batched-tokens", type=int, default=Limits().prefill_tokens)
+    engine.add_argument(
+        "--enable-chunked-prefill",
+        action="store_true",
+        help="accepted as vllm serve takes it (no effect here)",
+    )
     engine.add_argument(
         "--time-scale",
         type=float,
