@@ -132,8 +132,21 @@ SERVING_POOL_CAPACITY = Gauge(
     "Requests per second the planned pool sustains.",
     OBJECT_LABELS,
 )
+SERVING_POOL_MEASURED_ATTAINMENT = Gauge(
+    "ampacity_servingpool_measured_slo_attainment_ratio",
+    "Measured fraction of the last interval's requests within the latency objectives (the tighter of "
+    "TTFT and TPOT), from the engines' histograms; absent until two scrapes of an autoscaled pool.",
+    OBJECT_LABELS,
+)
+SERVING_POOL_METRICS_UP = Gauge(
+    "ampacity_servingpool_metrics_up",
+    "1 when the last scrape of the pool's engines read at least one engine, 0 when none answered.",
+    OBJECT_LABELS,
+)
 OBJECT_GAUGES["ServingPool"] = (
     *OBJECT_GAUGES["ServingPool"],
+    SERVING_POOL_MEASURED_ATTAINMENT,
+    SERVING_POOL_METRICS_UP,
     SERVING_POOL_REPLICAS,
     SERVING_POOL_PREDICTED_ATTAINMENT,
     SERVING_POOL_ATTAINMENT_OBJECTIVE,

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, JsonValue, StringConstraints, model_validator
 
 from ampacity.api.meta import ApiModel, Duration, NameLimit, PositiveDuration, Status, cel
 from ampacity.api.resource import Resource, age_column, ready_column, reason_column
+
+#: The model sources vLLM can load (see controllers/servingpool/children.py for how each is wired).
+MODEL_URI_PATTERN = "^(hf://[^/]+/.+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|s3://.+|gs://.+)$"
 
 
 class ServingMode(StrEnum):
@@ -146,7 +150,10 @@ class ModelSource(ApiModel):
     )
     uri: str = Field(
         min_length=1,
-        description="Where the weights live (s3://, gs://, hf://, pvc://NAME/PATH); passed to the engine.",
+        max_length=2048,
+        description="Where the weights live: hf://ORG/NAME (a Hugging Face repo id), pvc://CLAIM/PATH (a "
+        "PersistentVolumeClaim in the pool's namespace, mounted read-only), s3://BUCKET/PATH or "
+        "gs://BUCKET/PATH (streamed with vLLM's runai_streamer loader).",
     )
     architecture: ModelArchitecture | None = Field(
         default=None,
@@ -154,15 +161,126 @@ class ModelSource(ApiModel):
         "prints it); overrides the built-in entry of the same name.",
     )
 
+    validations = (
+        cel(
+            f"self.uri.matches('{MODEL_URI_PATTERN}')",
+            "model.uri must be hf://ORG/NAME, pvc://CLAIM/PATH, s3://BUCKET/PATH or gs://BUCKET/PATH",
+            ".uri",
+            check=lambda s: re.match(MODEL_URI_PATTERN, s.uri) is not None,
+        ),
+    )
+
+
+#: `vllm serve` flags the operator sets from the plan and the spec; `engine.args` may not set them.
+PLANNED_ENGINE_FLAGS = (
+    "--tensor-parallel-size",
+    "--enable-chunked-prefill",
+    "--max-num-batched-tokens",
+    "-tp",
+    "--port",
+    "--host",
+    "--kv-transfer-config",
+    "--served-model-name",
+    "--load-format",
+    "--model",
+)
+_PLANNED_FLAG_PATTERN = "^(" + "|".join(PLANNED_ENGINE_FLAGS) + ")(=.*)?$"
+_OPEN_OBJECT: dict[str, JsonValue] = {"x-kubernetes-preserve-unknown-fields": True}
+
+
+def _open_list(description: str) -> Any:
+    return Field(
+        default_factory=list,
+        description=description,
+        json_schema_extra={"items": {"type": "object", **_OPEN_OBJECT}},
+    )
+
 
 class Engine(ApiModel):
-    """The serving engine container: users bring the image, the operator sets roles and resources."""
+    """The serving engine container: users bring the image, the operator sets roles and resources.
 
-    image: str = Field(min_length=1, description="Container image of the engine, e.g. vllm/vllm-openai:v0.9.")
-    args: list[str] = Field(
-        default_factory=list, description="Extra arguments appended to the engine command."
+    The operator runs `vllm serve MODEL --port PORT --tensor-parallel-size TP --served-model-name NAME`
+    (plus the KV connector in disaggregated mode and the loader for s3:// and gs://); `args` follow.
+    The pod-level fields below are merged under the operator's own (GPU requests, probes, the model
+    volume, /dev/shm), which always win.
+    """
+
+    image: str = Field(
+        min_length=1, description="Container image of the engine, e.g. vllm/vllm-openai:v0.11.0."
+    )
+    args: list[Annotated[str, StringConstraints(max_length=4096)]] = Field(
+        default_factory=list,
+        max_length=128,
+        description="Extra `vllm serve` arguments, appended after the operator's. Flags the plan sets "
+        "(--tensor-parallel-size, --port, --kv-transfer-config, ...) are rejected.",
     )
     port: int = Field(default=8000, ge=1, le=65535, description="Port the engine serves HTTP on.")
+    model_credentials_secret: str | None = Field(
+        default=None,
+        description="Secret (same namespace) whose keys become the engine's environment: HF_TOKEN for "
+        "hf:// models, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL) for s3://, "
+        "GOOGLE_APPLICATION_CREDENTIALS-style keys for gs://. The operator never reads it.",
+    )
+    env: list[dict[str, Any]] = _open_list(
+        "Extra environment variables of the engine container (core/v1 EnvVar)."
+    )
+    env_from: list[dict[str, Any]] = _open_list(
+        "Extra envFrom sources of the engine container (core/v1 EnvFromSource)."
+    )
+    volumes: list[dict[str, Any]] = _open_list("Extra volumes of the engine pod (core/v1 Volume).")
+    volume_mounts: list[dict[str, Any]] = _open_list(
+        "Extra volume mounts of the engine container (core/v1 VolumeMount)."
+    )
+    resources: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra requests and limits of the engine container (core/v1 ResourceRequirements), e.g. "
+        "cpu and memory; the GPU count comes from the plan.",
+        json_schema_extra=_OPEN_OBJECT,
+    )
+    tolerations: list[dict[str, Any]] = _open_list("Tolerations of the engine pods (core/v1 Toleration).")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the engine pods need, on top of the GPU affinity."
+    )
+    service_account_name: str | None = Field(
+        default=None, description="ServiceAccount of the engine pods (default: the namespace's default)."
+    )
+    image_pull_secrets: list[dict[str, Any]] = _open_list(
+        "Secrets for pulling the engine image (core/v1 LocalObjectReference: {name: ...})."
+    )
+
+    validations = (
+        cel(
+            f"!self.args.exists(a, a.matches('{_PLANNED_FLAG_PATTERN}'))",
+            "engine.args may not set " + ", ".join(PLANNED_ENGINE_FLAGS) + ": the operator sets them "
+            "from the plan and the spec",
+            ".args",
+            check=lambda s: not any(re.match(_PLANNED_FLAG_PATTERN, a) for a in s.args),
+        ),
+    )
+
+
+class RouterPolicy(StrEnum):
+    ROUND_ROBIN = "round_robin"
+    POWER_OF_TWO = "power_of_two"
+    CACHE_AWARE = "cache_aware"
+    RANDOM = "random"
+    CONSISTENT_HASH = "consistent_hash"
+
+
+class Router(ApiModel):
+    """The pool's front door: vllm-router, one Service named after the pool."""
+
+    image: str | None = Field(
+        default=None,
+        description="Image with the vllm-router binary (PyPI vllm-router); default: the operator's "
+        "configured router image.",
+    )
+    policy: RouterPolicy = Field(
+        default=RouterPolicy.ROUND_ROBIN,
+        description="Load-balancing policy over the engines (in disaggregated mode, for both phases).",
+    )
+    replicas: int = Field(default=1, ge=1, le=16, description="Router instances behind the pool's Service.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port of the pool's Service and router.")
 
 
 class ServingSLO(ApiModel):
@@ -261,10 +379,13 @@ class ServingWorkload(ApiModel):
 class Autoscaling(ApiModel):
     """Resizing each phase from the engines' live metrics between plans."""
 
-    metrics_url: str = Field(
+    metrics_url: str | None = Field(
+        default=None,
         min_length=1,
-        description="Prometheus text endpoint with the pool's vLLM metrics (vllm:request_success_total, "
-        "vllm:prompt_tokens_total, vllm:time_to_first_token_seconds, ...), e.g. the router's /metrics.",
+        description="One Prometheus text endpoint with the whole pool's vLLM metrics "
+        "(vllm:request_success_total, vllm:prompt_tokens_total, vllm:time_to_first_token_seconds, ...) "
+        "to read instead of the engines. Unset: the operator scrapes every Ready engine pod's /metrics "
+        "and differences each engine's counters on their own.",
     )
     cooldown: Duration = Field(
         default=300.0, description="How long demand must stay low before a phase shrinks, e.g. 5m."
@@ -319,6 +440,9 @@ class ServingPoolSpec(ApiModel):
         default=None,
         description="Measured latencies of this model on this GPU: the planner fits its latency model to "
         "them (needed for exact plans on GPUs it has no calibration for).",
+    )
+    router: Router = Field(
+        default_factory=lambda: Router(), description="The router in front of the engines."
     )
 
     validations = (
@@ -414,6 +538,10 @@ class ServingPoolStatus(Status):
     )
     replicas: int = Field(default=0, ge=0, description="Engine instances created (prefill plus decode).")
     ready_replicas: int = Field(default=0, ge=0, description="Engine instances that are ready.")
+    endpoint: str = Field(
+        default="",
+        description="The pool's OpenAI-compatible base URL inside the cluster (the router's Service).",
+    )
 
 
 SERVING_POOL = Resource(
@@ -424,9 +552,9 @@ SERVING_POOL = Resource(
     status=ServingPoolStatus,
     short_names=("sp",),
     name_limit=NameLimit(
-        max_length=63 - len("-prefill"),
-        because="its Services are named <name>, <name>-engine, <name>-prefill and <name>-decode, "
-        "and a Service name holds at most 63 characters",
+        max_length=63,
+        because="its endpoint is a Service named <name> (the router in front of its engines), and a "
+        "Service name holds at most 63 characters",
     ),
     description="An LLM served under TTFT/TPOT objectives, with prefill and decode disaggregated "
     "when that yields more goodput per GPU.",
@@ -439,6 +567,12 @@ SERVING_POOL = Resource(
             "type": "string",
             "jsonPath": ".status.plan.latencyModelSource",
             "description": "Calibrated, Extrapolated, Fitted or None (fallback plan).",
+        },
+        {
+            "name": "Endpoint",
+            "type": "string",
+            "jsonPath": ".status.endpoint",
+            "description": "OpenAI base URL of the pool.",
         },
         {
             "name": "Ready-Replicas",

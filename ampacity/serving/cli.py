@@ -21,7 +21,8 @@ from pydantic import ValidationError
 from ampacity.api.gpu_products import known_gpu_names
 from ampacity.api.servingpool import ServingPoolSpec, ServingPoolStatus
 from ampacity.serving import hardware, latency, planner, pool_plan, replan
-from ampacity.serving.eval import coldstart, replay
+from ampacity.serving.engine import cli as engine_cli
+from ampacity.serving.eval import coldstart, e2e, replay
 from ampacity.serving.keepalive import KeepAlivePolicy
 from ampacity.serving.lengths import arrival_burstiness, quantile_points
 from ampacity.serving.planner import (
@@ -757,3 +758,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     replan_eval.add_argument("--timeline", action="store_true", help="print every interval's decision")
     _add_common(replan_eval)
     replan_eval.set_defaults(func=_replan_eval)
+
+    engine_cli.add_parser(actions)
+    e2e.add_parser(actions, parse_duration)

@@ -25,9 +25,10 @@ scrapes into rates and histogram quantiles, as PromQL's `rate` and `histogram_qu
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from ampacity.serving.planner import PoolPlan, replicas_for_rate
 from ampacity.serving.simulator import Colocated, Pool, Slo
@@ -51,6 +52,7 @@ WAITING = "vllm:num_requests_waiting"
 TTFT = "vllm:time_to_first_token_seconds"
 TPOT = "vllm:time_per_output_token_seconds"
 ITL = "vllm:inter_token_latency_seconds"
+REQUEST_TPOT = "vllm:request_time_per_output_token_seconds"
 
 
 @dataclass(frozen=True)
@@ -257,9 +259,6 @@ def decide(
 
 # --- Prometheus text exposition -----------------------------------------------------------------
 
-_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
-_LE = re.compile(r'le="([^"]*)"')
-
 
 @dataclass(frozen=True)
 class Histogram:
@@ -305,6 +304,20 @@ class Histogram:
             lower, below = bound, cumulative
         return lower
 
+    def fraction_within(self, bound: float) -> float | None:
+        """Share of observations <= `bound`, linear within the bucket that holds it; None if empty."""
+        if not self.buckets or self.buckets[-1][1] <= 0:
+            return None
+        total = self.buckets[-1][1]
+        lower, below = 0.0, 0.0
+        for upper, cumulative in self.buckets:
+            if bound <= upper:
+                if math.isinf(upper):
+                    return below / total
+                return (below + (cumulative - below) * (bound - lower) / (upper - lower)) / total
+            lower, below = upper, cumulative
+        return 1.0
+
 
 @dataclass(frozen=True)
 class MetricsSnapshot:
@@ -318,17 +331,21 @@ class MetricsSnapshot:
     waiting: float = 0.0
     ttft: Histogram = Histogram()
     tpot: Histogram = Histogram()
+    request_tpot: Histogram = Histogram()
+    """Per-request TPOT (vLLM >= 0.10's vllm:request_time_per_output_token_seconds)."""
+    e2e: Histogram = Histogram()
 
 
-def _histogram(name: str, samples: list[tuple[str, str, float]]) -> Histogram:
+_Sample = tuple[str, dict[str, str], float]
+
+
+def _histogram(name: str, samples: list[_Sample]) -> Histogram:
     buckets: dict[float, float] = {}
     count = total = 0.0
     for metric, labels, value in samples:
-        if metric == name + "_bucket":
-            match = _LE.search(labels)
-            if match:
-                bound = float(match.group(1))  # float() reads "+Inf"
-                buckets[bound] = buckets.get(bound, 0.0) + value
+        if metric == name + "_bucket" and "le" in labels:
+            bound = float(labels["le"])  # float() reads "+Inf"
+            buckets[bound] = buckets.get(bound, 0.0) + value
         elif metric == name + "_count":
             count += value
         elif metric == name + "_sum":
@@ -337,17 +354,19 @@ def _histogram(name: str, samples: list[tuple[str, str, float]]) -> Histogram:
 
 
 def parse_metrics(text: str, time: float) -> MetricsSnapshot:
-    """A snapshot from one engine's `/metrics` text (Prometheus exposition format 0.0.4).
+    """A snapshot from one engine's `/metrics` text (Prometheus exposition format 0.0.4), read with
+    `prometheus_client`'s parser.
 
     Samples of the same metric with different labels (finish reasons, models) are summed. Requests
     are counted by `vllm:request_success_total`, or by the end-to-end latency histogram's count
     when an engine does not export it; TPOT falls back to v1's inter-token latency.
+    Raises ValueError on text that is not the exposition format.
     """
-    samples: list[tuple[str, str, float]] = []
-    for line in text.splitlines():
-        match = _SAMPLE.match(line.strip())
-        if match:  # comments (# HELP, # TYPE) and blank lines do not match
-            samples.append((match.group(1), match.group(2) or "", float(match.group(3))))
+    samples: list[_Sample] = [
+        (sample.name, dict(sample.labels), float(sample.value))
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
     sums: dict[str, float] = {}
     for metric, _, value in samples:
         sums[metric] = sums.get(metric, 0.0) + value
@@ -362,6 +381,8 @@ def parse_metrics(text: str, time: float) -> MetricsSnapshot:
         waiting=sums.get(WAITING, 0.0),
         ttft=_histogram(TTFT, samples),
         tpot=tpot if tpot.buckets else _histogram(ITL, samples),
+        request_tpot=_histogram(REQUEST_TPOT, samples),
+        e2e=_histogram(E2E, samples),
     )
 
 
@@ -381,6 +402,8 @@ def merge(snapshots: Iterable[MetricsSnapshot]) -> MetricsSnapshot:
             waiting=merged.waiting + s.waiting,
             ttft=merged.ttft.plus(s.ttft),
             tpot=merged.tpot.plus(s.tpot),
+            request_tpot=merged.request_tpot.plus(s.request_tpot),
+            e2e=merged.e2e.plus(s.e2e),
         )
     if merged is None:
         raise ValueError("no snapshots to merge")
@@ -403,4 +426,53 @@ def observe(before: MetricsSnapshot, after: MetricsSnapshot, quantile: float = Q
         output_tokens_rate=_increase(after.output_tokens, before.output_tokens) / elapsed,
         ttft=after.ttft.minus(before.ttft).quantile(quantile),
         tpot=after.tpot.minus(before.tpot).quantile(quantile),
+    )
+
+
+def _since(after: MetricsSnapshot, before: MetricsSnapshot | None) -> MetricsSnapshot:
+    """What one engine counted since `before` (a new engine, or one that restarted: since start)."""
+    if before is None or after.requests < before.requests:
+        return after
+    return MetricsSnapshot(
+        time=after.time,
+        requests=after.requests - before.requests,
+        prompt_tokens=_increase(after.prompt_tokens, before.prompt_tokens),
+        output_tokens=_increase(after.output_tokens, before.output_tokens),
+        running=after.running,
+        waiting=after.waiting,
+        ttft=after.ttft.minus(before.ttft),
+        tpot=after.tpot.minus(before.tpot),
+        request_tpot=after.request_tpot.minus(before.request_tpot),
+        e2e=after.e2e.minus(before.e2e),
+    )
+
+
+def pool_increase(
+    before: Mapping[str, MetricsSnapshot], after: Mapping[str, MetricsSnapshot]
+) -> MetricsSnapshot:
+    """The pool's counts between two scrapes of each engine (keyed by pod), as PromQL's
+    `sum(increase(...))` would give them: each engine is differenced on its own, so a counter reset
+    on one engine (a restart) is not a fall in the pool's counts, an engine that appeared counts
+    from its start, and one that went away stops counting. `time` is the latest scrape."""
+    if not after:
+        raise ValueError("no engines scraped")
+    return merge(_since(snapshot, before.get(pod)) for pod, snapshot in after.items())
+
+
+def observe_pool(
+    before: Mapping[str, MetricsSnapshot],
+    after: Mapping[str, MetricsSnapshot],
+    elapsed: float,
+    quantile: float = QUANTILE,
+) -> Observation:
+    """Rates and latency quantiles of a pool over `elapsed` seconds between two per-engine scrapes."""
+    if elapsed <= 0:
+        raise ValueError("the second scrape must be later than the first")
+    delta = pool_increase(before, after)
+    return Observation(
+        rate=delta.requests / elapsed,
+        prompt_tokens_rate=delta.prompt_tokens / elapsed,
+        output_tokens_rate=delta.output_tokens / elapsed,
+        ttft=delta.ttft.quantile(quantile),
+        tpot=delta.tpot.quantile(quantile),
     )

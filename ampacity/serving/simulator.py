@@ -87,6 +87,9 @@ class Limits:
 
     max_batch: int = 256
     prefill_tokens: int = 8192
+    round_robin: bool = False
+    """Dispatch each phase's requests in turn (vllm-router's round_robin policy) instead of to the
+    instance with the fewest outstanding tokens."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,7 @@ class _Base:
         self.admitted = [np.nan] * n
         self.events: list[tuple[float, int, int, int]] = []
         self.seq = 0
+        self.turns = [0, 0]
         self.give_up: GiveUp | None = None
         self.misses = 0
 
@@ -193,6 +197,13 @@ class _Base:
         self.seq += 1
         heapq.heappush(self.events, (time, self.seq, kind, subject))
         return self.seq
+
+    def pick(self, loads: list[int], phase: int) -> int:
+        """The instance a request of `phase` (0: first, 1: decode) goes to."""
+        if self.lim.round_robin:
+            self.turns[phase] += 1
+            return (self.turns[phase] - 1) % len(loads)
+        return min(range(len(loads)), key=loads.__getitem__)
 
     def done(self, r: int, t: float) -> None:
         self.finish[r] = t
@@ -392,7 +403,7 @@ class _Disaggregated(_Base):
             self.first[r] = t
             self.to_decode(r, t)
             return
-        i = min(range(self.pool.prefill_instances), key=self.prefill_load.__getitem__)
+        i = self.pick(self.prefill_load, 0)
         self.queue[i].append(r)
         self.prefill_load[i] += self.prompt[r]
         self.origin[r] = i
@@ -416,7 +427,7 @@ class _Disaggregated(_Base):
         if not self.pool.decode_instances:
             self.done(r, t)
             return
-        j = min(range(self.pool.decode_instances), key=self.decode_load.__getitem__)
+        j = self.pick(self.decode_load, 1)
         self.target[r] = j
         self.pending[j].append(r)
         self.decode_load[j] += self.prompt[r] + self.output[r]
@@ -509,7 +520,7 @@ class _Colocated(_Base):
         return self.result(self.lm, self.dec.peak, self.kv_capacity)
 
     def arrive(self, r: int, t: float) -> None:
-        i = min(range(self.pool.instances), key=self.load.__getitem__)
+        i = self.pick(self.load, 0)
         self.waiting[i].append(r)
         self.load[i] += self.prompt[r] + self.output[r]
         if not self.busy[i]:

@@ -3,14 +3,15 @@
 Between plans, `ampacity.serving.replan.decide` resizes each phase (hysteresis and
 a cool-down against flapping); on top of it the pool scales to zero after
 `scaleToZeroAfter` without a request, and back to the planned size when
-requests come again. `next_size` is pure; the reconciler fetches the metrics.
+requests come again. `next_size` is pure; the reconciler scrapes every engine pod (or the one
+`metricsUrl`), and each engine's counters are differenced on their own (`replan.pool_increase`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime
 
 import numpy as np
@@ -20,12 +21,14 @@ from ampacity.api.servingpool import AutoscalingStatus, ServingPlan, ServingPool
 from ampacity.serving.lengths import load_profile
 from ampacity.serving.planner import PoolPlan
 from ampacity.serving.replan import (
+    QUANTILE,
     MetricsSnapshot,
+    Observation,
     PlannedMix,
     ReplanConfig,
     ReplanState,
     decide,
-    observe,
+    pool_increase,
 )
 from ampacity.serving.simulator import Colocated, Disaggregated, Pool, Slo
 
@@ -57,22 +60,71 @@ def planned_size(plan: ServingPlan) -> AutoscalingStatus:
     )
 
 
+@dataclass(frozen=True)
+class EngineScrape:
+    role: str
+    """engine (colocated, or the one metricsUrl), prefill or decode."""
+    snapshot: MetricsSnapshot
+
+
+Scrape = dict[str, EngineScrape]
+"""One scrape of the pool: each engine's (pod's) role and snapshot, by pod name."""
+
+FIRST_PHASE = ("engine", "prefill")
+LAST_PHASE = ("engine", "decode")
+
+
+def _phase(scrape: Scrape, roles: tuple[str, ...]) -> dict[str, MetricsSnapshot]:
+    return {pod: e.snapshot for pod, e in scrape.items() if e.role in roles}
+
+
+def phase_increase(before: Scrape, after: Scrape, roles: tuple[str, ...]) -> MetricsSnapshot:
+    """What the engines of one phase counted between the scrapes (MetricsSnapshot(0) if none)."""
+    now = _phase(after, roles)
+    return pool_increase(_phase(before, roles), now) if now else MetricsSnapshot(0)
+
+
+def observation(before: Scrape | None, after: Scrape) -> Observation | None:
+    """The pool's rates between two scrapes, engine by engine (None: no rates yet).
+
+    In a disaggregated pool every request passes a prefill and a decode engine, and both count
+    it: requests and output tokens are counted where requests end (decode), prompt tokens and
+    TTFT where they start (prefill), so nothing is counted twice."""
+    if not before or not after:
+        return None
+    elapsed = max(e.snapshot.time for e in after.values()) - max(e.snapshot.time for e in before.values())
+    if elapsed <= 0:
+        return None
+    first, last = phase_increase(before, after, FIRST_PHASE), phase_increase(before, after, LAST_PHASE)
+    return Observation(
+        rate=last.requests / elapsed,
+        prompt_tokens_rate=first.prompt_tokens / elapsed,
+        output_tokens_rate=last.output_tokens / elapsed,
+        ttft=first.ttft.quantile(QUANTILE),
+        tpot=last.tpot.quantile(QUANTILE),
+    )
+
+
+def busy(scrape: Scrape) -> bool:
+    return any(e.snapshot.running > 0 or e.snapshot.waiting > 0 for e in scrape.values())
+
+
 def next_size(
     spec: ServingPoolSpec,
     plan: ServingPlan,
     previous: AutoscalingStatus | None,
-    before: MetricsSnapshot | None,
-    after: MetricsSnapshot,
+    before: Scrape | None,
+    after: Scrape,
     now: datetime,
 ) -> AutoscalingStatus:
-    """Instances per phase for the next interval, from two scrapes of the pool's metrics."""
+    """Instances per phase for the next interval, from two scrapes of the pool's engines."""
     assert spec.autoscaling is not None
     last = previous if previous is not None else planned_size(plan)
-    if before is None or after.time <= before.time:
+    observed = observation(before, after)
+    if observed is None:
         # One scrape gives no rates; the creation of the pool counts as activity.
         return last.model_copy(update={"last_request_time": last.last_request_time or now})
-    observed = observe(before, after)
-    active = observed.rate > 0 or after.waiting > 0 or after.running > 0
+    active = observed.rate > 0 or busy(after)
     last_request = now if active else (last.last_request_time or now)
     idle_for = (now - last_request).total_seconds()
     zero_after = spec.autoscaling.scale_to_zero_after

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -11,14 +12,22 @@ import httpx
 
 from ampacity.api import SERVING_POOL
 from ampacity.api.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TYPE_LABEL
-from ampacity.api.gpu_products import gpu_product
 from ampacity.api.servingpool import AutoscalingStatus, ServingPlan, ServingPoolSpec
 from ampacity.serving.placement import affinity_weights, node_from_labels, preferred_affinity, rank
 from ampacity.serving.pool_plan import resolve_model
-from ampacity.serving.replan import parse_metrics
+from ampacity.serving.replan import MetricsSnapshot, parse_metrics
 from controllers import metrics
 from controllers.reconciler import Context, controller
-from controllers.servingpool.autoscale import next_size, planned_size
+from controllers.servingpool import children
+from controllers.servingpool.autoscale import (
+    FIRST_PHASE,
+    LAST_PHASE,
+    EngineScrape,
+    Scrape,
+    next_size,
+    phase_increase,
+    planned_size,
+)
 from controllers.servingpool.plan import (
     LATENCY_PROFILE_INVALID,
     PLANNED_CONDITION,
@@ -32,36 +41,15 @@ from controllers.servingpool.plan import (
 CAPACITY_LIMITED = "CapacityLimited"
 METRICS_AVAILABLE = "MetricsAvailable"
 METRICS_MEMO = "serving_metrics"
-
-
-def _gpu_names(gpu_type: str) -> tuple[list[str], list[str]]:
-    """(short types, GFD product labels) a gpuType matches: a catalogued GPU by either name."""
-    try:
-        product = gpu_product(gpu_type)
-    except KeyError:
-        return [gpu_type], [gpu_type]
-    return sorted({gpu_type, product.short_name}), sorted({gpu_type, product.product})
+SCRAPE_TIMEOUT_SECONDS = 3.0
+#: The router runs from the operator's own image, which carries the vllm-router binary.
+ROUTER_IMAGE = os.environ.get("AMPACITY_IMAGE", "ghcr.io/ampacity/ampacity:0.1.0")
 
 
 def _has_gpu(node: dict[str, Any], gpu_type: str) -> bool:
     labels = node["metadata"].get("labels", {})
-    short, products = _gpu_names(gpu_type)
+    short, products = children.gpu_names(gpu_type)
     return labels.get(GPU_TYPE_LABEL) in short or labels.get(GPU_PRODUCT_LABEL) in products
-
-
-def _affinity(gpu_type: str, preferences: list[dict[str, Any]]) -> dict[str, Any]:
-    """Only nodes with the requested GPU (short type or NVIDIA's product label); warm ones first."""
-    short, products = _gpu_names(gpu_type)
-    terms = [
-        {"matchExpressions": [{"key": GPU_TYPE_LABEL, "operator": "In", "values": short}]},
-        {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In", "values": products}]},
-    ]
-    node_affinity: dict[str, Any] = {
-        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}
-    }
-    if preferences:
-        node_affinity["preferredDuringSchedulingIgnoredDuringExecution"] = preferences
-    return {"nodeAffinity": node_affinity}
 
 
 def warm_node_preferences(
@@ -91,64 +79,17 @@ def warm_node_preferences(
     return preferred_affinity(affinity_weights(estimates))
 
 
-def engine_deployment(
-    ctx: Context,
-    spec: ServingPoolSpec,
-    role: str,
-    replicas: int,
-    tp: int,
-    preferences: list[dict[str, Any]],
-    chunk: int = 0,
-) -> dict[str, Any]:
-    """One engine role (colocated, prefill or decode) as a Deployment.
-
-    The engine reads its role and parallelism from the environment; args may
-    reference them as $(AMPACITY_TENSOR_PARALLEL), which Kubernetes expands.
-    """
-    name = f"{ctx.name}-{role}"
-    labels = ctx.child_labels(role)
-    env = [
-        {"name": "AMPACITY_ROLE", "value": role},
-        {"name": "AMPACITY_MODEL", "value": spec.model.name},
-        {"name": "AMPACITY_MODEL_URI", "value": spec.model.uri},
-        {"name": "AMPACITY_TENSOR_PARALLEL", "value": str(tp)},
-        {"name": "AMPACITY_PREFILL_CHUNK", "value": str(chunk)},
-        {"name": "AMPACITY_PORT", "value": str(spec.engine.port)},
-    ]
-    container = {
-        "name": "engine",
-        "image": spec.engine.image,
-        "args": list(spec.engine.args),
-        "env": env,
-        "ports": [{"name": "http", "containerPort": spec.engine.port}],
-        "resources": {"limits": {GPU_RESOURCE: str(tp)}, "requests": {GPU_RESOURCE: str(tp)}},
-        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5},
-    }
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": ctx.child_metadata(name, role),
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {"containers": [container], "affinity": _affinity(spec.gpu_type, preferences)},
-            },
-        },
-    }
-
-
-def role_service(ctx: Context, spec: ServingPoolSpec, name: str, role: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": ctx.child_metadata(name, role),
-        "spec": {
-            "selector": ctx.child_labels(role),
-            "ports": [{"name": "http", "port": spec.engine.port, "targetPort": "http"}],
-        },
-    }
+async def _ensure(ctx: Context, obj: dict[str, Any]) -> None:
+    """Apply a child the cache does not watch (the router's RBAC) only when it is missing or differs:
+    a read per pass instead of a write."""
+    live = await ctx.kube.get(obj["kind"], ctx.namespace, obj["metadata"]["name"])
+    fields = ("rules", "roleRef", "subjects")
+    if (
+        live is None
+        or any(live.get(f) != obj.get(f) for f in fields)
+        or live["metadata"].get("ownerReferences") != obj["metadata"]["ownerReferences"]
+    ):
+        await ctx.kube.apply(obj)
 
 
 def roles(plan: ServingPlan, size: AutoscalingStatus) -> dict[str, tuple[int, int]]:
@@ -161,27 +102,99 @@ def roles(plan: ServingPlan, size: AutoscalingStatus) -> dict[str, tuple[int, in
     return {"engine": (size.prefill_replicas, plan.prefill_tensor_parallel)}
 
 
+async def _scrape(client: httpx.AsyncClient, url: str) -> MetricsSnapshot:
+    response = await client.get(url)
+    response.raise_for_status()
+    return parse_metrics(response.text, time.time())
+
+
+async def scrape_pool(ctx: Context, spec: ServingPoolSpec) -> tuple[Scrape, list[str]]:
+    """Every Ready engine pod's /metrics (or the one metricsUrl), and what could not be read."""
+    assert spec.autoscaling is not None
+    if spec.autoscaling.metrics_url:
+        targets = {"metricsUrl": (spec.autoscaling.metrics_url, "engine")}
+    else:
+        selector = f"{ctx.selector()},app.kubernetes.io/component in ({','.join(children.ENGINE_ROLES)})"
+        pods = await ctx.cache.pods(ctx.namespace, selector)
+        targets = {
+            p["metadata"]["name"]: (
+                f"http://{p['status']['podIP']}:{spec.engine.port}/metrics",
+                p["metadata"]["labels"]["app.kubernetes.io/component"],
+            )
+            for p in pods
+            if p.get("status", {}).get("podIP") and _ready(p) and not p["metadata"].get("deletionTimestamp")
+        }
+    async with httpx.AsyncClient(timeout=SCRAPE_TIMEOUT_SECONDS) as client:
+        results = await asyncio.gather(
+            *(_scrape(client, url) for url, _ in targets.values()), return_exceptions=True
+        )
+    scrape: Scrape = {}
+    failed = []
+    for (pod, (url, role)), result in zip(targets.items(), results, strict=True):
+        if isinstance(result, MetricsSnapshot):
+            scrape[pod] = EngineScrape(role, result)
+        else:
+            failed.append(f"{pod} ({url}): {_describe(result)}")
+    return scrape, failed
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in pod.get("status", {}).get("conditions", [])
+    )
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, httpx.HTTPStatusError):
+        return f"HTTP {error.response.status_code}"
+    if isinstance(error, httpx.HTTPError):
+        return type(error).__name__
+    return "not Prometheus text"
+
+
+def measured_attainment(spec: ServingPoolSpec, before: Scrape | None, after: Scrape) -> float | None:
+    """Share of the interval's requests within the TTFT and TPOT objectives, from the engines'
+    histograms: TTFT where a request meets its first engine (colocated engines, or prefill engines
+    in P/D, whose TTFT leaves out the decode's KV pull and first step), TPOT where it is decoded.
+    The objectives are checked one at a time, so this is the attainment of the tighter one (the
+    joint attainment is at most this)."""
+    if not before:
+        return None
+    first = phase_increase(before, after, FIRST_PHASE)
+    last = phase_increase(before, after, LAST_PHASE)
+    tpot = last.request_tpot if last.request_tpot.buckets else last.tpot
+    fractions = [
+        f
+        for f in (first.ttft.fraction_within(spec.slo.ttft), tpot.fraction_within(spec.slo.tpot))
+        if f is not None
+    ]
+    return min(fractions) if fractions else None
+
+
 async def _autoscale(ctx: Context, plan: ServingPlan) -> AutoscalingStatus:
-    """The size live metrics call for; the planned size when they cannot be read."""
+    """The size live metrics call for; the last (or planned) size when no engine can be read."""
     spec: ServingPoolSpec = ctx.spec
     assert spec.autoscaling is not None
     # A new plan (spec change) starts again from its own size.
     replanned = ctx.status.observed_generation != ctx.generation
     previous = None if replanned else ctx.status.autoscaling
-    try:
-        async with httpx.AsyncClient(timeout=5) as client:
-            response = await client.get(spec.autoscaling.metrics_url)
-            response.raise_for_status()
-    except httpx.HTTPError as error:
-        ctx.status.set_condition(METRICS_AVAILABLE, "False", "ScrapeFailed", str(error), ctx.generation)
+    scrape, failed = await scrape_pool(ctx, spec)
+    if not scrape and (failed or spec.autoscaling.metrics_url):
+        message = "; ".join(failed) or "no engine answered"
+        ctx.status.set_condition(METRICS_AVAILABLE, "False", "ScrapeFailed", message, ctx.generation)
+        metrics.SERVING_POOL_METRICS_UP.labels(ctx.namespace, ctx.name).set(0)
         return previous or planned_size(plan)
-    ctx.status.set_condition(
-        METRICS_AVAILABLE, "True", "Scraped", spec.autoscaling.metrics_url, ctx.generation
-    )
-    snapshot = parse_metrics(response.text, time.time())
+    reason = "Scraped" if not failed else "PartlyScraped"
+    message = f"{len(scrape)} engine(s) scraped" + (f"; unreadable: {'; '.join(failed)}" if failed else "")
+    ctx.status.set_condition(METRICS_AVAILABLE, "True", reason, message, ctx.generation)
+    metrics.SERVING_POOL_METRICS_UP.labels(ctx.namespace, ctx.name).set(1)
     before = None if replanned else ctx.memo.get(METRICS_MEMO)
-    ctx.memo[METRICS_MEMO] = snapshot
-    size = next_size(spec, plan, previous, before, snapshot, datetime.now(UTC))
+    ctx.memo[METRICS_MEMO] = scrape
+    attainment = measured_attainment(spec, before, scrape)
+    if attainment is not None:
+        metrics.SERVING_POOL_MEASURED_ATTAINMENT.labels(ctx.namespace, ctx.name).set(attainment)
+    size = next_size(spec, plan, previous, before, scrape, datetime.now(UTC))
     old = previous or planned_size(plan)
     if (size.prefill_replicas, size.decode_replicas) != (old.prefill_replicas, old.decode_replicas):
         ctx.event("Autoscaled", f"{size.reason} ({size.observed_rate:g} req/s)")
@@ -262,24 +275,36 @@ async def reconcile(ctx: Context) -> None:
     ctx.status.autoscaling = size if spec.autoscaling else None
     wanted = roles(plan, size)
     nodes = await ctx.cache.nodes()
-    deployments = [
-        engine_deployment(
-            ctx, spec, role, r, tp, warm_node_preferences(nodes, spec, tp), plan.prefill_chunk_tokens
-        )
-        for role, (r, tp) in wanted.items()
-    ]
-    # The front door routes to the first phase a request meets (prefill or the colocated engine).
-    front_role = "prefill" if plan.mode == "disaggregated" else "engine"
-    services = [role_service(ctx, spec, ctx.name, front_role)]
-    services += [role_service(ctx, spec, f"{ctx.name}-{role}", role) for role in wanted if role != front_role]
-    applied = [await ctx.apply(obj) for obj in deployments + services]
-    await ctx.cache.prune(
-        "Deployment", ctx.namespace, ctx.selector(), {d["metadata"]["name"] for d in deployments}
-    )
-    await ctx.cache.prune("Service", ctx.namespace, ctx.selector(), {s["metadata"]["name"] for s in services})
+    disaggregated = plan.mode == "disaggregated"
+    try:
+        deployments = [
+            children.engine_deployment(
+                ctx, spec, role, r, tp, warm_node_preferences(nodes, spec, tp), plan.prefill_chunk_tokens
+            )
+            for role, (r, tp) in wanted.items()
+        ]
+    except children.InvalidEngineSpec as error:
+        ctx.set_ready(False, "InvalidSpec", str(error))
+        return
+    engines = {d["metadata"]["name"] for d in deployments}
+    router = children.router_deployment(ctx, spec, ROUTER_IMAGE, disaggregated)
+    for rbac in children.router_rbac(ctx):
+        await _ensure(ctx, rbac)
+    front = [router, children.pool_service(ctx, spec)]
+    applied = [await ctx.apply(obj) for obj in deployments + front]
+    # Engine Deployments and Services come and go with the mode; the router's RBAC stays.
+    desired_names = {(o["kind"], o["metadata"]["name"]) for o in deployments + front}
+    for kind in ("Deployment", "Service"):
+        keep = {name for k, name in desired_names if k == kind}
+        await ctx.cache.prune(kind, ctx.namespace, ctx.selector(), keep)
+    ctx.status.endpoint = children.endpoint(ctx, spec)
 
     desired = sum(d["spec"]["replicas"] for d in deployments)
-    ready = sum(d.get("status", {}).get("readyReplicas", 0) for d in applied if d["kind"] == "Deployment")
+    ready = sum(
+        d.get("status", {}).get("readyReplicas", 0)
+        for d in applied
+        if d["kind"] == "Deployment" and d["metadata"]["name"] in engines
+    )
     ctx.status.replicas, ctx.status.ready_replicas = desired, ready
     metrics.SERVING_POOL_GPUS.labels(ctx.namespace, ctx.name).set(plan.gpus)
     metrics.SERVING_POOL_READY_REPLICAS.labels(ctx.namespace, ctx.name).set(ready)

@@ -472,6 +472,8 @@ def test_chart_ships_monitors_rules_and_dashboards(kubectl: Kubectl) -> None:
     assert {m["metadata"]["name"] for m in by_kind["PodMonitor"]} == {
         "ampacity-node-agent",
         "ampacity-aggregators",
+        "ampacity-serving-engines",
+        "ampacity-serving-routers",
     }
     (rule,) = by_kind["PrometheusRule"]
     assert rule["spec"]["groups"] == yaml.safe_load((REPO / RULES).read_text())["groups"]

@@ -41,7 +41,15 @@ def test_samples_reach_ready_or_explained(kubectl: Kubectl, operator: LocalOpera
     assert condition(pool)["reason"] == "EnginesReady"  # type: ignore[index]
     plan = pool["status"]["plan"]
     assert plan["gpus"] >= 8 and plan["predictedGoodput"] > 0
-    engines = kubectl.json("get", "deployments", "-n", namespace, "-l", "ampacity.dev/servingpool")["items"]
+    # The pool's engines; its router (component=router) runs no GPU.
+    engines = kubectl.json(
+        "get",
+        "deployments",
+        "-n",
+        namespace,
+        "-l",
+        "ampacity.dev/servingpool,app.kubernetes.io/component!=router",
+    )["items"]
     gpus = {
         d["metadata"]["name"]: (
             d["spec"]["replicas"],
@@ -137,7 +145,7 @@ def test_spec_change_replans_and_prunes(kubectl: Kubectl, operator: LocalOperato
     assert tighter["status"]["plan"]["gpus"] > first["status"]["plan"]["gpus"]
     pool["spec"]["mode"] = "disaggregated"
     assert kubectl.apply(pool).returncode == 0
-    engines = "ampacity.dev/servingpool=llama2-70b-chat"
+    engines = "ampacity.dev/servingpool=llama2-70b-chat,app.kubernetes.io/component!=router"
 
     def deployment_names() -> set[str]:
         items = kubectl.json("get", "deployments", "-n", namespace, "-l", engines)["items"]
@@ -203,7 +211,7 @@ def test_restarted_operator_converges(kubectl: Kubectl, operator: LocalOperator,
         ),
         what="ServingPool ready after restart",
     )  # type: ignore[index]
-    # Nothing duplicated: exactly one gang of four workers and one Deployment per engine role.
+    # Nothing duplicated: exactly one gang of four workers, one Deployment per engine role and the router.
     pods = kubectl.json("get", "pods", "-n", namespace, "-l", "ampacity.dev/trainingjob=gpt-pretrain")[
         "items"
     ]
@@ -212,7 +220,7 @@ def test_restarted_operator_converges(kubectl: Kubectl, operator: LocalOperator,
         "items"
     ]
     plan = kubectl.get("servingpool", "llama2-70b-chat", namespace)["status"]["plan"]  # type: ignore[index]
-    assert len(deployments) == (2 if plan["mode"] == "disaggregated" else 1)
+    assert len(deployments) == (3 if plan["mode"] == "disaggregated" else 2)
 
 
 def test_failed_worker_restarts_the_whole_gang(

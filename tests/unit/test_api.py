@@ -76,7 +76,7 @@ def test_durations_round_trip() -> None:
 def test_spec_models_speak_camel_case_and_seconds() -> None:
     spec = ServingPoolSpec.model_validate(
         {
-            "model": {"name": "llama2-70b", "uri": "hf://x"},
+            "model": {"name": "llama2-70b", "uri": "hf://meta-llama/Llama-2-70b-hf"},
             "engine": {"image": "vllm"},
             "gpuType": "h100",
             "slo": {"ttft": "1s", "tpot": "100ms"},

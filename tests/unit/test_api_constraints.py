@@ -58,7 +58,13 @@ BASES: dict[str, list[dict[str, Any]]] = {
                     "num_parameters": 46_700_000_000,
                 },
             },
-            "engine": {"image": "vllm/vllm-openai:v0.9.2", "port": 8000},
+            "engine": {
+                "image": "vllm/vllm-openai:v0.9.2",
+                "port": 8000,
+                "args": ["--max-model-len=8192"],
+                "modelCredentialsSecret": "hf-token",
+            },
+            "router": {"policy": "power_of_two", "replicas": 2, "port": 8000},
             "gpuType": "h100",
             "slo": {"ttft": "1s", "tpot": "100ms", "attainment": 0.9},
             "workload": {
@@ -228,6 +234,18 @@ RULE_CASES: dict[str, tuple[Any, ...]] = {
         {"promptTokens": {"histogram": [{"upTo": 64, "count": 1}]}},
         {"profile": "mooncake"},
     ),
+    "model.uri must be hf://ORG/NAME, pvc://CLAIM/PATH, s3://BUCKET/PATH or gs://BUCKET/PATH": (
+        "spec.model.uri",
+        "http://example.com/llama",
+        "pvc://weights/llama",
+    ),
+    "engine.args may not set --tensor-parallel-size, --enable-chunked-prefill, --max-num-batched-tokens, "
+    "-tp, --port, --host, --kv-transfer-config, --served-model-name, --load-format, --model: the operator "
+    "sets them from the plan and the spec": (
+        "spec.engine.args",
+        ["--port=9000"],
+        ["--max-model-len=8192"],
+    ),
     "minGpus must not exceed maxGpus": ("spec.minGpus", 17, 16, 1),
     "autoscaling.scaleToZeroAfter needs minGpus 0": ("spec.minGpus", 1, 0),
     "workers.minReplicas must not exceed workers.replicas": ("spec.workers.minReplicas", 5, 4),
@@ -294,7 +312,9 @@ OVERRIDES: dict[str, tuple[Any, Any]] = {
     "powerbudget spec.thresholds.t1 maximum": (1.5, 0.94),
     # Any one character is too short to be a file:///state/ URI.
     "federatedround spec.model minLength": ("", "file:///state/m.npz"),
-    # Nor an object-store URI with a scheme.
+    # Nor an object-store URI with a scheme; the longest one keeps its scheme too.
+    "servingpool spec.model.uri minLength": ("", "s3://b"),
+    "servingpool spec.model.uri maxLength": ("s3://" + "b" * 2044, "s3://" + "b" * 2043),
     "trainingjob spec.checkpoint.storage.uri minLength": ("", "s3://b"),
     "servingpool spec.minGpus minimum": (-1, 0),
     # A world size of 100000 needs maxReplicas too: shown on the bound that allows it.

@@ -20,7 +20,7 @@ from ampacity.api.meta import DNS_LABEL, DNS_LABEL_1035, LABEL_MAX
 from ampacity.api.trainingjob import MAX_WORKERS
 from controllers.federatedround import controller as federatedround
 from controllers.reconciler import Context, _reconcile_once
-from controllers.servingpool import controller as servingpool
+from controllers.servingpool import children as servingpool
 from controllers.trainingjob import controller as trainingjob
 from tests.unit.test_api_constraints import BASES
 
@@ -50,9 +50,9 @@ def children(resource: Resource, name: str) -> list[dict[str, Any]]:
             servingpool.engine_deployment(ctx, ctx.spec, role, 1, 1, [])
             for role in ("engine", "prefill", "decode")
         ]
-        # Each role gets a Service named like its Deployment, and the front door takes the pool's name.
-        names = [d["metadata"]["name"] for d in deployments] + [name]
-        return deployments + [servingpool.role_service(ctx, ctx.spec, n, "engine") for n in names]
+        router = servingpool.router_deployment(ctx, ctx.spec, "router:1", disaggregated=True)
+        # The pool's one endpoint is a Service under the pool's own name.
+        return [*deployments, router, servingpool.pool_service(ctx, ctx.spec), *servingpool.router_rbac(ctx)]
     if resource is TRAINING_JOB:
         last_rank = MAX_WORKERS - 1
         return [
@@ -106,7 +106,7 @@ async def test_a_name_admitted_before_the_limit_ends_in_invalid_spec() -> None:
         {
             "apiVersion": SERVING_POOL.api_version,
             "kind": SERVING_POOL.kind,
-            "metadata": {"name": "p" * 60, "namespace": "ns", "generation": 2},
+            "metadata": {"name": "p" * 64, "namespace": "ns", "generation": 2},
             "spec": BASES["servingpool"][0],
         }
     )
@@ -117,4 +117,4 @@ async def test_a_name_admitted_before_the_limit_ends_in_invalid_spec() -> None:
     ctx = await _reconcile_once(SERVING_POOL, never, body, kube=None, logger=None)  # type: ignore[arg-type]
     ready = ctx.status.condition("Ready")
     assert ready is not None and ready.reason == "InvalidSpec"
-    assert ready.message.startswith("metadata.name must be at most 55 characters")
+    assert ready.message.startswith("metadata.name must be at most 63 characters")

@@ -38,11 +38,16 @@ async def test_a_pool_is_planned_run_and_settles() -> None:
         first = await op.reconcile(SERVING_POOL, reconcile, "ns", name)
         assert first.error is None
         assert any(reason == "Planned" for _, reason, _ in first.events)
-        deployments = kube.of_kind("Deployment")
+        # The engines (the pool's router is a Deployment too, without GPUs).
+        deployments = [
+            d
+            for d in kube.of_kind("Deployment")
+            if d["metadata"]["labels"]["app.kubernetes.io/component"] != "router"
+        ]
         services = kube.of_kind("Service")
         assert deployments and services
         uid = kube.stored("ServingPool", "ns", name)["metadata"]["uid"]  # type: ignore[index]
-        for child in deployments + services:
+        for child in kube.of_kind("Deployment") + services:
             assert child["metadata"]["ownerReferences"][0]["uid"] == uid
             assert child["metadata"]["labels"]["ampacity.dev/servingpool"] == name
         desired = sum(d["spec"]["replicas"] for d in deployments)
@@ -52,8 +57,8 @@ async def test_a_pool_is_planned_run_and_settles() -> None:
             f"0/{desired} engine instances ready",
         )
 
-        # The engines come up (the Deployment controller's part).
-        for d in deployments:
+        # The engines and the router come up (the Deployment controller's part).
+        for d in kube.of_kind("Deployment"):
             replicas = d["spec"]["replicas"]
             await kube.patch_status("Deployment", "ns", d["metadata"]["name"], {"readyReplicas": replicas})
         await op.reconcile(SERVING_POOL, reconcile, "ns", name)

@@ -88,7 +88,7 @@ def test_engines_prefer_nodes_that_cache_the_weights() -> None:
 
 
 def test_gpu_type_selects_nodes_by_either_name() -> None:
-    from controllers.servingpool.controller import _affinity
+    from controllers.servingpool.children import gpu_affinity as _affinity
 
     for gpu_type in ("h200", "NVIDIA-H200"):
         terms = _affinity(gpu_type, [])["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
