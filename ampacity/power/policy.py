@@ -52,6 +52,7 @@ class EventKind(StrEnum):
     LIMIT_RECOVERED = "LimitRecovered"
     TELEMETRY_STALE = "TelemetryStale"
     TELEMETRY_RECOVERED = "TelemetryRecovered"
+    LIMIT_BELOW_FLOORS = "LimitBelowFloors"
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,13 @@ class BudgetSummary:
     over_limit: bool
     overrun_count: int
     overrun_seconds: float
+    #: The sum of every GPU's floor (its class's minimum cap within its settable range).
+    floor_watts: float = 0.0
+
+    @property
+    def infeasible(self) -> bool:
+        """The limit is below what the GPUs draw even at their floors."""
+        return self.floor_watts > self.headroom_watts + self.total_watts
 
 
 @dataclass(frozen=True)
@@ -240,6 +248,24 @@ def evaluate(
 
     planner = _Planner(budget, samples, stale, effective, state.caps, now)
     low_tightened = high_tightened = False
+    floors = sum(planner.floor(t) for t in samples)
+    if floors > budget.limit_watts:
+        # No assignment can keep this row under its limit: hold every GPU at its floor, the
+        # least it can be given, and say so (the controller turns this into a condition).
+        held = False
+        for t in samples:
+            held |= planner._set_cap(t, planner.floor(t))
+        low_tightened |= held
+        if held:
+            events.append(
+                PowerEvent(
+                    EventKind.LIMIT_BELOW_FLOORS,
+                    now,
+                    total,
+                    f"limit {budget.limit_watts:.0f} W is below the GPUs' minimum caps ({floors:.0f} W): "
+                    "every GPU held at its minimum",
+                )
+            )
     if planner.projected_total() > budget.t2_watts:
         # Above T2 everything is capped: the lowest class goes straight to its floor (the
         # brake), every protected GPU is frozen at its current draw so none can grow.
@@ -253,12 +279,15 @@ def evaluate(
         target = (budget.t2_fraction - budget.margin_fraction) * budget.limit_watts
         high_tightened |= planner.shed(planner.high, planner.projected_total() - target)
 
-    high_release = _release(
-        planner, planner.high, budget.t2_fraction, high_tightened, state.high_release, state.last_time
-    )
-    low_release = _release(
-        planner, planner.low, budget.t1_fraction, low_tightened, state.low_release, state.last_time
-    )
+    if floors > budget.limit_watts:
+        high_release = low_release = None  # nothing may loosen while even the floors are too much
+    else:
+        high_release = _release(
+            planner, planner.high, budget.t2_fraction, high_tightened, state.high_release, state.last_time
+        )
+        low_release = _release(
+            planner, planner.low, budget.t1_fraction, low_tightened, state.low_release, state.last_time
+        )
 
     assignments = tuple(planner.assignment(t) for t in samples)
     new_state = PolicyState(
@@ -284,6 +313,7 @@ def evaluate(
         over_limit=over,
         overrun_count=overrun_count,
         overrun_seconds=overrun_seconds,
+        floor_watts=floors,
     )
     return PolicyResult(assignments, new_state, tuple(events), summary)
 

@@ -271,3 +271,25 @@ def test_budget_validation(kwargs: dict[str, object]) -> None:
     args: dict[str, object] = {"limit_watts": 10_000.0, "classes": (LOW, HIGH)} | kwargs
     with pytest.raises(ValueError):
         BudgetSpec(**args)  # type: ignore[arg-type]
+
+
+def test_a_limit_below_the_floors_holds_every_gpu_at_its_floor_and_says_so() -> None:
+    # 4 GPUs whose floors add up to 200 + 200 + 400 + 400 = 1200 W, on a 1000 W breaker.
+    budget = BudgetSpec(
+        limit_watts=1000, classes=(PriorityClass("batch", 0, 200), PriorityClass("interactive", 100, 400))
+    )
+    samples = [
+        GpuTelemetry(GpuId("n0", i), 150.0, 700.0, 200.0, 700.0, "interactive" if i >= 2 else "batch", 0.0)
+        for i in range(4)
+    ]
+    result = evaluate(budget, samples, PolicyState(), 0.0)
+    assert result.summary.floor_watts == 1200 and result.summary.infeasible
+    assert [a.cap_watts for a in result.assignments] == [200, 200, 400, 400]
+    assert all(a.capped for a in result.assignments)
+    assert [e.kind for e in result.events].count(EventKind.LIMIT_BELOW_FLOORS) == 1
+    # The next round holds the floors without a second event and without releasing.
+    again = evaluate(budget, samples, result.state, 100.0)
+    assert [a.cap_watts for a in again.assignments] == [200, 200, 400, 400]
+    assert EventKind.LIMIT_BELOW_FLOORS not in [e.kind for e in again.events]
+    feasible = evaluate(BudgetSpec(limit_watts=5000, classes=budget.classes), samples, PolicyState(), 0.0)
+    assert not feasible.summary.infeasible and not any(a.capped for a in feasible.assignments)
