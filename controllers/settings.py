@@ -11,6 +11,8 @@ from prometheus_client import start_http_server
 
 from ampacity.api.meta import GROUP
 from ampacity.kube import Kube
+from controllers.powerbudget.controller import POWER_MEMO
+from controllers.powerbudget.runtime import PowerRuntime
 from controllers.trainingjob import reports
 
 #: Port of the Prometheus /metrics endpoint (probes are served by kopf's --liveness endpoint).
@@ -33,12 +35,15 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo["kube"] = Kube()
     start_http_server(METRICS_PORT)
     memo["reports"] = await reports.start(memo["kube"], reports.REPORT_PORT)
+    memo[POWER_MEMO] = PowerRuntime(memo["kube"])
 
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
     if "reports" in memo:
         await reports.stop(memo["reports"])
+    if POWER_MEMO in memo:
+        await memo[POWER_MEMO].close()
     await memo["kube"].close()
 
 

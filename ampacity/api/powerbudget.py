@@ -138,6 +138,10 @@ class PowerBudgetStatus(Status):
     failsafe_nodes: list[str] = Field(
         default_factory=list, description="Nodes whose agent enforces its safe cap on its own."
     )
+    unenforced_nodes: list[str] = Field(
+        default_factory=list,
+        description="Nodes whose agent cannot apply caps (NVML missing or refusing); see their NodePower.",
+    )
     policy_state: str = Field(
         default="", description="The capping policy's memory between rounds (JSON; operator-internal)."
     )

@@ -93,9 +93,10 @@ class AgentProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.set_load(0.0)
 
-    def set_load(self, prompt: float, token: float = 0.0) -> None:
+    def set_load(self, prompt: float, token: float = 0.0, nvml_fault: str = "") -> None:
+        """Busy fractions of every GPU; `nvml_fault` makes every NVML call fail with that error."""
         tmp = self.load_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"prompt": prompt, "token": token}))
+        tmp.write_text(json.dumps({"prompt": prompt, "token": token, "nvml": nvml_fault}))
         tmp.replace(self.load_file)
 
     def start(self) -> None:
@@ -431,6 +432,55 @@ def _scenario(kubectl: Kubectl, operator: LocalOperator, agents: dict[str, Agent
         timeout=15,
         what="agents back at full limits",
     )
+
+
+def test_an_agent_without_nvml_turns_the_budget_not_ready_naming_its_node(
+    kubectl: Kubectl, operator: LocalOperator, agents: dict[str, AgentProcess]
+) -> None:
+    """Fail closed: an agent told its NVML library is missing caps nothing, says so in its
+    NodePower and metrics, and the budget is not Ready with that node named."""
+    assert kubectl.apply(budget_manifest(release_hold="10m")).returncode == 0
+    sick = agents["gpu-node-2"]
+    try:
+        wait_for(
+            lambda: (condition(kubectl.get("powerbudget", BUDGET)) or {}).get("reason") == "Enforcing",
+            what="budget enforcing",
+        )
+        sick.set_load(0.0, nvml_fault="LibraryNotFound")
+        budget = wait_for(
+            lambda: (
+                (o := kubectl.get("powerbudget", BUDGET))
+                and (condition(o) or {}).get("reason") == "NotEnforcing"
+                and o
+            ),
+            timeout=30,
+            what="budget not Ready: an agent cannot apply caps",
+        )
+        ready = condition(budget)
+        assert ready is not None and ready["status"] == "False"
+        assert "gpu-node-2 (NvmlLibraryNotFound" in ready["message"], ready["message"]
+        assert "1 of 4 nodes" in ready["message"]
+        assert budget["status"]["unenforcedNodes"] == ["gpu-node-2"]
+        obj = node_powers(kubectl)["gpu-node-2"]
+        assert obj["status"]["enforcing"] is False and obj["status"]["gpus"] == []
+        enforcing = condition(obj, "Enforcing")
+        assert enforcing is not None and enforcing["reason"] == "NvmlLibraryNotFound"
+        assert "nvmlDeviceGetCount" in enforcing["message"]
+        assert wait_for(lambda: operator_gauge(operator, "ampacity_powerbudget_unenforced_nodes") == 1)
+        samples = sick.metrics()
+        assert samples[("ampacity_node_enforcing", "")] == 0.0
+        assert samples[("ampacity_node_agent_nvml_errors_total", "")] >= 1
+        # NVML back: the budget recovers on its own.
+        sick.set_load(0.0)
+        wait_for(
+            lambda: (condition(kubectl.get("powerbudget", BUDGET)) or {}).get("reason") == "Enforcing",
+            timeout=30,
+            what="budget enforcing again",
+        )
+    finally:
+        sick.set_load(0.0)
+        kubectl("delete", "powerbudget", BUDGET)
+        wait_for(lambda: not node_powers(kubectl), timeout=30, what="NodePowers released")
 
 
 def assert_writes_only_its_own_status(agent: Kubectl) -> None:
