@@ -34,6 +34,7 @@ from pydantic import ValidationError
 from agents.gpu import GpuBackend, GpuError, GpuInfo, SimulatedFaults, SimulatedGpuBackend, release
 from agents.metrics import AgentMetrics, GpuSample
 from agents.pod_resources import PodRef, PodResourcesClient, PodResourcesError
+from agents.report import ReportGate, ReportPolicy
 from ampacity.api.meta import ConditionStatus
 from ampacity.api.nodepower import (
     GpuAssignment,
@@ -55,20 +56,6 @@ REOPEN_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
-class ReportPolicy:
-    """When a round's sample is worth an API write."""
-
-    #: Write when the node's total power moved by more than this since the last write...
-    deadband_watts: float = 100.0
-    #: ... or any one GPU's power by more than this fraction of its maximum limit.
-    gpu_deadband_fraction: float = 0.1
-    #: Heartbeat as a fraction of the assignment's staleness (the operator's freshness window).
-    heartbeat_fraction: float = 0.5
-    #: Heartbeat with no NodePower staleness to go by.
-    default_heartbeat_seconds: float = 5.0
-
-
-@dataclass(frozen=True)
 class RoundResult:
     """What one round did, for logs and tests."""
 
@@ -79,16 +66,6 @@ class RoundResult:
     limits: tuple[float, ...]
     enforcing: bool = True
     reported: bool = False
-
-
-@dataclass
-class _Written:
-    """What the last status write said, to tell whether a new sample is news."""
-
-    at: float
-    total_watts: float
-    gpu_watts: dict[str, float]
-    key: tuple[Any, ...]
 
 
 @dataclass
@@ -134,7 +111,7 @@ class Agent:
         clock: Callable[[], float] = time.time,
         before_round: Callable[[], None] | None = None,
         pod_resources: PodResourcesClient | None = None,
-        report_policy: ReportPolicy = ReportPolicy(),
+        report_policy: ReportPolicy | None = None,
         open_backend: Callable[[], GpuBackend] | None = None,
     ) -> None:
         self.node = node
@@ -145,7 +122,7 @@ class Agent:
         self.metrics = metrics or AgentMetrics(node)
         self.clock = clock
         self.pod_resources = pod_resources
-        self.report_policy = report_policy
+        self.reports = ReportGate(report_policy or ReportPolicy())
         self.backend_name = self.backend.name if self.backend is not None else "nvml"
         self._open_error: GpuError | None = None
         self._opened_at = -float("inf")
@@ -156,7 +133,6 @@ class Agent:
         self._known: dict[str, GpuInfo] = {}
         self._pods: dict[str, PodRef] = {}
         self._attribution = PodResourcesState.DISABLED
-        self._written: _Written | None = None
 
     # -- gather ---------------------------------------------------------------------------
 
@@ -387,9 +363,6 @@ class Agent:
     # -- report ---------------------------------------------------------------------------
 
     def _is_news(self, spec: NodePowerSpec | None, status: NodePowerStatus, now: float) -> bool:
-        """Whether this sample is worth a write: anything but power changed, power moved
-        beyond the deadband, or the heartbeat is due."""
-        policy = self.report_policy
         key = (
             status.observed_generation,
             status.failsafe,
@@ -399,28 +372,13 @@ class Agent:
             status.attribution,
             tuple((g.uuid, round(g.limit_watts), g.locked_clock_mhz, g.pod) for g in status.gpus),
         )
-        last = self._written
-        heartbeat = (
-            spec.staleness * policy.heartbeat_fraction
-            if spec is not None and spec.staleness > 0
-            else policy.default_heartbeat_seconds
+        return self.reports.is_news(
+            now,
+            key,
+            {g.uuid: g.power_watts for g in status.gpus},
+            {g.uuid: g.max_limit_watts for g in status.gpus},
+            spec.staleness if spec is not None else None,
         )
-        news = (
-            last is None
-            or last.key != key
-            or now - last.at >= heartbeat
-            or abs(status.power_watts - last.total_watts) > policy.deadband_watts
-            or any(
-                abs(g.power_watts - last.gpu_watts.get(g.uuid, 0.0))
-                > policy.gpu_deadband_fraction * g.max_limit_watts
-                for g in status.gpus
-            )
-        )
-        if news:
-            self._written = _Written(
-                now, status.power_watts, {g.uuid: g.power_watts for g in status.gpus}, key
-            )
-        return news
 
     async def _report(self, obj: dict[str, Any], found: _Round, failsafe: bool, reason: str) -> bool:
         status = self._status
@@ -471,7 +429,7 @@ class Agent:
             await self.kube.patch_status("NodePower", None, self.node, status.to_api())
         except (httpx.HTTPError, KubeError) as error:
             self.metrics.api_errors += 1
-            self._written = None  # the next round tries again
+            self.reports.failed()  # the next round tries again
             log.warning("cannot report NodePower %s status: %s", self.node, error)
             return False
         self.metrics.status_writes += 1
