@@ -55,6 +55,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bench.add_argument("--nodes", type=int, default=100, help="kwok GPU nodes (8 GPUs each)")
     bench.add_argument("--trials", type=int, default=5)
     bench.add_argument("--concurrency", type=int, default=32, help="status writes in flight at once")
+    bench.add_argument("--steady-seconds", type=float, default=60.0, help="steady state measured per trial")
+    bench.add_argument("--surge-seconds", type=float, default=10.0, help="seconds sampled after the surge")
     bench.set_defaults(func=_run_bench_reaction)
 
 
@@ -205,6 +207,12 @@ def _run_curve(args: argparse.Namespace) -> int:
 def _run_bench_reaction(args: argparse.Namespace) -> int:
     from ampacity.dev.power_bench import bench_reaction, summarize
 
-    trials = bench_reaction(args.nodes, args.trials, args.concurrency)
+    trials = bench_reaction(
+        args.nodes,
+        args.trials,
+        args.concurrency,
+        steady_seconds=args.steady_seconds,
+        surge_seconds=args.surge_seconds,
+    )
     print(summarize(trials, args.nodes))
     return 0
