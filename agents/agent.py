@@ -34,7 +34,6 @@ from pydantic import ValidationError
 from agents.gpu import GpuBackend, GpuError, GpuInfo, SimulatedFaults, SimulatedGpuBackend, release
 from agents.metrics import AgentMetrics, GpuSample
 from agents.pod_resources import PodRef, PodResourcesClient, PodResourcesError
-from agents.report import ReportGate, ReportPolicy
 from ampacity.api.meta import ConditionStatus
 from ampacity.api.nodepower import (
     GpuAssignment,
@@ -46,6 +45,7 @@ from ampacity.api.nodepower import (
 from ampacity.kube import Kube, KubeError
 from ampacity.power.budget import BudgetSpec, PriorityClass
 from ampacity.power.failsafe import CapDecision, failsafe_cap
+from ampacity.power.reporting import ReportGate, ReportPolicy
 
 log = logging.getLogger("ampacity.agent")
 
@@ -249,9 +249,10 @@ class Agent:
     ) -> None:
         """Clock locks hold only under a fresh assignment; in fail-safe the watt cap governs."""
         assignment = _assignment_for(spec, gpu)
-        want = assignment.clock_mhz if assignment is not None and not decision.failsafe else None
-        if want is not None and gpu.max_clock_mhz is not None:
-            want = max(gpu.min_clock_mhz or want, min(want, gpu.max_clock_mhz))
+        fraction = assignment.clock_fraction if assignment is not None and not decision.failsafe else None
+        want = None
+        if fraction is not None and gpu.max_clock_mhz is not None:
+            want = max(gpu.min_clock_mhz or 0, round(gpu.max_clock_mhz * fraction))
         if self._locked.get(gpu.uuid) == want:
             return
         self._touched.setdefault(gpu.uuid, gpu)

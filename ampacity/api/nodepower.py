@@ -26,8 +26,11 @@ class GpuAssignment(ApiModel):
         default="", description="GPU UUID the assignment is for (empty: whatever GPU has the index)."
     )
     cap_watts: float = Field(gt=0, description="Power limit the agent must enforce.")
-    clock_mhz: int | None = Field(
-        default=None, gt=0, description="Highest SM clock the agent must lock the GPU to (absent: unlocked)."
+    clock_fraction: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Lock the GPU's SM clock at this fraction of its top clock (absent: unlocked).",
     )
     capped: bool = Field(default=False, description="Whether the limit is below the GPU's maximum.")
     priority: str = Field(default="", description="Power priority class the operator saw on the GPU.")

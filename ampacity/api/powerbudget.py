@@ -71,6 +71,13 @@ class PriorityClass(ApiModel):
     min_cap_watts: float = Field(gt=0, description="Lowest power cap a GPU of this class may be given.")
 
 
+class CapActuator(StrEnum):
+    """How agents enforce a cap."""
+
+    POWER_LIMIT = "PowerLimit"
+    CLOCK_LOCK = "ClockLock"
+
+
 class PowerBudgetSpec(ApiModel):
     """Desired state of a PowerBudget."""
 
@@ -93,6 +100,14 @@ class PowerBudgetSpec(ApiModel):
     )
     default_priority_class: str = Field(
         default="batch", description="Class of GPUs whose pods carry no ampacity.dev/power-priority label."
+    )
+    actuator: CapActuator = Field(
+        default=CapActuator.CLOCK_LOCK,
+        description=(
+            "ClockLock: a capped GPU's SM clock is locked where compute-bound work draws the cap, with "
+            "the power limit as backstop (saves power on decoding too, which draws below most caps); "
+            "PowerLimit: power limits alone."
+        ),
     )
     safe_cap_watts: float = Field(
         gt=0, description="Cap a node agent applies on its own when its assignment is stale or unreachable."

@@ -8,7 +8,7 @@ reports itself (what N agents would write), as fast as the API server takes them
 2. surge: every node reports its GPUs flat out (110 % of the limit in total), concurrently;
 3. a watch on NodePowers follows the caps the operator writes.
 
-Each node's reports go through the node agent's own report gate (`agents.report.ReportGate`:
+Each node's reports go through the node agent's own report gate (`ampacity.power.reporting.ReportGate`:
 deadband and heartbeat), so the benchmark also measures the write rate per node: at steady
 state (GPU power around a mean with per-sample noise, one sample per second per node) and
 during the surge (reports, the operator's caps, and the reports acknowledging them). The
@@ -39,11 +39,11 @@ from typing import Any
 
 import httpx
 
-from agents.report import ReportGate
 from ampacity.dev.cluster.kubectl import Kubectl, install_crds
 from ampacity.dev.cluster.local_operator import LocalOperator
 from ampacity.dev.cluster.localcluster import LocalCluster
 from ampacity.dev.cluster.polling import wait_for
+from ampacity.power.reporting import ReportGate
 
 GPUS = 8
 MAX_WATTS, MIN_WATTS, IDLE_WATTS = 700.0, 200.0, 75.0

@@ -29,7 +29,46 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from ampacity.power.calibration import FloatArray, zeus_cap_curve
+from ampacity.power.calibration import CapCurve, FloatArray, zeus_cap_curve
+
+#: `calibration.zeus_cap_curve()` as fitted on the Zeus data (a unit test keeps the two equal),
+#: so the operator and the agents, which ship without the traces, can use it for clock locks.
+ZEUS_CAP_CURVE = CapCurve(
+    knots_x=(
+        0.0,
+        0.374256,
+        0.439347,
+        0.467887,
+        0.531450,
+        0.564486,
+        0.622826,
+        0.665694,
+        0.729607,
+        0.774620,
+        0.829923,
+        0.882016,
+        0.927909,
+        0.985321,
+        1.0,
+    ),
+    knots_y=(
+        0.0,
+        0.247785,
+        0.446837,
+        0.446837,
+        0.633848,
+        0.680852,
+        0.729146,
+        0.823289,
+        0.850363,
+        0.899680,
+        0.938424,
+        0.938424,
+        0.968683,
+        0.976012,
+        1.0,
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -78,7 +117,7 @@ TOKEN_CLOCK_KNEE = 0.6
 def clock_power_fraction(clock_fraction: npt.ArrayLike) -> FloatArray:
     """Fraction of a phase's uncapped draw it draws with its SM clock locked at
     `clock_fraction` of the top clock: the Zeus cap curve read backwards."""
-    curve = zeus_cap_curve()
+    curve = ZEUS_CAP_CURVE
     c = np.clip(np.asarray(clock_fraction, dtype=np.float64), 0.0, 1.0)
     # The curve is non-decreasing with flat stretches; interpolate on its strictly rising knots.
     xs, ys = [0.0], [0.0]
@@ -87,6 +126,12 @@ def clock_power_fraction(clock_fraction: npt.ArrayLike) -> FloatArray:
             xs.append(x)
             ys.append(y)
     return np.interp(c, ys, xs)
+
+
+def clock_fraction_for_cap(cap_fraction: float) -> float:
+    """The SM clock (fraction of the top clock) at which compute-bound work draws
+    `cap_fraction` of its uncapped power: the clock lock that enforces a cap on any phase."""
+    return ZEUS_CAP_CURVE.at(cap_fraction)
 
 
 def phase_watts(spec: GpuSpec, watts: float, clock_mhz: float | None) -> float:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any
 
-from ampacity.power.budget import BudgetSpec
+from ampacity.power.budget import Actuator, BudgetSpec
 from ampacity.power.telemetry import GpuId, GpuTelemetry
 
 
@@ -161,6 +161,8 @@ class CapAssignment:
     capped: bool
     since: float | None
     priority: str
+    #: The GPU's highest settable limit (what "uncapped" is).
+    max_watts: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -416,6 +418,7 @@ class _Planner:
             t.gpu: effective[t.gpu] if t.gpu in stale else min(effective[t.gpu], self.cap_of(t))
             for t in samples
         }
+        self.clocked = budget.actuator == Actuator.CLOCK_LOCK
         top = budget.top_rank
         self.low = [t for t in samples if self.rank(t) < top]
         self.high = [t for t in samples if self.rank(t) == top]
@@ -438,13 +441,18 @@ class _Planner:
     def _set_cap(self, t: GpuTelemetry, cap: float) -> bool:
         """Tighten `t` to `cap` (never loosens); return whether anything changed."""
         cap = max(float(math.floor(cap)), self.floor(t))
-        if cap >= self.cap_of(t):
+        before = self.cap_of(t)
+        if cap >= before:
             return False
         held = self.caps.get(t.gpu)
         self.caps[t.gpu] = GpuCap(cap, held.since if held is not None else self.now)
         if t.gpu in self.stale:
             return True  # an unseen GPU keeps counting at its limit until it reports again
-        new_projected = min(self.projected[t.gpu], cap)
+        if self.clocked:
+            # A clock lock scales every phase's draw (down to the watt backstop).
+            new_projected = min(self.projected[t.gpu] * cap / before, cap)
+        else:
+            new_projected = min(self.projected[t.gpu], cap)
         self._total += new_projected - self.projected[t.gpu]
         self.projected[t.gpu] = new_projected
         return True
@@ -470,10 +478,7 @@ class _Planner:
         if need <= 0:
             return False
         # Stale GPUs give nothing: a cap they may never receive cannot be counted on.
-        room = {
-            t.gpu: 0.0 if t.gpu in self.stale else max(0.0, self.projected[t.gpu] - self.floor(t))
-            for t in tier
-        }
+        room = {t.gpu: 0.0 if t.gpu in self.stale else self._room(t) for t in tier}
         available = sum(room.values())
         if available <= 0:
             return False
@@ -481,8 +486,18 @@ class _Planner:
         changed = False
         for t in tier:
             if room[t.gpu] > 0:
-                changed |= self._set_cap(t, self.projected[t.gpu] - room[t.gpu] * share)
+                target = self.projected[t.gpu] - room[t.gpu] * share
+                # Under clock locks, the cap whose lock scales the draw down to the target.
+                cap = self.cap_of(t) * target / self.projected[t.gpu] if self.clocked else target
+                changed |= self._set_cap(t, cap)
         return changed
+
+    def _room(self, t: GpuTelemetry) -> float:
+        """Watts a GPU can give before its cap reaches the floor."""
+        projected = self.projected[t.gpu]
+        if self.clocked:
+            return max(0.0, projected * (1.0 - self.floor(t) / self.cap_of(t)))
+        return max(0.0, projected - self.floor(t))
 
     def raise_caps(self, group: list[GpuTelemetry], headroom: float) -> float:
         """Raise each capped GPU in `group` by an equal share of `headroom` (at most one
@@ -509,5 +524,5 @@ class _Planner:
     def assignment(self, t: GpuTelemetry) -> CapAssignment:
         held = self.caps.get(t.gpu)
         if held is None:
-            return CapAssignment(t.gpu, t.max_limit_watts, False, None, t.priority)
-        return CapAssignment(t.gpu, held.cap_watts, True, held.since, t.priority)
+            return CapAssignment(t.gpu, t.max_limit_watts, False, None, t.priority, t.max_limit_watts)
+        return CapAssignment(t.gpu, held.cap_watts, True, held.since, t.priority, t.max_limit_watts)

@@ -31,7 +31,7 @@ from ampacity.api.gpu import GPU_RESOURCE, pod_gpus
 from ampacity.api.meta import GROUP, LABEL_PREFIX, VERSION
 from ampacity.api.nodepower import NodePowerStatus, PodResourcesState
 from ampacity.api.powerbudget import CappedNode, NodeSelector, PowerBudgetSpec
-from ampacity.power.budget import BudgetSpec, PriorityClass
+from ampacity.power.budget import Actuator, BudgetSpec, PriorityClass
 from ampacity.power.policy import EventKind, Level, PolicyResult, PolicyState
 from controllers import metrics
 from controllers.powerbudget.runtime import BUDGET_LABEL, BudgetRuntime, PowerRuntime, telemetry_of
@@ -73,6 +73,7 @@ def policy_budget(spec: PowerBudgetSpec) -> BudgetSpec:
         hold_seconds=spec.release_hold,
         staleness_seconds=spec.telemetry_staleness,
         safe_cap_watts=spec.safe_cap_watts,
+        actuator=Actuator(spec.actuator),
     )
 
 

@@ -389,7 +389,7 @@ class PowerRuntime:
             return  # the budget was deleted (or replaced) while this round ran
         heartbeat = rt.spec.telemetry_staleness * HEARTBEAT_FRACTION
         for node, gpus in by_node.items():
-            key = tuple((g.index, g.uuid, g.cap_watts, g.capped, g.priority) for g in gpus)
+            key = tuple((g.index, g.uuid, g.cap_watts, g.clock_fraction, g.capped, g.priority) for g in gpus)
             previous = rt.written.get(node)
             if previous is not None and previous[0] == key and now - previous[1] < heartbeat:
                 continue

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import pytest
 
-from ampacity.power.budget import BudgetSpec, PriorityClass
+from ampacity.power.budget import Actuator, BudgetSpec, PriorityClass
 from ampacity.power.policy import EventKind, Level, PolicyResult, PolicyState, evaluate
 from ampacity.power.telemetry import GpuId, GpuTelemetry
 
@@ -293,3 +294,23 @@ def test_a_limit_below_the_floors_holds_every_gpu_at_its_floor_and_says_so() -> 
     assert EventKind.LIMIT_BELOW_FLOORS not in [e.kind for e in again.events]
     feasible = evaluate(BudgetSpec(limit_watts=5000, classes=budget.classes), samples, PolicyState(), 0.0)
     assert not feasible.summary.infeasible and not any(a.capped for a in feasible.assignments)
+
+
+def test_clock_locks_take_the_same_watts_with_far_milder_caps_on_decoding_gpus() -> None:
+    # 8 decoding GPUs at 340 W on a 3,000 W breaker: 2,720 W is above T1 (2,550 W), below T2.
+    # The policy sheds down to T1 - margin (2,490 W), 230 W in all.
+    watts = BudgetSpec(
+        limit_watts=3000, classes=(PriorityClass("batch", 0, 300), PriorityClass("chat", 1, 500))
+    )
+    samples = [GpuTelemetry(GpuId("n0", i), 340.0, 700.0, 200.0, 700.0, "batch", 0.0) for i in range(8)]
+    by_watts = evaluate(watts, samples, PolicyState(), 0.0)
+    by_clocks = evaluate(replace(watts, actuator=Actuator.CLOCK_LOCK), samples, PolicyState(), 0.0)
+    # A power limit must sit at the draw it allows: caps near 311 W, so a prompt burst on
+    # these GPUs would run at less than half speed.
+    watt_caps = [a.cap_watts for a in by_watts.assignments]
+    assert all(305 <= c <= 315 for c in watt_caps)
+    # A clock lock scales the draw: the same 230 W come from locks at the clock of a ~640 W cap.
+    clock_caps = [a.cap_watts for a in by_clocks.assignments]
+    assert all(630 <= c <= 650 for c in clock_caps)
+    assert sum(340.0 * c / 700.0 for c in clock_caps) == pytest.approx(2490, abs=8)
+    assert all(a.capped and a.max_watts == 700.0 for a in by_clocks.assignments)

@@ -1,4 +1,4 @@
-"""When a node agent's sample is worth an API write.
+"""When a node agent's sample is worth an API write (pure: the agent and the reaction benchmark use it).
 
 Writing every sample (once a second per node) makes the API server and etcd carry ~N writes
 a second for N nodes while the row sits still. The gate writes a sample when it says
