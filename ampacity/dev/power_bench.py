@@ -243,14 +243,14 @@ async def _trial(
         items = kubectl.json("get", "nodepowers")["items"]
         return sum(1 for o in items if o["spec"].get("budget") == name) == len(nodes)
 
-    await asyncio.to_thread(wait_for, owned, 120, "NodePowers created")
+    await asyncio.to_thread(wait_for, owned, max(120.0, 0.5 * len(nodes)), "NodePowers created")
     await _report(client, nodes, STEADY_WATTS, semaphore)
 
     def reporting() -> bool:
         obj = kubectl.get("powerbudget", name) or {}
         return bool(obj.get("status", {}).get("reportingNodes") == len(nodes))
 
-    await asyncio.to_thread(wait_for, reporting, 60, "every node reporting")
+    await asyncio.to_thread(wait_for, reporting, max(60.0, 0.5 * len(nodes)), "every node reporting")
     listing = (await client.get(NODEPOWERS)).json()
     seen = _Watched(
         {o["metadata"]["name"]: _worst_case_watts(o["spec"]) for o in listing["items"]},
