@@ -21,12 +21,12 @@ class GpuSample:
     """One GPU as read in one round."""
 
     index: int
-    uuid: str
-    model: str
     power_watts: float
     energy_joules: float | None
     limit_watts: float
-    clock_mhz: int | None
+    uuid: str = ""
+    model: str = ""
+    clock_mhz: int | None = None
 
 
 class AgentMetrics(Collector):
