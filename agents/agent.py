@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -252,7 +253,8 @@ class Agent:
         fraction = assignment.clock_fraction if assignment is not None and not decision.failsafe else None
         want = None
         if fraction is not None and gpu.max_clock_mhz is not None:
-            want = max(gpu.min_clock_mhz or 0, round(gpu.max_clock_mhz * fraction))
+            # Rounded up, so the power limit (set to the cap too) stays the exact bound.
+            want = max(gpu.min_clock_mhz or 0, math.ceil(gpu.max_clock_mhz * fraction))
         if self._locked.get(gpu.uuid) == want:
             return
         self._touched.setdefault(gpu.uuid, gpu)
@@ -337,7 +339,7 @@ class Agent:
         self.metrics.record(
             [
                 GpuSample(
-                    r.index, r.uuid, r.model, r.power_watts, r.energy_joules, r.limit_watts, r.clock_mhz
+                    r.index, r.power_watts, r.energy_joules, r.limit_watts, r.uuid, r.model, r.clock_mhz
                 )
                 for r in found.readings
             ],

@@ -203,7 +203,9 @@ async def test_clock_lock_is_applied_and_released_with_the_assignment() -> None:
     kube.obj["spec"]["gpus"][0]["clockFraction"] = 0.6
     await agent.step()
     status = kube.patches[-1]
-    assert status["gpus"][0]["lockedClockMhz"] == 1188 and status["gpus"][0]["clockMhz"] == 1188
+    assert (
+        status["gpus"][0]["lockedClockMhz"] == 1188 and status["gpus"][0]["clockMhz"] == 1188
+    )  # ceil(0.6 x 1980)
     assert "lockedClockMhz" not in status["gpus"][1] or status["gpus"][1]["lockedClockMhz"] is None
     assert power(backend, 0) < 700
     # In fail-safe the watt cap governs and the lock comes off.
