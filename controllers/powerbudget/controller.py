@@ -169,14 +169,15 @@ async def reconcile(ctx: Context) -> None:
     spec: PowerBudgetSpec = ctx.spec
     kube = ctx.kube
     power: PowerRuntime = ctx.memo[POWER_MEMO]
-    power.ensure_watching()
+    power.adopt_context()
     uid = str(ctx.body.metadata.uid)
 
-    # Gather: the nodes, the budgets, the NodePowers and the Running pods.
-    nodes = await kube.list_objects("Node", None, label_selector(spec.node_selector))
+    # Gather: the nodes, NodePowers and GPU-holding pods from the operator's read cache; the
+    # budgets from the API server (few, and a missed deletion must be seen).
+    nodes = await ctx.cache.nodes(label_selector(spec.node_selector))
     existing = {b["metadata"]["name"] for b in await kube.list_objects(POWER_BUDGET.kind, None)}
-    node_powers = await kube.list_objects(NODE_POWER.kind, None)
-    pods = await kube.list_objects("Pod", None, field_selector="status.phase=Running")
+    node_powers = await ctx.cache.node_powers()
+    pods = [p for p in await ctx.cache.pods() if (p.get("status") or {}).get("phase") == "Running"]
     rt = power.budget(ctx.name, uid, spec, policy_budget(spec))
     if rt is None:
         return  # a timer that fired as the budget was deleted

@@ -3,20 +3,23 @@
 One `PowerRuntime` is built at operator start-up (`controllers.settings`), kept in kopf's
 memo and closed at cleanup. It holds what must outlive a single reconcile:
 
-- the latest NodePower of every node, fed by one watch (not a kopf handler: kopf's
-  per-event machinery handles some tens of events a second on a small machine, and a
-  surge on hundreds of nodes would queue behind it for seconds);
+- the latest NodePower of every node, fed by the operator's read cache (its NodePower
+  watch calls `node_power_event`; not a kopf handler: kopf's per-event machinery handles
+  some tens of events a second on a small machine, and a surge on hundreds of nodes would
+  queue behind it for seconds);
 - per budget, the capping policy's memory and the writers of its nodes' assignments.
 
 A fresh agent report triggers a round of its budget at once (gather the cached telemetry
--> `ampacity.power.policy.evaluate` -> queue the changed assignments). The watch is started
-by the first reconcile, because kopf posts Events only from within its handlers' context.
+-> `ampacity.power.policy.evaluate` -> queue the changed assignments). Rounds run in the
+context of the first reconcile (`adopt_context`), because kopf posts Events only from
+within its handlers' context.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Mapping
@@ -37,6 +40,7 @@ from ampacity.power.budget import BudgetSpec
 from ampacity.power.policy import EventKind, PolicyResult, PolicyState, evaluate
 from ampacity.power.telemetry import GpuId, GpuTelemetry
 from controllers import metrics
+from controllers.cache import Informer
 
 #: NodePowers carry the name of the budget that assigns them.
 BUDGET_LABEL = f"{LABEL_PREFIX}/powerbudget"
@@ -129,7 +133,7 @@ class BudgetRuntime:
 class PowerRuntime:
     """Operator-wide power state; see the module docstring."""
 
-    def __init__(self, kube: Kube) -> None:
+    def __init__(self, kube: Kube, node_powers: Informer | None = None) -> None:
         self.kube = kube
         self.budgets: dict[str, BudgetRuntime] = {}
         self.node_powers: dict[str, dict[str, Any]] = {}
@@ -138,22 +142,24 @@ class PowerRuntime:
         #: The report (sampledAt) of each node that last triggered a round.
         self._triggered: dict[str, object] = {}
         self._deleted: dict[str, float] = {}  # budget UID -> when it was deleted
-        self._watch: asyncio.Task[None] | None = None
+        self._context: contextvars.Context | None = None
+        self._informer = node_powers
+        if node_powers is not None:
+            node_powers.listeners.append(self.node_power_event)
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def ensure_watching(self) -> None:
-        if self._watch is None or self._watch.done():
-            self._watch = asyncio.create_task(self._watch_node_powers())
+    def adopt_context(self) -> None:
+        """Run rounds in a kopf handler's context from now on, so they can post Events."""
+        if self._context is None:
+            self._context = contextvars.copy_context()
 
     async def close(self) -> None:
+        if self._informer is not None and self.node_power_event in self._informer.listeners:
+            self._informer.listeners.remove(self.node_power_event)
         for rt in self.budgets.values():
             rt.close()
         self.budgets.clear()
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
 
     def budget(self, name: str, uid: str, spec: PowerBudgetSpec, budget: BudgetSpec) -> BudgetRuntime | None:
         """The runtime of a live budget (None if it was deleted), created on first sight."""
@@ -218,25 +224,7 @@ class PowerRuntime:
         self._parsed[node] = (sampled, status)
         return status
 
-    async def _watch_node_powers(self) -> None:
-        while True:
-            try:
-                items, version = await self.kube.list_with_version(NODE_POWER.kind, None)
-                for obj in items:
-                    self.remember(obj)
-                async for event in self.kube.watch(NODE_POWER.kind, None, version):
-                    kind = str(event.get("type", ""))
-                    if kind == "ERROR":
-                        break  # e.g. 410 Gone: relist
-                    if kind != "BOOKMARK":
-                        self._node_power_event(kind, event.get("object") or {})
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # the API server restarted, a network blip: relist and go on
-                log.warning("NodePower watch failed, restarting: %s", error)
-                await asyncio.sleep(1)
-
-    def _node_power_event(self, kind: str, obj: dict[str, Any]) -> None:
+    def node_power_event(self, kind: str, obj: dict[str, Any]) -> None:
         """A fresh agent report triggers a round of the budget that covers the node."""
         name = str(obj.get("metadata", {}).get("name", ""))
         if kind == "DELETED":
@@ -268,7 +256,7 @@ class PowerRuntime:
         """Ask for a round without waiting for it (the watch must keep reading meanwhile)."""
         rt.dirty = True
         if rt.round_task is None or rt.round_task.done():
-            rt.round_task = asyncio.create_task(self.run_rounds(rt))
+            rt.round_task = asyncio.create_task(self.run_rounds(rt), context=self._context)
 
     def _round(self, rt: BudgetRuntime) -> None:
         """One policy round over the cached telemetry of the budget's nodes."""
