@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,8 +37,9 @@ from ampacity.api.meta import API_VERSION, LABEL_PREFIX
 from ampacity.api.nodepower import GpuAssignment, NodePowerSpec, NodePowerStatus
 from ampacity.api.powerbudget import PowerBudgetSpec
 from ampacity.kube import Kube, KubeError
-from ampacity.power.budget import BudgetSpec
-from ampacity.power.policy import EventKind, PolicyResult, PolicyState, evaluate
+from ampacity.power.budget import Actuator, BudgetSpec
+from ampacity.power.gpu_model import clock_fraction_for_cap
+from ampacity.power.policy import CapAssignment, EventKind, PolicyResult, PolicyState, evaluate
 from ampacity.power.telemetry import GpuId, GpuTelemetry
 from controllers import metrics
 from controllers.cache import Informer
@@ -80,6 +82,14 @@ def telemetry_of(node: str, status: NodePowerStatus, priorities: Mapping[int, st
             )
         )
     return samples
+
+
+def clock_lock(budget: BudgetSpec, a: CapAssignment) -> float | None:
+    """The SM clock fraction a capped GPU is locked at under `ClockLock` (None: unlocked): where
+    compute-bound work draws the cap, rounded up so that the power limit stays the exact bound."""
+    if not a.capped or budget.actuator != Actuator.CLOCK_LOCK or a.max_watts <= 0:
+        return None
+    return min(1.0, math.ceil(clock_fraction_for_cap(a.cap_watts / a.max_watts) * 1000) / 1000)
 
 
 @dataclass
@@ -369,6 +379,7 @@ class PowerRuntime:
                             index=a.gpu.index,
                             uuid=uuid,
                             cap_watts=a.cap_watts,
+                            clock_fraction=clock_lock(rt.budget, a),
                             capped=a.capped,
                             priority=name,
                         )
