@@ -250,7 +250,13 @@ async def _trial(
         obj = kubectl.get("powerbudget", name) or {}
         return bool(obj.get("status", {}).get("reportingNodes") == len(nodes))
 
-    await asyncio.to_thread(wait_for, reporting, max(60.0, 0.5 * len(nodes)), "every node reporting")
+    # Keep sampling (through the gate: heartbeats) while waiting, or on a slow API server the
+    # first reports go stale before the last ones land.
+    deadline = time.monotonic() + max(60.0, 0.5 * len(nodes))
+    while not await asyncio.to_thread(reporting):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not every node reporting after {max(60.0, 0.5 * len(nodes)):.0f} s")
+        await _ticks(client, nodes, STEADY_WATTS, semaphore, 3.0, rng)
     listing = (await client.get(NODEPOWERS)).json()
     seen = _Watched(
         {o["metadata"]["name"]: _worst_case_watts(o["spec"]) for o in listing["items"]},
