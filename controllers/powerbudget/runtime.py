@@ -304,7 +304,8 @@ class PowerRuntime:
         metrics.POWER_BUDGET_ROUND_DURATION.observe(time.monotonic() - started)
 
     def _notice_lost_gpus(self, rt: BudgetRuntime, node: str, status: NodePowerStatus) -> None:
-        if status.sampled_at is None:
+        # An agent whose NVML fails reports no GPUs: they are unreadable, not gone.
+        if status.sampled_at is None or (not status.gpus and not status.enforcing):
             return
         now = {g.index: g.uuid for g in status.gpus if g.uuid}
         before = rt.uuids.get(node)

@@ -583,7 +583,7 @@ def test_an_agent_without_nvml_turns_the_budget_not_ready_naming_its_node(
         sick.set_load(0.0)
         wait_for(
             lambda: (condition(kubectl.get("powerbudget", BUDGET)) or {}).get("reason") == "Enforcing",
-            timeout=30,
+            timeout=60,
             what="budget enforcing again",
         )
     finally:

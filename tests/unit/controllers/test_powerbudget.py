@@ -189,6 +189,12 @@ async def test_a_gpu_that_disappears_is_dropped_with_an_event(caplog: pytest.Log
     power._round(rt)
     assert [a.gpu.index for a in rt.result.assignments] == [0]
     assert "GpuRemoved: GPU GPU-b (index 1) is gone from node n0" in caplog.text
+    # An agent whose NVML fails reports no GPUs: unreadable, not gone, so no more events.
+    caplog.clear()
+    power.node_powers["n0"]["status"] = report([], enforcing=False).to_api()
+    power._parsed.clear()
+    power._round(rt)
+    assert "GpuRemoved" not in caplog.text
     for task in rt.writers.values():
         task.cancel()
 
