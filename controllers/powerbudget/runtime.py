@@ -117,10 +117,12 @@ class BudgetRuntime:
     writers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     created: set[str] = field(default_factory=set)  # nodes whose NodePower this operator applied
     round_task: asyncio.Task[None] | None = None
+    heartbeat_task: asyncio.Task[None] | None = None
     write_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(WRITE_CONCURRENCY))
 
     def close(self) -> None:
-        for task in [*self.writers.values(), *([self.round_task] if self.round_task else [])]:
+        own = [t for t in (self.round_task, self.heartbeat_task) if t is not None]
+        for task in [*self.writers.values(), *own]:
             task.cancel()
 
     def ref(self) -> kopf.Body:
@@ -180,6 +182,7 @@ class PowerRuntime:
             if rt is not None:
                 rt.close()
             rt = self.budgets[name] = BudgetRuntime(name, uid, spec, budget)
+            rt.heartbeat_task = asyncio.create_task(self._heartbeat(rt))
         rt.spec, rt.budget = spec, budget
         return rt
 
@@ -361,6 +364,14 @@ class PowerRuntime:
             },
             "spec": spec.to_api(),
         }
+
+    async def _heartbeat(self, rt: BudgetRuntime) -> None:
+        """Refresh assignments (assignedAt) on time whatever the reconcile timer and the reports
+        do: with reports written only on news, rounds alone would leave agents to fail safe."""
+        while self.budgets.get(rt.name) is rt:
+            await asyncio.sleep(max(0.2, rt.spec.telemetry_staleness * HEARTBEAT_FRACTION / 5))
+            if rt.result is not None:
+                self._write_assignments(rt, time.time())
 
     def _write_assignments(self, rt: BudgetRuntime, now: float) -> None:
         """Queue each node's caps when they changed, or when the heartbeat (assignedAt) is due.

@@ -199,7 +199,7 @@ async def test_a_gpu_that_disappears_is_dropped_with_an_event(caplog: pytest.Log
         task.cancel()
 
 
-def test_a_deleted_budget_is_not_resurrected_and_its_memory_is_bounded() -> None:
+async def test_a_deleted_budget_is_not_resurrected_and_its_memory_is_bounded() -> None:
     power = PowerRuntime(kube=None)  # type: ignore[arg-type]
     assert power.budget("row", "uid-1", spec(), policy_budget(spec())) is not None
     power.deleted("row", "uid-1")

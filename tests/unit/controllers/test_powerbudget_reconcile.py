@@ -174,3 +174,35 @@ async def test_a_surge_report_is_capped_without_a_reconcile(
                 assert 0 < g["clockFraction"] < 1
             else:
                 assert "clockFraction" not in g
+
+
+async def test_assignments_are_refreshed_on_time_without_reconciles_or_reports(
+    operator: tuple[FakeKube, dict[str, Any]],
+) -> None:
+    kube, memo = operator
+    kube.add(
+        {
+            "apiVersion": "ampacity.dev/v1alpha1",
+            "kind": "PowerBudget",
+            "metadata": {"name": "row"},
+            "spec": {
+                "nodeSelector": {"matchLabels": {"ampacity.dev/row": "a"}},
+                "limitWatts": 2400,
+                "safeCapWatts": 300,
+                "telemetryStaleness": "1s",
+            },
+        }
+    )
+    await run(kube, memo)
+    for node in NODES:
+        await kube.patch_status("NodePower", None, node, report(enforcing=True))
+    await until(lambda: all(o["spec"].get("gpus") for o in kube.of_kind("NodePower")), "first assignments")
+    first = {o["metadata"]["name"]: o["spec"]["assignedAt"] for o in kube.of_kind("NodePower")}
+    # No reconcile and no report from here on: the runtime's heartbeat alone refreshes assignedAt
+    # (every half the staleness) so that the agents do not fall back to their safe cap.
+    await until(
+        lambda: all(
+            o["spec"]["assignedAt"] != first[o["metadata"]["name"]] for o in kube.of_kind("NodePower")
+        ),
+        "assignedAt refreshed",
+    )
