@@ -56,8 +56,9 @@ ROUND_GAP_SECONDS = 0.01
 #: resurrect it (far longer than any reconcile).
 DELETED_MEMORY_SECONDS = 300.0
 #: Assignments are re-sent (refreshing assignedAt) every staleness * this, so agents tell a live
-#: operator from a dead one.
-HEARTBEAT_FRACTION = 0.5
+#: operator from a dead one. A third, not a half: a write can take seconds to land on a loaded
+#: API server, and an agent whose assignment ages past the staleness fails safe.
+HEARTBEAT_FRACTION = 1 / 3
 log = logging.getLogger(__name__)
 
 
