@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from ampacity.api.gpu_products import gpu_product
 from ampacity.power.calibration import CapCurve, FloatArray, zeus_cap_curve
 
 #: `calibration.zeus_cap_curve()` as fitted on the Zeus data (a unit test keeps the two equal),
@@ -95,7 +96,7 @@ H100_SXM = GpuSpec(
     prompt_watts=700.0,
     token_watts=380.0,
     min_limit_watts=200.0,
-    max_limit_watts=700.0,
+    max_limit_watts=gpu_product("h100").max_power_watts,
 )
 A100_SXM = GpuSpec(
     "a100-sxm",
@@ -103,7 +104,7 @@ A100_SXM = GpuSpec(
     prompt_watts=400.0,
     token_watts=250.0,
     min_limit_watts=100.0,
-    max_limit_watts=400.0,
+    max_limit_watts=gpu_product("a100").max_power_watts,
     min_clock_mhz=210,
     max_clock_mhz=1410,
 )

@@ -9,7 +9,7 @@ import warnings
 
 from agents.podresources.v1 import api_pb2 as agents_dot_podresources_dot_v1_dot_api__pb2
 
-GRPC_GENERATED_VERSION = "1.85.1"
+GRPC_GENERATED_VERSION = "1.78.2"
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -30,7 +30,7 @@ if _version_not_supported:
     )
 
 
-class PodResourcesListerStub:
+class PodResourcesListerStub(object):
     """PodResourcesLister is a service provided by the kubelet that provides information about the
     node resources consumed by pods and containers on the node
     """
@@ -61,7 +61,7 @@ class PodResourcesListerStub:
         )
 
 
-class PodResourcesListerServicer:
+class PodResourcesListerServicer(object):
     """PodResourcesLister is a service provided by the kubelet that provides information about the
     node resources consumed by pods and containers on the node
     """
@@ -109,7 +109,7 @@ def add_PodResourcesListerServicer_to_server(servicer, server):
 
 
 # This class is part of an EXPERIMENTAL API.
-class PodResourcesLister:
+class PodResourcesLister(object):
     """PodResourcesLister is a service provided by the kubelet that provides information about the
     node resources consumed by pods and containers on the node
     """
