@@ -3,8 +3,10 @@
     python -m agents --node gpu-node-0                      # NVML (needs nvidia-ml-py and a GPU)
     python -m agents --node gpu-node-0 --simulate --load-file load.json --kubeconfig agent.kubeconfig
 
-The node name defaults to $NODE_NAME (the DaemonSet sets it from spec.nodeName). With no GPU
-(or `--simulate`, or AMPACITY_AGENT_SIMULATE=1) the agent drives simulated H100s.
+The node name defaults to $NODE_NAME (the DaemonSet sets it from spec.nodeName). Simulated
+H100s are used only when asked for (`--simulate` or AMPACITY_AGENT_SIMULATE=1: the demo and
+tests). Otherwise the agent uses NVML; if NVML cannot be opened it keeps running, caps
+nothing, and says so in its NodePower status and metrics (it fails closed).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from agents.agent import Agent, LoadFile
 from agents.gpu import GpuBackend, NvmlBackend, SimulatedGpuBackend
 from agents.metrics import AgentMetrics
+from agents.pod_resources import KUBELET_SOCKET, PodResourcesClient
 from ampacity.kube import Kube
 
 log = logging.getLogger("ampacity.agent")
@@ -48,6 +51,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpus", type=int, default=8, help="simulated GPUs")
     p.add_argument("--load-file", type=Path, default=None, help="JSON load for the simulated GPUs")
     p.add_argument(
+        "--pod-resources-socket",
+        default=env.get("AMPACITY_AGENT_POD_RESOURCES_SOCKET", KUBELET_SOCKET),
+        help="kubelet pod-resources socket for the GPU-to-pod map ('' to disable)",
+    )
+    p.add_argument(
         "--request-timeout", type=float, default=3.0, help="API request timeout (s): past it, fail-safe"
     )
     args = p.parse_args(argv)
@@ -56,25 +64,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_backend(args: argparse.Namespace) -> tuple[GpuBackend, str, LoadFile | None]:
-    if not args.simulate:
-        try:
-            return NvmlBackend(), "nvml", None
-        except Exception as error:  # no pynvml, no driver, or no GPU
-            log.warning("NVML unavailable (%s); simulating %d GPUs", error, args.gpus)
-    simulated = SimulatedGpuBackend(args.gpus)
-    load = LoadFile(args.load_file, simulated) if args.load_file else None
-    return simulated, "simulated", load
-
-
 async def main_async(args: argparse.Namespace) -> None:
-    backend, name, load = make_backend(args)
+    backend: GpuBackend | None = None
+    load: LoadFile | None = None
+    if args.simulate:
+        simulated = SimulatedGpuBackend(args.gpus)
+        load = LoadFile(args.load_file, simulated) if args.load_file else None
+        backend = simulated
     metrics = AgentMetrics(args.node)
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_address)
     kube = Kube(kubeconfig=args.kubeconfig, timeout=args.request_timeout)
+    pods = PodResourcesClient(args.pod_resources_socket) if args.pod_resources_socket else None
     agent = Agent(
-        args.node, backend, kube, metrics, backend_name=name, before_round=load.refresh if load else None
+        args.node,
+        backend,
+        kube,
+        metrics,
+        before_round=load.refresh if load else None,
+        pod_resources=pods,
+        open_backend=NvmlBackend,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -82,11 +91,14 @@ async def main_async(args: argparse.Namespace) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     log.info(
-        "agent for %s: %d GPUs (%s), every %.2fs", args.node, backend.device_count(), name, args.interval
+        "agent for %s (%s), every %.2fs", args.node, "simulated" if args.simulate else "nvml", args.interval
     )
     try:
         await agent.run(args.interval, stop)
     finally:
+        agent.close()
+        if pods is not None:
+            await pods.close()
         await kube.close()
 
 

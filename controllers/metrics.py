@@ -98,6 +98,11 @@ POWER_BUDGET_CROSSINGS = Counter(
     "Threshold crossings and telemetry changes, by Event reason (EnteredT1, ExitedT2, LimitExceeded, ...).",
     [*OBJECT_LABELS, "reason"],
 )
+POWER_BUDGET_UNENFORCED_NODES = Gauge(
+    "ampacity_powerbudget_unenforced_nodes",
+    "Nodes of the budget whose agent cannot apply caps (NVML missing or refusing).",
+    OBJECT_LABELS,
+)
 POWER_BUDGET_ROUND_DURATION = Histogram(
     "ampacity_powerbudget_round_duration_seconds",
     "Time for one capping round: telemetry to assignments written.",
@@ -110,6 +115,7 @@ OBJECT_GAUGES["PowerBudget"] = (
     POWER_BUDGET_HEADROOM,
     POWER_BUDGET_CAPPED_GPUS,
     POWER_BUDGET_LEVEL,
+    POWER_BUDGET_UNENFORCED_NODES,
 )
 
 

@@ -14,6 +14,8 @@ from ampacity import kubeconfig
 from ampacity.api.meta import GROUP
 from ampacity.kube import Kube
 from controllers.cache import ClusterCache
+from controllers.powerbudget.controller import POWER_MEMO
+from controllers.powerbudget.runtime import PowerRuntime
 from controllers.reconciler import CACHE_MEMO
 from controllers.trainingjob import reports
 from controllers.trainingjob.admission import ADMISSION_MEMO, GangAdmission
@@ -46,6 +48,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo[ADMISSION_MEMO] = GangAdmission()
     # The failures the operator sees on every job move the failure-rate prior of each.
     memo[HISTORY_MEMO] = ClusterFailureHistory()
+    # PowerBudget rounds, fed by the cache's NodePower watch.
+    memo[POWER_MEMO] = PowerRuntime(memo["kube"], cache.node_power_informer)
 
 
 @kopf.on.login(id="ampacity-credentials")
@@ -70,6 +74,8 @@ async def login(**_: Any) -> kopf.ConnectionInfo:
 async def close(memo: kopf.Memo, **_: Any) -> None:
     if "reports" in memo:
         await reports.stop(memo["reports"])
+    if POWER_MEMO in memo:
+        await memo[POWER_MEMO].close()
     if CACHE_MEMO in memo:
         await memo[CACHE_MEMO].close()
     await memo["kube"].close()

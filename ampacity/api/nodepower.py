@@ -10,6 +10,7 @@ ValidatingAdmissionPolicy in the Helm chart lets an agent write only its own nod
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 
 from pydantic import Field
 
@@ -21,7 +22,16 @@ class GpuAssignment(ApiModel):
     """The limit the operator assigned to one GPU."""
 
     index: int = Field(ge=0, description="NVML index of the GPU.")
+    uuid: str = Field(
+        default="", description="GPU UUID the assignment is for (empty: whatever GPU has the index)."
+    )
     cap_watts: float = Field(gt=0, description="Power limit the agent must enforce.")
+    clock_fraction: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Lock the GPU's SM clock at this fraction of its top clock (absent: unlocked).",
+    )
     capped: bool = Field(default=False, description="Whether the limit is below the GPU's maximum.")
     priority: str = Field(default="", description="Power priority class the operator saw on the GPU.")
 
@@ -50,11 +60,33 @@ class GpuReading(ApiModel):
     """One GPU's sample."""
 
     index: int = Field(ge=0, description="NVML index of the GPU.")
+    uuid: str = Field(default="", description="GPU UUID (NVML), the ID the kubelet gives pods.")
+    model: str = Field(default="", description="GPU model name (NVML).")
     power_watts: float = Field(ge=0, description="Power draw (W).")
-    energy_joules: float = Field(ge=0, description="Energy since the counter started (J).")
+    energy_joules: float | None = Field(
+        default=None, ge=0, description="Energy since the counter started (J); absent where the GPU has none."
+    )
     limit_watts: float = Field(ge=0, description="Power limit currently enforced (W).")
     min_limit_watts: float = Field(ge=0, description="Lowest settable power limit (W).")
-    max_limit_watts: float = Field(ge=0, description="Highest settable (default) power limit (W).")
+    max_limit_watts: float = Field(ge=0, description="Highest settable power limit (W).")
+    default_limit_watts: float | None = Field(
+        default=None, ge=0, description="The GPU's default power limit (W)."
+    )
+    clock_mhz: int | None = Field(default=None, ge=0, description="Current SM clock (MHz).")
+    locked_clock_mhz: int | None = Field(
+        default=None, ge=0, description="SM clock lock the agent set (MHz); absent: unlocked."
+    )
+    pod: str = Field(
+        default="", description="namespace/name of the pod the kubelet gave this GPU (empty: none)."
+    )
+
+
+class PodResourcesState(StrEnum):
+    """Where the GPU-to-pod map came from."""
+
+    KUBELET = "Kubelet"
+    UNAVAILABLE = "Unavailable"
+    DISABLED = "Disabled"
 
 
 class NodePowerStatus(Status):
@@ -70,6 +102,16 @@ class NodePowerStatus(Status):
     failsafe: bool = Field(default=False, description="Whether the agent enforces its safe cap.")
     failsafe_reason: str = Field(default="", description="Why the agent is in fail-safe.")
     backend: str = Field(default="", description="How the agent reads GPUs: nvml or simulated.")
+    enforcing: bool = Field(
+        default=False, description="Whether every limit and clock lock the agent had to set took effect."
+    )
+    faults: list[str] = Field(
+        default_factory=list, description="NVML calls that failed in the last round, in words."
+    )
+    attribution: PodResourcesState = Field(
+        default=PodResourcesState.DISABLED,
+        description="Where the per-GPU pods come from (the kubelet's pod-resources API).",
+    )
 
 
 NODE_POWER = Resource(
@@ -83,6 +125,12 @@ NODE_POWER = Resource(
     printer_columns=(
         {"name": "Budget", "type": "string", "jsonPath": ".spec.budget", "description": "PowerBudget."},
         {"name": "Power", "type": "number", "jsonPath": ".status.powerWatts", "description": "Power (W)."},
+        {
+            "name": "Enforcing",
+            "type": "boolean",
+            "jsonPath": ".status.enforcing",
+            "description": "Whether the agent could apply every limit it had to.",
+        },
         {
             "name": "Failsafe",
             "type": "boolean",

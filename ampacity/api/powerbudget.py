@@ -80,6 +80,13 @@ class PriorityClass(ApiModel):
     min_cap_watts: float = Field(gt=0, description="Lowest power cap a GPU of this class may be given.")
 
 
+class CapActuator(StrEnum):
+    """How agents enforce a cap."""
+
+    POWER_LIMIT = "PowerLimit"
+    CLOCK_LOCK = "ClockLock"
+
+
 class PowerBudgetSpec(ApiModel):
     """Desired state of a PowerBudget."""
 
@@ -103,6 +110,14 @@ class PowerBudgetSpec(ApiModel):
     )
     default_priority_class: str = Field(
         default="batch", description="Class of GPUs whose pods carry no ampacity.dev/power-priority label."
+    )
+    actuator: CapActuator = Field(
+        default=CapActuator.CLOCK_LOCK,
+        description=(
+            "ClockLock: a capped GPU's SM clock is locked where compute-bound work draws the cap, with "
+            "the power limit as backstop (saves power on decoding too, which draws below most caps); "
+            "PowerLimit: power limits alone."
+        ),
     )
     safe_cap_watts: float = Field(
         gt=0, description="Cap a node agent applies on its own when its assignment is stale or unreachable."
@@ -148,6 +163,10 @@ class PowerBudgetStatus(Status):
     reporting_nodes: int = Field(default=0, ge=0, description="Nodes whose agent reported fresh telemetry.")
     failsafe_nodes: list[str] = Field(
         default_factory=list, description="Nodes whose agent enforces its safe cap on its own."
+    )
+    unenforced_nodes: list[str] = Field(
+        default_factory=list,
+        description="Nodes whose agent cannot apply caps (NVML missing or refusing); see their NodePower.",
     )
     policy_state: str = Field(
         default="", description="The capping policy's memory between rounds (JSON; operator-internal)."

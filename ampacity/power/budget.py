@@ -7,6 +7,21 @@ object into a `BudgetSpec` so the policy never touches the API types.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Actuator(StrEnum):
+    """How an agent enforces a GPU's cap.
+
+    POWER_LIMIT sets the GPU's power limit to the cap: the GPU draws min(demand, cap), so a cap
+    above what a phase draws (decoding at 380 W under a 500 W cap) saves nothing. CLOCK_LOCK
+    also locks the SM clock at the clock where compute-bound work draws the cap (the power
+    limit stays as the backstop): every phase's draw then scales with cap / max limit, so a
+    cap saves watts on decoding too, at little cost to its speed (it is memory-bound).
+    """
+
+    POWER_LIMIT = "PowerLimit"
+    CLOCK_LOCK = "ClockLock"
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,8 @@ class BudgetSpec:
     release_step_watts: float = 50.0
     staleness_seconds: float = 30.0
     safe_cap_watts: float | None = None
+    #: How a cap is enforced, which decides what the policy expects a cap to save.
+    actuator: Actuator = Actuator.POWER_LIMIT
 
     def __post_init__(self) -> None:
         if self.limit_watts <= 0:

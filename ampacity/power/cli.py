@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ampacity.power.budget import Actuator
 from ampacity.power.calibration import load_zeus_points, zeus_cap_curve
 from ampacity.power.eval.plot import plot_row_power
 from ampacity.power.eval.simulation import (
@@ -55,6 +56,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bench.add_argument("--nodes", type=int, default=100, help="kwok GPU nodes (8 GPUs each)")
     bench.add_argument("--trials", type=int, default=5)
     bench.add_argument("--concurrency", type=int, default=32, help="status writes in flight at once")
+    bench.add_argument("--steady-seconds", type=float, default=60.0, help="steady state measured per trial")
+    bench.add_argument("--surge-seconds", type=float, default=10.0, help="seconds sampled after the surge")
     bench.set_defaults(func=_run_bench_reaction)
 
 
@@ -76,6 +79,12 @@ def _row_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--actuation-delay", type=float, default=2.0, help="seconds from a round to caps in effect"
     )
+    p.add_argument(
+        "--actuator",
+        choices=[a.value for a in Actuator],
+        default=Actuator.POWER_LIMIT.value,
+        help="PowerLimit: watt caps alone; ClockLock: SM clock locks first, watt caps as backstop",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("out"), help="folder for the plot and JSON summary")
 
@@ -87,6 +96,7 @@ def _config(args: argparse.Namespace, servers: int) -> RowConfig:
         inference_min_cap_watts=args.inference_min_cap,
         t1_fraction=args.t1,
         t2_fraction=args.t2,
+        actuator=Actuator(args.actuator),
     )
     return RowConfig(
         budget=replace(budget, hold_seconds=args.hold),
@@ -105,6 +115,7 @@ def _summary(c: Comparison) -> dict[str, Any]:
     limit = c.capped.config.budget.limit_watts
     return {
         "servers": c.capped.config.servers,
+        "actuator": c.capped.config.budget.actuator.value,
         "limit_kw": limit / 1000,
         "peak_kw_with_policy": c.capped.peak_watts / 1000,
         "peak_kw_uncapped": c.uncapped.peak_watts / 1000,
@@ -205,6 +216,12 @@ def _run_curve(args: argparse.Namespace) -> int:
 def _run_bench_reaction(args: argparse.Namespace) -> int:
     from ampacity.dev.power_bench import bench_reaction, summarize
 
-    trials = bench_reaction(args.nodes, args.trials, args.concurrency)
+    trials = bench_reaction(
+        args.nodes,
+        args.trials,
+        args.concurrency,
+        steady_seconds=args.steady_seconds,
+        surge_seconds=args.surge_seconds,
+    )
     print(summarize(trials, args.nodes))
     return 0

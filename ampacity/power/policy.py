@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any
 
-from ampacity.power.budget import BudgetSpec
+from ampacity.power.budget import Actuator, BudgetSpec
 from ampacity.power.telemetry import GpuId, GpuTelemetry
 
 
@@ -52,6 +52,7 @@ class EventKind(StrEnum):
     LIMIT_RECOVERED = "LimitRecovered"
     TELEMETRY_STALE = "TelemetryStale"
     TELEMETRY_RECOVERED = "TelemetryRecovered"
+    LIMIT_BELOW_FLOORS = "LimitBelowFloors"
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,8 @@ class CapAssignment:
     capped: bool
     since: float | None
     priority: str
+    #: The GPU's highest settable limit (what "uncapped" is).
+    max_watts: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,13 @@ class BudgetSummary:
     over_limit: bool
     overrun_count: int
     overrun_seconds: float
+    #: The sum of every GPU's floor (its class's minimum cap within its settable range).
+    floor_watts: float = 0.0
+
+    @property
+    def infeasible(self) -> bool:
+        """The limit is below what the GPUs draw even at their floors."""
+        return self.floor_watts > self.headroom_watts + self.total_watts
 
 
 @dataclass(frozen=True)
@@ -240,6 +250,24 @@ def evaluate(
 
     planner = _Planner(budget, samples, stale, effective, state.caps, now)
     low_tightened = high_tightened = False
+    floors = sum(planner.floor(t) for t in samples)
+    if floors > budget.limit_watts:
+        # No assignment can keep this row under its limit: hold every GPU at its floor, the
+        # least it can be given, and say so (the controller turns this into a condition).
+        held = False
+        for t in samples:
+            held |= planner._set_cap(t, planner.floor(t))
+        low_tightened |= held
+        if held:
+            events.append(
+                PowerEvent(
+                    EventKind.LIMIT_BELOW_FLOORS,
+                    now,
+                    total,
+                    f"limit {budget.limit_watts:.0f} W is below the GPUs' minimum caps ({floors:.0f} W): "
+                    "every GPU held at its minimum",
+                )
+            )
     if planner.projected_total() > budget.t2_watts:
         # Above T2 everything is capped: the lowest class goes straight to its floor (the
         # brake), every protected GPU is frozen at its current draw so none can grow.
@@ -253,12 +281,15 @@ def evaluate(
         target = (budget.t2_fraction - budget.margin_fraction) * budget.limit_watts
         high_tightened |= planner.shed(planner.high, planner.projected_total() - target)
 
-    high_release = _release(
-        planner, planner.high, budget.t2_fraction, high_tightened, state.high_release, state.last_time
-    )
-    low_release = _release(
-        planner, planner.low, budget.t1_fraction, low_tightened, state.low_release, state.last_time
-    )
+    if floors > budget.limit_watts:
+        high_release = low_release = None  # nothing may loosen while even the floors are too much
+    else:
+        high_release = _release(
+            planner, planner.high, budget.t2_fraction, high_tightened, state.high_release, state.last_time
+        )
+        low_release = _release(
+            planner, planner.low, budget.t1_fraction, low_tightened, state.low_release, state.last_time
+        )
 
     assignments = tuple(planner.assignment(t) for t in samples)
     new_state = PolicyState(
@@ -284,6 +315,7 @@ def evaluate(
         over_limit=over,
         overrun_count=overrun_count,
         overrun_seconds=overrun_seconds,
+        floor_watts=floors,
     )
     return PolicyResult(assignments, new_state, tuple(events), summary)
 
@@ -386,6 +418,7 @@ class _Planner:
             t.gpu: effective[t.gpu] if t.gpu in stale else min(effective[t.gpu], self.cap_of(t))
             for t in samples
         }
+        self.clocked = budget.actuator == Actuator.CLOCK_LOCK
         top = budget.top_rank
         self.low = [t for t in samples if self.rank(t) < top]
         self.high = [t for t in samples if self.rank(t) == top]
@@ -408,13 +441,18 @@ class _Planner:
     def _set_cap(self, t: GpuTelemetry, cap: float) -> bool:
         """Tighten `t` to `cap` (never loosens); return whether anything changed."""
         cap = max(float(math.floor(cap)), self.floor(t))
-        if cap >= self.cap_of(t):
+        before = self.cap_of(t)
+        if cap >= before:
             return False
         held = self.caps.get(t.gpu)
         self.caps[t.gpu] = GpuCap(cap, held.since if held is not None else self.now)
         if t.gpu in self.stale:
             return True  # an unseen GPU keeps counting at its limit until it reports again
-        new_projected = min(self.projected[t.gpu], cap)
+        if self.clocked:
+            # A clock lock scales every phase's draw (down to the watt backstop).
+            new_projected = min(self.projected[t.gpu] * cap / before, cap)
+        else:
+            new_projected = min(self.projected[t.gpu], cap)
         self._total += new_projected - self.projected[t.gpu]
         self.projected[t.gpu] = new_projected
         return True
@@ -440,10 +478,7 @@ class _Planner:
         if need <= 0:
             return False
         # Stale GPUs give nothing: a cap they may never receive cannot be counted on.
-        room = {
-            t.gpu: 0.0 if t.gpu in self.stale else max(0.0, self.projected[t.gpu] - self.floor(t))
-            for t in tier
-        }
+        room = {t.gpu: 0.0 if t.gpu in self.stale else self._room(t) for t in tier}
         available = sum(room.values())
         if available <= 0:
             return False
@@ -451,8 +486,18 @@ class _Planner:
         changed = False
         for t in tier:
             if room[t.gpu] > 0:
-                changed |= self._set_cap(t, self.projected[t.gpu] - room[t.gpu] * share)
+                target = self.projected[t.gpu] - room[t.gpu] * share
+                # Under clock locks, the cap whose lock scales the draw down to the target.
+                cap = self.cap_of(t) * target / self.projected[t.gpu] if self.clocked else target
+                changed |= self._set_cap(t, cap)
         return changed
+
+    def _room(self, t: GpuTelemetry) -> float:
+        """Watts a GPU can give before its cap reaches the floor."""
+        projected = self.projected[t.gpu]
+        if self.clocked:
+            return max(0.0, projected * (1.0 - self.floor(t) / self.cap_of(t)))
+        return max(0.0, projected - self.floor(t))
 
     def raise_caps(self, group: list[GpuTelemetry], headroom: float) -> float:
         """Raise each capped GPU in `group` by an equal share of `headroom` (at most one
@@ -479,5 +524,5 @@ class _Planner:
     def assignment(self, t: GpuTelemetry) -> CapAssignment:
         held = self.caps.get(t.gpu)
         if held is None:
-            return CapAssignment(t.gpu, t.max_limit_watts, False, None, t.priority)
-        return CapAssignment(t.gpu, held.cap_watts, True, held.since, t.priority)
+            return CapAssignment(t.gpu, t.max_limit_watts, False, None, t.priority, t.max_limit_watts)
+        return CapAssignment(t.gpu, held.cap_watts, True, held.since, t.priority, t.max_limit_watts)

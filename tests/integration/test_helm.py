@@ -42,7 +42,17 @@ def test_chart_rejects_bad_values(cluster: LocalCluster) -> None:
 
 
 def test_rendered_pods_meet_the_restricted_standard(cluster: LocalCluster) -> None:
-    rendered = helm(cluster, "template", "ampacity", str(CHART), "--set", "nodeAgent.enabled=true")
+    """Every pod but the NVML node agent (below); the simulated agent is restricted too."""
+    rendered = helm(
+        cluster,
+        "template",
+        "ampacity",
+        str(CHART),
+        "--set",
+        "nodeAgent.enabled=true",
+        "--set",
+        "nodeAgent.simulate=true",
+    )
     workloads = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] in ("Deployment", "DaemonSet")]
     assert {w["kind"] for w in workloads} == {"Deployment", "DaemonSet"}
     for workload in workloads:
@@ -56,6 +66,30 @@ def test_rendered_pods_meet_the_restricted_standard(cluster: LocalCluster) -> No
         labels = workload["metadata"]["labels"]
         assert labels["app.kubernetes.io/name"] == "ampacity"
         assert labels["app.kubernetes.io/instance"] == "ampacity"
+
+
+def test_the_nvml_agent_gets_what_nvidias_daemonsets_get_and_nothing_more(cluster: LocalCluster) -> None:
+    """Setting GPU power limits and clock locks needs root with CAP_SYS_ADMIN and the nvidia
+    runtime's driver libraries; the pod-resources socket is mounted read-only."""
+    rendered = helm(cluster, "template", "ampacity", str(CHART), "--set", "nodeAgent.enabled=true")
+    agent = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "DaemonSet")
+    pod = agent["spec"]["template"]["spec"]
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["securityContext"]["runAsUser"] == 0
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    (container,) = pod["containers"]
+    context = container["securityContext"]
+    assert context["capabilities"] == {"drop": ["ALL"], "add": ["SYS_ADMIN"]}
+    assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"] is True
+    assert "privileged" not in context
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all" and env["AMPACITY_AGENT_SIMULATE"] == "0"
+    assert env["AMPACITY_AGENT_POD_RESOURCES_SOCKET"] == "/var/lib/kubelet/pod-resources/kubelet.sock"
+    (mount,) = container["volumeMounts"]
+    assert mount == {"name": "pod-resources", "mountPath": "/var/lib/kubelet/pod-resources", "readOnly": True}
+    (volume,) = pod["volumes"]
+    assert volume["hostPath"]["path"] == "/var/lib/kubelet/pod-resources"
 
 
 def test_chart_ships_the_generated_crds(cluster: LocalCluster) -> None:

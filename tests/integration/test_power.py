@@ -12,15 +12,20 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from agents.gpu import SimulatedGpuBackend
+from agents.podresources.v1 import api_pb2, api_pb2_grpc
 from ampacity.dev.cluster.binaries import ensure_binaries
 from ampacity.dev.cluster.kubectl import Kubectl, condition
 from ampacity.dev.cluster.local_operator import LocalOperator
@@ -81,11 +86,65 @@ def agent_kubeconfig(cluster: LocalCluster, node: str, directory: Path) -> Path:
     return path
 
 
+#: The UUIDs the simulated backend gives GPUs 0-7 (the same on every node).
+UUIDS = [SimulatedGpuBackend(8).uuid(i) for i in range(8)]
+
+
+class Kubelet(api_pb2_grpc.PodResourcesListerServicer):
+    """A node's kubelet pod-resources API (the real proto, on a unix socket): answers `List`
+    with the GPU allocations the test makes, as the device plugin would have made them."""
+
+    def __init__(self, socket: Path) -> None:
+        self.socket = socket
+        self._pods: dict[tuple[str, str], list[str]] = {}
+        self._lock = threading.Lock()
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        api_pb2_grpc.add_PodResourcesListerServicer_to_server(self, self._server)
+        self._server.add_insecure_port(f"unix://{socket}")
+        self._server.start()
+
+    def allocate(self, namespace: str, pod: str, gpus: Iterable[int]) -> None:
+        with self._lock:
+            self._pods[(namespace, pod)] = [UUIDS[i] for i in gpus]
+
+    def release(self, namespace: str, pod: str) -> None:
+        with self._lock:
+            self._pods.pop((namespace, pod), None)
+
+    def List(  # the proto's method name
+        self, request: api_pb2.ListPodResourcesRequest, context: grpc.ServicerContext
+    ) -> api_pb2.ListPodResourcesResponse:
+        with self._lock:
+            pods = dict(self._pods)
+        return api_pb2.ListPodResourcesResponse(
+            pod_resources=[
+                api_pb2.PodResources(
+                    name=name,
+                    namespace=namespace,
+                    containers=[
+                        api_pb2.ContainerResources(
+                            name="engine",
+                            devices=[
+                                api_pb2.ContainerDevices(resource_name="nvidia.com/gpu", device_ids=uuids)
+                            ],
+                        )
+                    ],
+                )
+                for (namespace, name), uuids in sorted(pods.items())
+            ]
+        )
+
+    def stop(self) -> None:
+        self._server.stop(None)
+
+
 class AgentProcess:
-    """`python -m agents` for one node, with simulated GPUs whose load a JSON file sets."""
+    """`python -m agents` for one node, with simulated GPUs whose load a JSON file sets and a
+    kubelet pod-resources API of its own."""
 
     def __init__(self, node: str, kubeconfig: Path, directory: Path) -> None:
         self.node = node
+        self.kubelet = Kubelet(directory / f"{node}-kubelet.sock")
         self.kubeconfig = kubeconfig
         self.load_file = directory / f"{node}-load.json"
         self.log = directory / f"{node}.log"
@@ -93,9 +152,10 @@ class AgentProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.set_load(0.0)
 
-    def set_load(self, prompt: float, token: float = 0.0) -> None:
+    def set_load(self, prompt: float, token: float = 0.0, nvml_fault: str = "") -> None:
+        """Busy fractions of every GPU; `nvml_fault` makes every NVML call fail with that error."""
         tmp = self.load_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"prompt": prompt, "token": token}))
+        tmp.write_text(json.dumps({"prompt": prompt, "token": token, "nvml": nvml_fault}))
         tmp.replace(self.load_file)
 
     def start(self) -> None:
@@ -111,6 +171,7 @@ class AgentProcess:
                     f"--kubeconfig={self.kubeconfig}",
                     f"--metrics-port={self.metrics_port}",
                     "--metrics-address=127.0.0.1",
+                    f"--pod-resources-socket={self.kubelet.socket}",
                     "--interval=0.5",
                 ],
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -217,6 +278,7 @@ def agents(
     finally:
         for process in processes.values():
             process.stop()
+            process.kubelet.stop()
 
 
 def budget_manifest(release_hold: str) -> dict[str, Any]:
@@ -296,10 +358,12 @@ def test_budget_caps_agents_enforce_and_fail_safe(
         lambda: (kubectl.get("pod", "chat", namespace) or {}).get("status", {}).get("phase") == "Running",
         what="pod running",
     )
+    agents["gpu-node-0"].kubelet.allocate(namespace, "chat", range(8))
     assert kubectl.apply(budget_manifest(release_hold="10m")).returncode == 0
     try:
         _scenario(kubectl, operator, agents)
     finally:
+        agents["gpu-node-0"].kubelet.release(namespace, "chat")
         kubectl("delete", "powerbudget", BUDGET)
         wait_for(lambda: not node_powers(kubectl), timeout=30, what="NodePowers released")
 
@@ -431,6 +495,101 @@ def _scenario(kubectl: Kubectl, operator: LocalOperator, agents: dict[str, Agent
         timeout=15,
         what="agents back at full limits",
     )
+
+
+def test_gpu_priorities_follow_the_kubelets_allocation(
+    kubectl: Kubectl, operator: LocalOperator, agents: dict[str, AgentProcess], namespace: str
+) -> None:
+    """The kubelet gave an interactive pod GPUs 4-7 of gpu-node-1 (creation order would have
+    said 0-3): the agent reports the pod on exactly those UUIDs and the budget classes them."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "half",
+            "namespace": namespace,
+            "labels": {"ampacity.dev/power-priority": "interactive"},
+        },
+        "spec": {
+            "nodeName": "gpu-node-1",
+            "containers": [
+                {"name": "engine", "image": "engine", "resources": {"limits": {"nvidia.com/gpu": "4"}}}
+            ],
+        },
+    }
+    assert kubectl.apply(pod).returncode == 0
+    kubelet = agents["gpu-node-1"].kubelet
+    kubelet.allocate(namespace, "half", range(4, 8))
+    assert kubectl.apply(budget_manifest(release_hold="10m")).returncode == 0
+    try:
+        obj = wait_for(
+            lambda: (
+                (o := node_powers(kubectl).get("gpu-node-1"))
+                and [g.get("priority") for g in sorted(o["spec"].get("gpus", []), key=lambda g: g["index"])]
+                == ["batch"] * 4 + ["interactive"] * 4
+                and o
+            ),
+            timeout=60,
+            what="priorities from the kubelet's allocation",
+        )
+        status = obj["status"]
+        assert status["attribution"] == "Kubelet"
+        pods = {g["uuid"]: g.get("pod", "") for g in status["gpus"]}
+        assert pods == {uuid: (f"{namespace}/half" if i >= 4 else "") for i, uuid in enumerate(UUIDS)}
+        assert all(g["uuid"] == UUIDS[g["index"]] for g in obj["spec"]["gpus"])
+    finally:
+        kubelet.release(namespace, "half")
+        kubectl("delete", "powerbudget", BUDGET)
+        wait_for(lambda: not node_powers(kubectl), timeout=30, what="NodePowers released")
+
+
+def test_an_agent_without_nvml_turns_the_budget_not_ready_naming_its_node(
+    kubectl: Kubectl, operator: LocalOperator, agents: dict[str, AgentProcess]
+) -> None:
+    """Fail closed: an agent told its NVML library is missing caps nothing, says so in its
+    NodePower and metrics, and the budget is not Ready with that node named."""
+    assert kubectl.apply(budget_manifest(release_hold="10m")).returncode == 0
+    sick = agents["gpu-node-2"]
+    try:
+        wait_for(
+            lambda: (condition(kubectl.get("powerbudget", BUDGET)) or {}).get("reason") == "Enforcing",
+            what="budget enforcing",
+        )
+        sick.set_load(0.0, nvml_fault="LibraryNotFound")
+        budget = wait_for(
+            lambda: (
+                (o := kubectl.get("powerbudget", BUDGET))
+                and (condition(o) or {}).get("reason") == "NotEnforcing"
+                and o
+            ),
+            timeout=30,
+            what="budget not Ready: an agent cannot apply caps",
+        )
+        ready = condition(budget)
+        assert ready is not None and ready["status"] == "False"
+        assert "gpu-node-2 (NvmlLibraryNotFound" in ready["message"], ready["message"]
+        assert "1 of 4 nodes" in ready["message"]
+        assert budget["status"]["unenforcedNodes"] == ["gpu-node-2"]
+        obj = node_powers(kubectl)["gpu-node-2"]
+        assert obj["status"]["enforcing"] is False and obj["status"]["gpus"] == []
+        enforcing = condition(obj, "Enforcing")
+        assert enforcing is not None and enforcing["reason"] == "NvmlLibraryNotFound"
+        assert "nvmlDeviceGetCount" in enforcing["message"]
+        assert wait_for(lambda: operator_gauge(operator, "ampacity_powerbudget_unenforced_nodes") == 1)
+        samples = sick.metrics()
+        assert samples[("ampacity_node_enforcing", "")] == 0.0
+        assert samples[("ampacity_node_agent_nvml_errors_total", "")] >= 1
+        # NVML back: the budget recovers on its own.
+        sick.set_load(0.0)
+        wait_for(
+            lambda: (condition(kubectl.get("powerbudget", BUDGET)) or {}).get("reason") == "Enforcing",
+            timeout=60,
+            what="budget enforcing again",
+        )
+    finally:
+        sick.set_load(0.0)
+        kubectl("delete", "powerbudget", BUDGET)
+        wait_for(lambda: not node_powers(kubectl), timeout=30, what="NodePowers released")
 
 
 def assert_writes_only_its_own_status(agent: Kubectl) -> None:

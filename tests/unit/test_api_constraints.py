@@ -179,12 +179,22 @@ BASES: dict[str, list[dict[str, Any]]] = {
             "safeCapWatts": 450,
             "telemetryStaleness": "10s",
             "releaseHold": "30s",
+            "actuator": "ClockLock",
         }
     ],
     "nodepower": [
         {
             "budget": "row-a",
-            "gpus": [{"index": 0, "capWatts": 500, "capped": False, "priority": "batch"}],
+            "gpus": [
+                {
+                    "index": 0,
+                    "uuid": "GPU-8c5b7b3e-0d1f-4e1c-9b9a-1f2e3d4c5b6a",
+                    "capWatts": 500,
+                    "clockFraction": 0.8,
+                    "capped": False,
+                    "priority": "batch",
+                }
+            ],
             "safeCapWatts": 450,
             "staleness": "10s",
         }

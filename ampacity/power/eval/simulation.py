@@ -13,6 +13,12 @@ times the cap curve; decoding runs at the profiled time per output token for the
 batch. Decode occupancy comes from uncapped timings, a good approximation while inference
 caps stay above the 380 W token-phase power (then decode is never slowed).
 
+With `Actuator.CLOCK_LOCK` a capped GPU is also clock-locked at the clock where compute-bound
+work draws its cap (`gpu_model`): every phase's draw scales with the clock (the power limit
+stays as the backstop), prompts and training run at the clock fraction, and decoding keeps
+full speed down to `TOKEN_CLOCK_KNEE` of the top clock. The decode occupancy then still comes
+from uncapped timings, exact while locks stay above the knee.
+
 Latency and throughput costs are measured against the same row run without any cap.
 """
 
@@ -26,9 +32,17 @@ from datetime import datetime
 import numpy as np
 
 from ampacity.data import trace_path
-from ampacity.power.budget import BudgetSpec, PriorityClass
+from ampacity.power.budget import Actuator, BudgetSpec, PriorityClass
 from ampacity.power.calibration import FloatArray, ServingProfile, splitwise_h100_llama70b
-from ampacity.power.gpu_model import H100_SXM, demand_watts, drawn_watts, speed
+from ampacity.power.gpu_model import (
+    H100_SXM,
+    TOKEN_CLOCK_KNEE,
+    ZEUS_CAP_CURVE,
+    GpuSpec,
+    clock_power_fraction,
+    drawn_watts,
+    speed,
+)
 from ampacity.power.policy import EventKind, PolicyState, evaluate
 from ampacity.power.telemetry import GpuId, GpuTelemetry
 
@@ -43,9 +57,11 @@ def row_budget(
     inference_min_cap_watts: float = 500.0,
     t1_fraction: float = 0.85,
     t2_fraction: float = 0.95,
+    actuator: Actuator = Actuator.POWER_LIMIT,
 ) -> BudgetSpec:
     """The budget the evaluation runs under: training low priority, inference high."""
     return BudgetSpec(
+        actuator=actuator,
         limit_watts=limit_watts,
         classes=(
             PriorityClass(TRAINING, rank=0, min_cap_watts=training_min_cap_watts),
@@ -187,16 +203,19 @@ def simulate(config: RowConfig, trace: Trace | None = None) -> RowRun:
     interval_energy = np.zeros(caps.shape)
     train_speed_sum = 0.0
 
+    clocked = config.budget.actuator == Actuator.CLOCK_LOCK
     for k in range(steps):
         while pending and pending[0][0] <= k:
             caps = pending.pop(0)[1]
         server_cap = caps.min(axis=1)  # tensor/data parallel: the slowest GPU sets the pace
+        locks = _Locks(spec, caps, clocked)
+        server_locks = _Locks(spec, server_cap, clocked)
 
-        demand = np.full(config.servers, spec.training_watts)
+        prompt_busy_gpu = np.ones((config.servers, 1))  # training: compute-bound all the time
+        token_busy_gpu = np.zeros((config.servers, 1))
         if servers:
-            cap_i = server_cap[inference_ids]
-            f_p = speed(spec.prompt_watts, cap_i)
-            f_d = speed(spec.token_watts, cap_i)
+            f_p = server_locks.speed(spec.prompt_watts, True)[inference_ids]
+            f_d = server_locks.speed(spec.token_watts, False)[inference_ids]
             queue_ahead[:, k] = backlog
             prompt_speed[:, k] = f_p
             decode_speed[:, k] = f_d
@@ -205,13 +224,18 @@ def simulate(config: RowConfig, trace: Trace | None = None) -> RowRun:
             done = np.minimum(backlog, capacity)
             backlog -= done
             prompt_busy = done / capacity
-            token_busy = np.minimum(1.0, decoding[:, k]) * (1.0 - prompt_busy)
-            demand[inference_ids] = demand_watts(spec, prompt_busy, token_busy)
-        gpu_watts = drawn_watts(demand[:, None], caps)
+            prompt_busy_gpu[inference_ids, 0] = prompt_busy
+            token_busy_gpu[inference_ids, 0] = np.minimum(1.0, decoding[:, k]) * (1.0 - prompt_busy)
+        demand = (
+            spec.idle_watts
+            + prompt_busy_gpu * (locks.phase_watts(spec.prompt_watts) - spec.idle_watts)
+            + token_busy_gpu * (locks.phase_watts(spec.token_watts) - spec.idle_watts)
+        )
+        gpu_watts = drawn_watts(demand, caps)
         server_watts[:, k] = gpu_watts.sum(axis=1)
         interval_energy += gpu_watts * dt
         if training.any() and k >= warmup:
-            train_speed_sum += float(speed(spec.training_watts, server_cap[training]).mean())
+            train_speed_sum += float(server_locks.speed(spec.training_watts, True)[training].mean())
 
         if config.policy and k % tick_every == 0:
             now = k * dt
@@ -261,6 +285,26 @@ def simulate(config: RowConfig, trace: Trace | None = None) -> RowRun:
         threshold_events=threshold_events,
         cap_changes=cap_changes,
     )
+
+
+class _Locks:
+    """The clock locks that go with caps (none under POWER_LIMIT), as draw and speed factors."""
+
+    def __init__(self, spec: GpuSpec, caps: FloatArray, clocked: bool) -> None:
+        self.spec, self.caps, self.clocked = spec, caps, clocked
+        capped = caps < spec.max_limit_watts
+        clock = ZEUS_CAP_CURVE(caps / spec.max_limit_watts) if clocked else np.ones_like(caps)
+        self.clock = np.where(capped, clock, 1.0)
+        self.power_fraction = clock_power_fraction(self.clock)
+
+    def phase_watts(self, watts: float) -> FloatArray:
+        """A phase's uncapped draw at each lock (never below idle)."""
+        return np.maximum(self.spec.idle_watts, watts * self.power_fraction)
+
+    def speed(self, watts: float, compute_bound: bool) -> FloatArray:
+        """Throughput fraction of a phase under each cap and its lock."""
+        clock_speed = self.clock if compute_bound else np.minimum(1.0, self.clock / TOKEN_CLOCK_KNEE)
+        return np.asarray(speed(self.phase_watts(watts), self.caps) * clock_speed, dtype=np.float64)
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import pytest
 
-from ampacity.power.budget import BudgetSpec, PriorityClass
+from ampacity.power.budget import Actuator, BudgetSpec, PriorityClass
 from ampacity.power.policy import EventKind, Level, PolicyResult, PolicyState, evaluate
 from ampacity.power.telemetry import GpuId, GpuTelemetry
 
@@ -271,3 +272,45 @@ def test_budget_validation(kwargs: dict[str, object]) -> None:
     args: dict[str, object] = {"limit_watts": 10_000.0, "classes": (LOW, HIGH)} | kwargs
     with pytest.raises(ValueError):
         BudgetSpec(**args)  # type: ignore[arg-type]
+
+
+def test_a_limit_below_the_floors_holds_every_gpu_at_its_floor_and_says_so() -> None:
+    # 4 GPUs whose floors add up to 200 + 200 + 400 + 400 = 1200 W, on a 1000 W breaker.
+    budget = BudgetSpec(
+        limit_watts=1000, classes=(PriorityClass("batch", 0, 200), PriorityClass("interactive", 100, 400))
+    )
+    samples = [
+        GpuTelemetry(GpuId("n0", i), 150.0, 700.0, 200.0, 700.0, "interactive" if i >= 2 else "batch", 0.0)
+        for i in range(4)
+    ]
+    result = evaluate(budget, samples, PolicyState(), 0.0)
+    assert result.summary.floor_watts == 1200 and result.summary.infeasible
+    assert [a.cap_watts for a in result.assignments] == [200, 200, 400, 400]
+    assert all(a.capped for a in result.assignments)
+    assert [e.kind for e in result.events].count(EventKind.LIMIT_BELOW_FLOORS) == 1
+    # The next round holds the floors without a second event and without releasing.
+    again = evaluate(budget, samples, result.state, 100.0)
+    assert [a.cap_watts for a in again.assignments] == [200, 200, 400, 400]
+    assert EventKind.LIMIT_BELOW_FLOORS not in [e.kind for e in again.events]
+    feasible = evaluate(BudgetSpec(limit_watts=5000, classes=budget.classes), samples, PolicyState(), 0.0)
+    assert not feasible.summary.infeasible and not any(a.capped for a in feasible.assignments)
+
+
+def test_clock_locks_take_the_same_watts_with_far_milder_caps_on_decoding_gpus() -> None:
+    # 8 decoding GPUs at 340 W on a 3,000 W breaker: 2,720 W is above T1 (2,550 W), below T2.
+    # The policy sheds down to T1 - margin (2,490 W), 230 W in all.
+    watts = BudgetSpec(
+        limit_watts=3000, classes=(PriorityClass("batch", 0, 300), PriorityClass("chat", 1, 500))
+    )
+    samples = [GpuTelemetry(GpuId("n0", i), 340.0, 700.0, 200.0, 700.0, "batch", 0.0) for i in range(8)]
+    by_watts = evaluate(watts, samples, PolicyState(), 0.0)
+    by_clocks = evaluate(replace(watts, actuator=Actuator.CLOCK_LOCK), samples, PolicyState(), 0.0)
+    # A power limit must sit at the draw it allows: caps near 311 W, so a prompt burst on
+    # these GPUs would run at less than half speed.
+    watt_caps = [a.cap_watts for a in by_watts.assignments]
+    assert all(305 <= c <= 315 for c in watt_caps)
+    # A clock lock scales the draw: the same 230 W come from locks at the clock of a ~640 W cap.
+    clock_caps = [a.cap_watts for a in by_clocks.assignments]
+    assert all(630 <= c <= 650 for c in clock_caps)
+    assert sum(340.0 * c / 700.0 for c in clock_caps) == pytest.approx(2490, abs=8)
+    assert all(a.capped and a.max_watts == 700.0 for a in by_clocks.assignments)
