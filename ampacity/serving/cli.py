@@ -341,6 +341,19 @@ def _three_tier_eval(args: argparse.Namespace, trace: coldstart.ColdStartTrace) 
         f" woken p99 {woken_p99:.2f}s,"
         f" idle {tiered.idle_gpu_seconds / 3600:.0f} GPU-h vs {reference.idle_gpu_seconds / 3600:.0f}"
     )
+    # Weight locality: the cache size is set on the training part's cold starts under fixed 10 min.
+    train_events = coldstart.replay_tiers(
+        trace, tiers.keep_alive(600.0), costs, (-math.inf, study.split)
+    ).cold_events
+    cache = coldstart.calibrate_cache(trace, train_events, args.nodes)
+    for name in (coldstart.FIXED_10, coldstart.TIERED):
+        local = coldstart.locality_study(trace, study.run(name).result.cold_events, args.nodes, cache)
+        print(
+            f"weight locality, {name}: {local.cold_starts} cold starts on {args.nodes} nodes caching"
+            f" {cache} models each; node-local {local.local_with} with placement.rank vs"
+            f" {local.local_without} blind; load time {local.seconds_with / 3600:.1f} h vs"
+            f" {local.seconds_without / 3600:.1f} h ({local.saved:.0%} saved)"
+        )
     if args.plot is not None:
         curves = coldstart.frontier(trace, costs, study.split, progress=progress)
         _plot_frontier(curves, study, args.plot)
@@ -550,6 +563,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--tiers-only",
         action="store_true",
         help="only the three-tier study (skip the keep-alive timing table)",
+    )
+    keepalive_eval.add_argument(
+        "--nodes", type=int, default=8, help="nodes of the weight-locality study (8 nodes of 8 GPUs)"
     )
     keepalive_eval.add_argument("--plot", type=Path, default=None, help="write the frontier plot (PNG) here")
     keepalive_eval.set_defaults(func=_keepalive_eval)

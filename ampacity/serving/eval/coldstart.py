@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ampacity.data import trace_path
-from ampacity.serving import keepalive, tiers
+from ampacity.serving import keepalive, placement, tiers
 from ampacity.serving.keepalive import IdleTimeHistogram, KeepAliveDecision, KeepAlivePolicy
 
 PREWARMED = "with a pre-warm"
@@ -295,6 +295,9 @@ class TierResult:
     """GPU-seconds held with no request running or waiting: awake idle at 1, asleep at its share."""
     tier_seconds: dict[str, float]
     """Model-seconds spent idle in each tier."""
+    cold_events: tuple[tuple[float, str, bool], ...] = ()
+    """(time, model, inside the window) of every cold start of the trace, in and out of the window:
+    what the weight-locality study places on nodes."""
 
     @property
     def waits(self) -> np.ndarray:
@@ -359,6 +362,7 @@ class _TierTally:
         self.cold_waits: list[float] = []
         self.woken_waits: list[float] = []
         self.tier_seconds: defaultdict[str, float] = defaultdict(float)
+        self.cold_events: list[tuple[float, str, bool]] = []
 
     def wait(self, tier: str, seconds: float) -> None:
         (self.cold_waits if tier == tiers.STOPPED else self.woken_waits).append(seconds)
@@ -385,6 +389,7 @@ def _replay_model_tiers(
     )
     kind, ready = tiers.STOPPED, arrivals[0] + loads[0]
     busy_until = ready + executions[0]
+    tally.cold_events.append((arrivals[0], requests.model, start <= arrivals[0] < end))
     if start <= arrivals[0] < end:
         tally.requests += 1
         tally.cold_starts += 1
@@ -401,6 +406,8 @@ def _replay_model_tiers(
         schedule = choose(histogram, idle, load)
         kind = tiers.tier_at(schedule, idle)
         wait = load if kind == tiers.STOPPED else costs.resume_seconds(kind)
+        if kind == tiers.STOPPED:
+            tally.cold_events.append((t, requests.model, counted))
         if counted:
             for tier, seconds in tiers.held_seconds(schedule, idle).items():
                 tally.tier_seconds[tier] += seconds
@@ -449,6 +456,7 @@ def _replay(
         np.array(tally.woken_waits),
         tally.idle_gpu_seconds,
         dict(tally.tier_seconds),
+        tuple(sorted(tally.cold_events)),
     )
 
 
@@ -666,3 +674,96 @@ def fixed_keepalive_at(
         x,
         replay_tiers(trace, tiers.keep_alive(x), costs, window),
     )
+
+
+# --- Weight locality: how much of the cold-start time placing a load where the weights sit saves. ---
+
+FAST_LOAD_SECONDS = 10.0
+"""The trough of the measured loads: a mode at 2-3 s (weights on the node) and most at 20-50 s
+(weights fetched); loads under it are taken as node-local."""
+
+
+@dataclass(frozen=True)
+class LocalityResult:
+    cold_starts: int
+    local_with: int
+    """Cold starts placed on a node holding the weights when placement prefers such nodes."""
+    local_without: int
+    """... when the scheduler picks any node with a free GPU (here: one at random)."""
+    seconds_with: float
+    seconds_without: float
+
+    @property
+    def saved(self) -> float:
+        return 1 - self.seconds_with / self.seconds_without if self.seconds_without else 0.0
+
+
+def locality_study(
+    trace: ColdStartTrace,
+    cold_events: tuple[tuple[float, str, bool], ...],
+    nodes: int = 8,
+    cached_models_per_node: int = 40,
+    weight_bytes: float = 24 * tiers.GB,
+    seed: int = 0,
+) -> LocalityResult:
+    """Cold starts placed with `placement.rank` (ServerlessLLM's estimate on the nodes' cache
+    labels) against placement blind to the cache, on `nodes` nodes whose local SSD keeps the
+    weights of the last `cached_models_per_node` models it loaded (LRU).
+
+    A cold start's load is drawn from the measured loads: from their fast mode when the chosen node
+    holds the weights, from the slow mode otherwise (same seeded draws for both placements). The
+    whole trace warms the caches; only the cold starts inside the window are counted. GPUs are
+    taken as free on every node: at most a few models of this trace run at once.
+    """
+    rng = np.random.default_rng(seed)
+    fast = trace.load_samples[trace.load_samples < FAST_LOAD_SECONDS]
+    slow = trace.load_samples[trace.load_samples >= FAST_LOAD_SECONDS]
+    names = [f"node-{i}" for i in range(nodes)]
+    totals = {}
+    for aware in (True, False):
+        caches: list[dict[str, None]] = [{} for _ in names]  # insertion order = LRU order
+        draws = np.random.default_rng(seed)
+        local = count = 0
+        seconds = 0.0
+        for _t, model, counted in cold_events:
+            # The trace has a model with an empty name: a prefix keeps every label valid.
+            name = f"basemodel-{model}"
+            label = placement.model_label(name).removeprefix(placement.MODEL_LABEL_PREFIX)
+            if aware:
+                candidates = [
+                    placement.NodeCache(name, 8, {label: placement.SSD} if label in cache else {})
+                    for name, cache in zip(names, caches, strict=True)
+                ]
+                best = placement.rank(candidates, name, weight_bytes, 1)[0]
+                # No node holds the weights: every node is as good, the scheduler picks one.
+                index = names.index(best.node) if best.tier != placement.REMOTE else int(rng.integers(nodes))
+            else:
+                index = int(rng.integers(nodes))
+            hit = label in caches[index]
+            fast_draw, slow_draw = float(draws.choice(fast)), float(draws.choice(slow))
+            if counted:
+                count += 1
+                local += hit
+                seconds += fast_draw if hit else slow_draw
+            caches[index].pop(label, None)
+            caches[index][label] = None
+            if len(caches[index]) > cached_models_per_node:
+                caches[index].pop(next(iter(caches[index])))
+        totals[aware] = (count, local, seconds)
+    return LocalityResult(
+        totals[True][0], totals[True][1], totals[False][1], totals[True][2], totals[False][2]
+    )
+
+
+def calibrate_cache(
+    trace: ColdStartTrace, cold_events: tuple[tuple[float, str, bool], ...], nodes: int, largest: int = 32
+) -> int:
+    """The per-node cache size (models) at which cache-blind placement of these cold starts is
+    node-local as often as the measured loads are fast: the cache the trace's cluster behaves as."""
+    measured = float(np.mean(trace.load_samples < FAST_LOAD_SECONDS))
+
+    def gap(size: int) -> float:
+        result = locality_study(trace, cold_events, nodes, size)
+        return abs(result.local_without / max(1, result.cold_starts) - measured)
+
+    return min(range(1, largest + 1), key=gap)

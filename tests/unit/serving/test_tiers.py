@@ -205,3 +205,23 @@ def test_tier_study_on_the_alibaba_trace_is_tuned_on_the_first_half(traces_prese
     assert prior.total == sum(
         len(coldstart.idle_times(m)[coldstart._gap_ends(m) < split]) for m in trace.models
     )
+
+
+def test_locality_places_a_cold_start_where_the_weights_are_cached() -> None:
+    # Two loads measured: a fast one (node-local) and a slow one (fetched).
+    trace = coldstart.ColdStartTrace((), np.array([2.0, 30.0]))
+    # The same model starts cold ten times: after the first, its weights sit on one node.
+    events = tuple((float(i), "sd-xl", True) for i in range(10))
+    result = coldstart.locality_study(trace, events, nodes=8, cached_models_per_node=4)
+    assert result.local_with == 9  # every start after the first finds the node that cached it
+    assert result.local_without < 9  # blind placement lands on other nodes too
+    assert result.seconds_with == 30.0 + 9 * 2.0
+    assert result.saved > 0
+
+
+def test_a_cache_too_small_for_the_models_in_turn_gives_locality_nothing() -> None:
+    trace = coldstart.ColdStartTrace((), np.array([2.0, 30.0]))
+    events = tuple((float(i), f"model-{i % 3}", True) for i in range(12))
+    result = coldstart.locality_study(trace, events, nodes=1, cached_models_per_node=1)
+    assert result.local_with == result.local_without == 0
+    assert result.saved == 0.0
