@@ -57,7 +57,8 @@ SLEEP_LEVEL = {ASLEEP: 1, DEEP_ASLEEP: 2}
 GB = 1e9
 # Fitted on vLLM's published wake times (module docstring): intercept (s), seconds per byte per GPU.
 WAKE_LINE = {1: (0.17, 0.079 / GB), 2: (0.56, 0.244 / GB)}
-DEFAULT_SLEEPERS_PER_GPU = 8
+# Four 24 GB models asleep at level 1 pin 96 GB of host memory per GPU, 768 GB on an 8-GPU node.
+DEFAULT_SLEEPERS_PER_GPU = 4
 
 # Why a schedule was chosen (TierSchedule.reason).
 LEARNED = "learned"

@@ -298,6 +298,11 @@ class TierResult:
     cold_events: tuple[tuple[float, str, bool], ...] = ()
     """(time, model, inside the window) of every cold start of the trace, in and out of the window:
     what the weight-locality study places on nodes."""
+    wake_events: tuple[tuple[float, str, float], ...] = ()
+    """(time, model, wake seconds) of every wake in the window: what the fencing check looks at."""
+    executions: tuple[tuple[float, float, str], ...] = ()
+    """(start, end, model) of every execution in the window: when a model holds its GPU's one
+    awake slot and cannot be put to sleep."""
 
     @property
     def waits(self) -> np.ndarray:
@@ -363,6 +368,8 @@ class _TierTally:
         self.woken_waits: list[float] = []
         self.tier_seconds: defaultdict[str, float] = defaultdict(float)
         self.cold_events: list[tuple[float, str, bool]] = []
+        self.wake_events: list[tuple[float, str, float]] = []
+        self.executions: list[tuple[float, float, str]] = []
 
     def wait(self, tier: str, seconds: float) -> None:
         (self.cold_waits if tier == tiers.STOPPED else self.woken_waits).append(seconds)
@@ -400,6 +407,8 @@ def _replay_model_tiers(
         if t <= busy_until:
             if t < ready and counted:
                 tally.wait(kind, ready - t)
+            if counted:
+                tally.executions.append((max(t, ready), max(t, ready) + execution, requests.model))
             busy_until = max(busy_until, max(t, ready) + execution)
             continue
         idle = t - busy_until
@@ -416,6 +425,8 @@ def _replay_model_tiers(
                 tally.cold_starts += 1
             elif kind != tiers.AWAKE:
                 tally.wakes[tiers.SLEEP_LEVEL[kind]] += 1
+                tally.wake_events.append((t, requests.model, wait))
+            tally.executions.append((t + wait, t + wait + execution, requests.model))
             if wait > 0:
                 tally.wait(kind, wait)
         histogram = histogram.record(idle)
@@ -457,6 +468,8 @@ def _replay(
         tally.idle_gpu_seconds,
         dict(tally.tier_seconds),
         tuple(sorted(tally.cold_events)),
+        tuple(tally.wake_events),
+        tuple(tally.executions),
     )
 
 
@@ -767,3 +780,47 @@ def calibrate_cache(
         return abs(result.local_without / max(1, result.cold_starts) - measured)
 
     return min(range(1, largest + 1), key=gap)
+
+
+# --- Fencing: at most one model awake per GPU, so a wake can wait for a co-resident's execution. ---
+
+
+@dataclass(frozen=True)
+class FencingResult:
+    wakes: int
+    delayed: int
+    """Wakes that found another model of their GPU executing (it cannot be put to sleep mid-run)."""
+    woken_waits: np.ndarray
+    """Every wake's added TTFT with that delay: the wake plus the rest of the co-resident's run."""
+
+
+def fencing_check(trace: ColdStartTrace, result: TierResult, sleepers_per_gpu: int) -> FencingResult:
+    """The wakes of `result` with the GPU-sharing rule enforced after the fact.
+
+    Models share GPUs `sleepers_per_gpu` at a time, dealt out busiest first in turn so the busy ones
+    spread; a model idle but awake is put to sleep at once when another of its GPU must wake (its
+    own next request then pays a wake the replay did not count: a bias towards the policy), one that
+    is executing holds the GPU until its run ends. The per-model replay ignores this; here each wake
+    waits, besides its own wake time, for the longest co-resident execution under way when it
+    comes. Queued co-resident runs behind that one are not chained: the delays are a lower bound.
+    """
+    by_load = sorted(trace.models, key=lambda m: -len(m.arrivals))
+    groups = max(1, math.ceil(len(by_load) / sleepers_per_gpu))
+    gpu_of = {m.model: i % groups for i, m in enumerate(by_load)}
+    runs: dict[int, list[tuple[float, float, str]]] = defaultdict(list)
+    for start, end, model in result.executions:
+        runs[gpu_of[model]].append((start, end, model))
+    starts = {g: np.array([r[0] for r in rs]) for g, rs in runs.items()}
+    ends = {g: np.array([r[1] for r in rs]) for g, rs in runs.items()}
+    models = {g: np.array([r[2] for r in rs]) for g, rs in runs.items()}
+    waits, delayed = [], 0
+    for t, model, wake in result.wake_events:
+        g = gpu_of[model]
+        extra = 0.0
+        if g in starts:
+            busy = (starts[g] <= t) & (ends[g] > t) & (models[g] != model)
+            if busy.any():
+                extra = float(ends[g][busy].max() - t)
+                delayed += 1
+        waits.append(wake + extra)
+    return FencingResult(len(result.wake_events), delayed, np.array(waits))

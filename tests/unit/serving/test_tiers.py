@@ -36,7 +36,9 @@ def test_wake_times_follow_vllms_published_measurements() -> None:
 
 
 def test_tier_costs_per_second_and_per_resume() -> None:
-    costs = TierCosts(cold_start_seconds=30.0, weight_bytes_per_gpu=10 * tiers.GB, host_byte_price=1e-12)
+    costs = TierCosts(
+        cold_start_seconds=30.0, weight_bytes_per_gpu=10 * tiers.GB, sleepers_per_gpu=8, host_byte_price=1e-12
+    )
     assert costs.rate(tiers.AWAKE) == 1.0
     assert costs.rate(tiers.ASLEEP) == pytest.approx(1 / 8 + 0.01)  # a share of the GPU plus pinned memory
     assert costs.rate(tiers.DEEP_ASLEEP) == pytest.approx(1 / 8)
@@ -100,11 +102,13 @@ def test_priced_host_memory_sends_long_sleeps_to_level_2_unless_its_wake_is_too_
     # Two hours idle. Level 1 pins 24 GB at 0.005 GPU-s per GB-s: 7200 s * 0.245 + a 2.07 s wake
     # (1971 at 100 GPU-s per waiting second); level 2: 7200 * 0.125 + a 6.42 s wake (1542);
     # stopped: a 22.7 s cold start (2270).
-    priced = TierCosts(cold_start_seconds=22.7, host_byte_price=0.005 / tiers.GB)
+    priced = TierCosts(cold_start_seconds=22.7, sleepers_per_gpu=8, host_byte_price=0.005 / tiers.GB)
     history = _histogram([7200.0] * 20)
     schedule = tiers.decide(history, priced, TierPolicy(waiting_cost=100.0))
     assert tiers.tier_at(schedule, 7200.0) == tiers.DEEP_ASLEEP
-    bounded = TierCosts(cold_start_seconds=22.7, host_byte_price=0.005 / tiers.GB, max_wake_seconds=5.0)
+    bounded = TierCosts(
+        cold_start_seconds=22.7, sleepers_per_gpu=8, host_byte_price=0.005 / tiers.GB, max_wake_seconds=5.0
+    )
     assert tiers.DEEP_ASLEEP not in bounded.available()  # level 2 wakes in 6.4 s at 24 GB
     assert (
         tiers.tier_at(tiers.decide(history, bounded, TierPolicy(waiting_cost=100.0)), 7200.0) == tiers.ASLEEP
@@ -226,3 +230,20 @@ def test_a_cache_too_small_for_the_models_in_turn_gives_locality_nothing() -> No
     result = coldstart.locality_study(trace, events, nodes=1, cached_models_per_node=1)
     assert result.local_with == result.local_without == 0
     assert result.saved == 0.0
+
+
+def test_fencing_makes_a_wake_wait_for_a_co_resident_that_is_executing() -> None:
+    # Model a runs 0-100 s and 1000-1100 s; b sleeps and is woken at 1050 s, mid-way through a's run.
+    a = coldstart.ModelRequests("a", np.array([0.0, 1000.0]), np.array([100.0, 100.0]), np.array([0.0, 0.0]))
+    b = coldstart.ModelRequests("b", np.array([0.0, 1050.0]), np.array([10.0, 10.0]), np.array([0.0, 0.0]))
+    trace = coldstart.ColdStartTrace((a, b), np.array([20.0]))
+    result = coldstart.replay_tiers(trace, TierSchedule(0.0, math.inf, math.inf), COSTS)
+    wake = tiers.wake_seconds(1, 24 * tiers.GB)
+    shared = coldstart.fencing_check(trace, result, sleepers_per_gpu=2)
+    assert shared.wakes == 2 and shared.delayed == 1
+    # a's wake at 1000 s finds b idle (put to sleep at once); b's finds a running until 1100 + wake.
+    assert sorted(shared.woken_waits.tolist()) == pytest.approx(
+        [wake, wake + (1000.0 + wake + 100.0 - 1050.0)]
+    )
+    alone = coldstart.fencing_check(trace, result, sleepers_per_gpu=1)
+    assert alone.delayed == 0
