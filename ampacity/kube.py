@@ -4,25 +4,55 @@ The operator (`controllers`) and the node agent (`agents`) share it.
 
 Reconcilers compute the full desired state of their children and `apply`
 it; server-side apply makes that idempotent, and `prune` deletes children
-that are no longer desired. Connection settings come from the official
-client's loader (kubeconfig or in-cluster service account).
+that are no longer desired. Connection settings and refreshed credentials come
+from `ampacity.kubeconfig` (kubeconfig or in-cluster service account).
+
+Why our own client rather than lightkube, kr8s or kubernetes_asyncio: the operator
+needs a dozen verbs on plain dicts (it builds children as JSON and applies them
+whole), and every one of those libraries adds a typed object layer to convert
+through: lightkube 1.x has moved to the `httpx2` fork (a second HTTP stack beside
+the `httpx` the project uses for its own services) and refreshes tokens only after
+a 401; kr8s is an object-oriented API with its own dependency tree;
+kubernetes_asyncio is the generated client of the `kubernetes` package this module
+no longer needs, on aiohttp. What those libraries do that matters (paginated lists,
+typed errors, rotated tokens, exec plugins, bookmarks) is here in a few hundred lines.
+
+Failures are typed (`NotFound`, `Conflict`, `Forbidden`, `Invalid`, `ApiUnavailable`, ...,
+all `KubeError`s with `.status`), and their messages say in words what was asked and what
+went wrong, e.g. "GET pods: the API server did not answer within 30 s".
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import ssl
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import httpx
-import kubernetes
+
+from ampacity.kubeconfig import ConfigError, Connection
+from ampacity.kubeconfig import load as load_connection
 
 FIELD_MANAGER = "ampacity-operator"
 RETRIES_ON_TOO_MANY_REQUESTS = 3
+#: Transport failures (connect, timeouts, reset connections) are retried this many times.
+RETRIES_ON_TRANSPORT_ERRORS = 2
+#: Items per page of a LIST (`limit`/`continue`), as client-go's pager (500).
+PAGE_SIZE = 500
+#: Connections kept to the API server. Reconciles of ~1,000 objects plus the power writers
+#: run concurrently; watches use a pool of their own, so a request never waits behind them.
+MAX_CONNECTIONS = 128
+#: How long a request may wait for a free connection before that counts as the server being
+#: unavailable (the measurement that motivated this saw PoolTimeouts at httpx's default).
+POOL_TIMEOUT_SECONDS = 60.0
+CONNECT_TIMEOUT_SECONDS = 10.0
+
+log = logging.getLogger(__name__)
 
 Object = dict[str, Any]
 
@@ -50,65 +80,186 @@ KINDS = {
     "NodePower": Kind("ampacity.dev/v1alpha1", "nodepowers", namespaced=False),
     "PowerBudget": Kind("ampacity.dev/v1alpha1", "powerbudgets", namespaced=False),
     "TrainingJob": Kind("ampacity.dev/v1alpha1", "trainingjobs"),
+    "ServingPool": Kind("ampacity.dev/v1alpha1", "servingpools"),
+    "FederatedRound": Kind("ampacity.dev/v1alpha1", "federatedrounds"),
 }
 
 
 class KubeError(RuntimeError):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"{status}: {message}")
+    """The API server refused a request, or could not be reached; `status` is the HTTP status
+    (0 when no answer came), `reason` the Status reason (NotFound, Conflict, ...)."""
+
+    def __init__(self, status: int, message: str, reason: str = "") -> None:
+        super().__init__(f"{status}: {message}" if status else message)
         self.status = status
+        self.reason = reason
+        self.message = message
 
 
-def _client_from_kubernetes_config(kubeconfig: str | None = None, timeout: float = 30) -> httpx.AsyncClient:
-    configuration = kubernetes.client.Configuration()
-    if kubeconfig:
-        kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)  # type: ignore[no-untyped-call]
-    else:
-        try:
-            kubernetes.config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    headers = {}
-    token = configuration.api_key.get("authorization") or configuration.api_key.get("BearerToken")
-    if token:
-        headers["Authorization"] = token if token.startswith("Bearer ") else f"Bearer {token}"
-    tls = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
-    if not configuration.verify_ssl:
-        tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
-    if configuration.cert_file and configuration.key_file:
-        tls.load_cert_chain(configuration.cert_file, configuration.key_file)
-    return httpx.AsyncClient(base_url=configuration.host, headers=headers, verify=tls, timeout=timeout)
+class Unauthorized(KubeError):
+    """401: the credential was refused (expired, or not for this cluster)."""
+
+
+class Forbidden(KubeError):
+    """403: RBAC does not allow the request."""
+
+
+class NotFound(KubeError):
+    """404: no such object (or no such kind: its CRD is not installed)."""
+
+
+class Conflict(KubeError):
+    """409: the object exists already, or changed since it was read."""
+
+
+class Gone(KubeError):
+    """410: a watch or a list continuation is older than the server keeps; list again."""
+
+
+class Invalid(KubeError):
+    """422: the object was rejected by validation (schema, CEL, admission)."""
+
+
+class TooManyRequests(KubeError):
+    """429: throttled (API priority and fairness) after our retries."""
+
+
+class ApiUnavailable(KubeError):
+    """No usable answer: connection refused or reset, a timeout, or 5xx from the server."""
+
+
+_BY_STATUS: dict[int, type[KubeError]] = {
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    410: Gone,
+    422: Invalid,
+    429: TooManyRequests,
+}
+
+
+def error_for(status: int, message: str, reason: str = "") -> KubeError:
+    """The typed error for an HTTP status."""
+    cls = ApiUnavailable if status >= 500 else _BY_STATUS.get(status, KubeError)
+    return cls(status, message, reason)
+
+
+def _transport_words(error: httpx.TransportError, timeout: float) -> str:
+    if isinstance(error, httpx.PoolTimeout):
+        return f"no connection to the API server came free within {POOL_TIMEOUT_SECONDS:g} s"
+    if isinstance(error, httpx.ConnectTimeout):
+        return f"could not connect to the API server within {CONNECT_TIMEOUT_SECONDS:g} s"
+    if isinstance(error, httpx.TimeoutException):
+        return f"the API server did not answer within {timeout:g} s"
+    if isinstance(error, httpx.ConnectError):
+        return f"could not connect to the API server ({error or 'connection refused'})"
+    return f"the connection to the API server broke ({type(error).__name__}: {error or 'no detail'})"
+
+
+def _what(method: str, path: str) -> str:
+    """`GET pods ns/name` from a request path, for messages."""
+    parts = path.strip("/").split("/")
+    parts = parts[2:] if parts[0] == "api" else parts[3:]
+    namespace = ""
+    if len(parts) >= 2 and parts[0] == "namespaces" and len(parts) > 2:
+        namespace, parts = parts[1], parts[2:]
+    target = parts[0] if parts else path
+    if len(parts) > 1:
+        target += " " + (f"{namespace}/" if namespace else "") + "/".join(parts[1:])
+    elif namespace:
+        target += f" in {namespace}"
+    return f"{method} {target}"
+
+
+def _client_for(connection: Connection, timeout: float, max_connections: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=connection.server,
+        verify=connection.tls,
+        auth=connection.auth,
+        timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_SECONDS, pool=POOL_TIMEOUT_SECONDS),
+        limits=httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=90,
+        ),
+        headers={"Accept": "application/json", "User-Agent": "ampacity"},
+    )
 
 
 class Kube:
-    """A small async Kubernetes client: apply, get, list, delete."""
+    """A small async Kubernetes client: apply, get, list (paginated), watch, patch, delete."""
 
     def __init__(
-        self, http: httpx.AsyncClient | None = None, kubeconfig: str | None = None, timeout: float = 30
+        self,
+        http: httpx.AsyncClient | None = None,
+        kubeconfig: str | None = None,
+        timeout: float = 30,
+        field_manager: str = FIELD_MANAGER,
     ) -> None:
-        """`kubeconfig` (a path) overrides the in-cluster/KUBECONFIG lookup; `timeout` is per request."""
-        self._http = http or _client_from_kubernetes_config(kubeconfig, timeout)
+        """`kubeconfig` (a path) overrides the in-cluster/KUBECONFIG lookup; `timeout` is per request.
+
+        `http` (tests) replaces the connection; watches then share it."""
+        self.timeout = timeout
+        self.field_manager = field_manager
+        if http is not None:
+            self._http = self._watch_http = http
+        else:
+            connection = load_connection(kubeconfig)
+            self._http = _client_for(connection, timeout, MAX_CONNECTIONS)
+            # Long-lived watches get their own pool: they must never starve requests.
+            self._watch_http = _client_for(connection, timeout, 32)
 
     async def close(self) -> None:
         await self._http.aclose()
+        if self._watch_http is not self._http:
+            await self._watch_http.aclose()
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        # Only a request that never reached the server is safe to repeat for every verb.
+        never_sent = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+        retriable = never_sent if method == "POST" else httpx.TransportError
+        for attempt in range(RETRIES_ON_TRANSPORT_ERRORS + 1):
+            try:
+                return await self._http.request(method, path, **kwargs)
+            except retriable as error:
+                if attempt == RETRIES_ON_TRANSPORT_ERRORS:
+                    raise ApiUnavailable(
+                        0, f"{_what(method, path)}: {_transport_words(error, self.timeout)}"
+                    ) from error
+                await asyncio.sleep(0.5 * (attempt + 1))
+            except httpx.TransportError as error:
+                raise ApiUnavailable(
+                    0, f"{_what(method, path)}: {_transport_words(error, self.timeout)}"
+                ) from error
+            except ConfigError as error:
+                raise Unauthorized(0, f"{_what(method, path)}: {error}") from error
+        raise AssertionError("unreachable")
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> Object:
-        response = await self._http.request(method, path, **kwargs)
+        response = await self._send(method, path, **kwargs)
         for _ in range(RETRIES_ON_TOO_MANY_REQUESTS):
             # As client-go does: 429 (e.g. "storage is (re)initializing" right after a CRD is
             # established, or API priority and fairness) is retried after its Retry-After.
             if response.status_code != 429:
                 break
             await asyncio.sleep(min(float(response.headers.get("Retry-After", "1") or 1), 2.0))
-            response = await self._http.request(method, path, **kwargs)
+            response = await self._send(method, path, **kwargs)
         if response.status_code >= 400:
-            try:
-                message = response.json().get("message", response.text)
-            except ValueError:
-                message = response.text
-            raise KubeError(response.status_code, message)
+            raise self._error(method, path, response)
         body: Object = response.json()
         return body
+
+    @staticmethod
+    def _error(method: str, path: str, response: httpx.Response) -> KubeError:
+        reason = ""
+        try:
+            body = response.json()
+            message = str(body.get("message") or response.reason_phrase)
+            reason = str(body.get("reason") or "")
+        except ValueError:
+            message = response.text.strip()[:500] or response.reason_phrase
+        return error_for(response.status_code, f"{_what(method, path)}: {message}", reason)
 
     async def apply(self, obj: Object) -> Object:
         """Server-side apply of a complete desired object; the operator owns every field it sets."""
@@ -117,15 +268,34 @@ class Kube:
         return await self._request(
             "PATCH",
             path,
-            params={"fieldManager": FIELD_MANAGER, "force": "true"},
+            params={"fieldManager": self.field_manager, "force": "true"},
             content=json.dumps(obj),
             headers={"Content-Type": "application/apply-patch+yaml"},
         )
 
+    async def apply_status(
+        self, kind: str, namespace: str | None, name: str, status: Object, field_manager: str
+    ) -> Object:
+        """Server-side apply of the status subresource under `field_manager`: the fields in `status`
+        become that manager's, and the fields it applied before but left out now are removed.
+        Two writers of one status each apply only their own fields under their own manager."""
+        k = KINDS[kind]
+        metadata: Object = {"name": name}
+        if k.namespaced and namespace:
+            metadata["namespace"] = namespace
+        body = {"apiVersion": k.api_version, "kind": kind, "metadata": metadata, "status": status}
+        return await self._request(
+            "PATCH",
+            f"{k.path(namespace, name)}/status",
+            params={"fieldManager": field_manager, "force": "true"},
+            content=json.dumps(body),
+            headers={"Content-Type": "application/apply-patch+yaml"},
+        )
+
     async def create(self, obj: Object) -> Object:
-        """Create an object (KubeError 409 if it exists): for kinds the operator may write but not read."""
+        """Create an object (Conflict if it exists): for kinds the operator may write but not read."""
         path = KINDS[obj["kind"]].path(obj["metadata"].get("namespace"))
-        return await self._request("POST", path, params={"fieldManager": FIELD_MANAGER}, json=obj)
+        return await self._request("POST", path, params={"fieldManager": self.field_manager}, json=obj)
 
     async def patch_status(self, kind: str, namespace: str | None, name: str, status: Object) -> Object:
         """JSON merge patch of the status subresource (None values remove fields)."""
@@ -148,58 +318,93 @@ class Kube:
     async def get(self, kind: str, namespace: str | None, name: str) -> Object | None:
         try:
             return await self._request("GET", KINDS[kind].path(namespace, name))
-        except KubeError as error:
-            if error.status == 404:
-                return None
-            raise
+        except NotFound:
+            return None
+
+    async def _pages(
+        self, kind: str, namespace: str | None, label_selector: str, field_selector: str
+    ) -> tuple[list[Object], str]:
+        path = KINDS[kind].path(namespace)
+        base = {"limit": str(PAGE_SIZE)}
+        if label_selector:
+            base["labelSelector"] = label_selector
+        if field_selector:
+            base["fieldSelector"] = field_selector
+        for _ in range(3):
+            items: list[Object] = []
+            params = dict(base)
+            try:
+                while True:
+                    page = await self._request("GET", path, params=params)
+                    items.extend(page.get("items") or [])
+                    metadata = page.get("metadata") or {}
+                    if not metadata.get("continue"):
+                        # Every page of one list is read at the first page's resourceVersion.
+                        return items, str(metadata.get("resourceVersion", ""))
+                    params = {**base, "continue": str(metadata["continue"])}
+            except Gone:
+                # The continue token outlived the server's compaction window: list again.
+                log.info("the listing of %s expired mid-way; listing again", kind)
+        raise ApiUnavailable(0, f"GET {KINDS[kind].plural}: the listing kept expiring mid-way")
 
     async def list_objects(
         self, kind: str, namespace: str | None, label_selector: str = "", field_selector: str = ""
     ) -> list[Object]:
-        params = {"labelSelector": label_selector} if label_selector else {}
-        if field_selector:
-            params["fieldSelector"] = field_selector
-        items: list[Object] = (await self._request("GET", KINDS[kind].path(namespace), params=params))[
-            "items"
-        ]
+        """Every matching object, read in pages of PAGE_SIZE."""
+        items, _ = await self._pages(kind, namespace, label_selector, field_selector)
         return items
 
-    async def list_with_version(self, kind: str, namespace: str | None) -> tuple[list[Object], str]:
-        """Every object of `kind`, and the list's resourceVersion to start a watch from."""
-        listing = await self._request("GET", KINDS[kind].path(namespace))
-        items: list[Object] = listing["items"]
-        return items, str(listing["metadata"]["resourceVersion"])
+    async def list_with_version(
+        self, kind: str, namespace: str | None, label_selector: str = "", field_selector: str = ""
+    ) -> tuple[list[Object], str]:
+        """Every matching object, and the list's resourceVersion to start a watch from."""
+        return await self._pages(kind, namespace, label_selector, field_selector)
 
     async def watch(
-        self, kind: str, namespace: str | None, resource_version: str, timeout_seconds: int = 300
+        self,
+        kind: str,
+        namespace: str | None,
+        resource_version: str,
+        timeout_seconds: int = 300,
+        label_selector: str = "",
+        field_selector: str = "",
     ) -> AsyncIterator[Object]:
-        """Watch events ({"type": ..., "object": ...}) after `resource_version`, until the server
-        closes the watch (after about `timeout_seconds`); an "ERROR" event (410 Gone) means relist."""
+        """Watch events ({"type": ..., "object": ...}) after `resource_version`, bookmarks included,
+        until the server closes the watch (after about `timeout_seconds`); an "ERROR" event
+        (410 Gone) means relist."""
         params = {
             "watch": "1",
             "resourceVersion": resource_version,
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(timeout_seconds),
         }
+        if label_selector:
+            params["labelSelector"] = label_selector
+        if field_selector:
+            params["fieldSelector"] = field_selector
         path = KINDS[kind].path(namespace)
-        timeout = httpx.Timeout(None, connect=10)
-        async with self._http.stream("GET", path, params=params, timeout=timeout) as response:
-            if response.status_code >= 400:
-                await response.aread()
-                raise KubeError(response.status_code, response.text)
-            async for line in response.aiter_lines():
-                if line:
-                    event: Object = json.loads(line)
-                    yield event
+        timeout = httpx.Timeout(
+            timeout_seconds + 30, connect=CONNECT_TIMEOUT_SECONDS, pool=POOL_TIMEOUT_SECONDS
+        )
+        try:
+            async with self._watch_http.stream("GET", path, params=params, timeout=timeout) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise self._error("WATCH", path, response)
+                async for line in response.aiter_lines():
+                    if line:
+                        event: Object = json.loads(line)
+                        yield event
+        except httpx.TransportError as error:
+            raise ApiUnavailable(
+                0, f"{_what('WATCH', path)}: {_transport_words(error, timeout_seconds + 30)}"
+            ) from error
 
     async def delete(self, kind: str, namespace: str | None, name: str) -> None:
-        try:
+        with contextlib.suppress(NotFound):
             await self._request(
                 "DELETE", KINDS[kind].path(namespace, name), json={"propagationPolicy": "Background"}
             )
-        except KubeError as error:
-            if error.status != 404:
-                raise
 
     async def prune(self, kind: str, namespace: str, label_selector: str, keep: set[str]) -> list[str]:
         """Delete the labelled children of `kind` whose names are not in `keep`; returns their names."""

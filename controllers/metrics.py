@@ -24,6 +24,21 @@ RECONCILE_DURATION = Histogram(
     ["controller"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+STATUS_PATCHES_SKIPPED = Counter(
+    "ampacity_status_patches_skipped_total",
+    "Reconciliations whose computed status equalled the observed one, so no status patch was sent.",
+    ["controller"],
+)
+RECONCILE_FAILURES = Counter(
+    "ampacity_reconcile_failures_total",
+    "Failed reconciliations by the condition reason they set (ApiUnavailable, ApiError, ...).",
+    ["controller", "reason"],
+)
+CACHE_OBJECTS = Gauge("ampacity_cache_objects", "Objects held by the operator's read cache.", ["kind"])
+CACHE_LISTS = Counter("ampacity_cache_lists_total", "Full (paginated) lists the read cache made.", ["kind"])
+CACHE_RELISTS = Counter(
+    "ampacity_cache_relists_total", "Lists the read cache made again after 410 Gone.", ["kind"]
+)
 BUILD_INFO = Info("ampacity_build", "Version of the running operator.")
 BUILD_INFO.info({"version": ampacity.__version__})
 

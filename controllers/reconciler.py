@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +21,15 @@ from pydantic import ValidationError
 
 from ampacity.api import Resource
 from ampacity.api.meta import LABEL_PREFIX, ApiModel, ConditionStatus, Status
-from ampacity.kube import Kube, KubeError
+from ampacity.kube import ApiUnavailable, Forbidden, Invalid, Kube, KubeError, Unauthorized
+from ampacity.kubeconfig import ConfigError
 from controllers import metrics
+from controllers.cache import ClusterCache
 
 READY = "Ready"
 MANAGED_BY = "ampacity-operator"
+#: Where the operator-wide read cache sits in kopf's memo (`controllers.settings`).
+CACHE_MEMO = "cache"
 
 
 @dataclass
@@ -41,6 +45,18 @@ class Context:
     events: list[tuple[str, str, str]] = field(default_factory=list)
     #: Per-object memory kept by the operator between reconciles (lost on restart).
     memo: dict[str, Any] = field(default_factory=dict)
+    #: Status fields another writer owns (e.g. the trainer report endpoint): left out of the
+    #: reconciler's status patch, so that each field has one writer.
+    status_fields_not_owned: set[str] = field(default_factory=set)
+
+    @property
+    def cache(self) -> ClusterCache:
+        """The operator's shared read cache (Nodes, bound Pods, child Deployments, NodePowers)."""
+        cache = self.memo.get(CACHE_MEMO)
+        if cache is None:
+            raise RuntimeError("the operator's read cache was not started (controllers.settings)")
+        assert isinstance(cache, ClusterCache)
+        return cache
 
     @property
     def name(self) -> str:
@@ -144,49 +160,126 @@ async def _reconcile_once(
     return ctx
 
 
+#: The first retry after a failure waits this long; later ones wait longer (see `retry_delay`).
+RETRY_SECONDS = 15
+MAX_RETRY_SECONDS = 300
+
+
+def retry_delay(retry: int) -> int:
+    """15 s, 30 s, 60 s ... up to 5 min: a reconciler that keeps failing never spins."""
+    return int(min(RETRY_SECONDS * 2 ** min(retry, 10), MAX_RETRY_SECONDS))
+
+
+def failure_condition(kind: str, error: Exception, delay: int) -> tuple[str, str]:
+    """The Ready=False reason and message for a failed reconcile, in words, never empty."""
+    retrying = f"; retrying in {delay} s"
+    if isinstance(error, ApiUnavailable):
+        return "ApiUnavailable", f"{error.message or 'the API server did not answer'}{retrying}"
+    if isinstance(error, Unauthorized):
+        return (
+            "ApiUnauthorized",
+            f"the API server refused the operator's credentials: {error.message}{retrying}",
+        )
+    if isinstance(error, Forbidden):
+        return "ApiForbidden", f"the operator's RBAC does not allow this: {error.message}{retrying}"
+    if isinstance(error, Invalid):
+        return (
+            "ChildRejected",
+            f"the API server rejected an object the operator wrote: {error.message}{retrying}",
+        )
+    if isinstance(error, KubeError):
+        return "ApiError", f"the API server refused a request: {error.message or error.status}{retrying}"
+    if isinstance(error, ConfigError):
+        return "ApiUnavailable", f"the operator cannot authenticate to the API server: {error}{retrying}"
+    return (
+        "ReconcileError",
+        f"the {kind} reconciler failed unexpectedly ({type(error).__name__}); the operator log has "
+        f"the details{retrying}",
+    )
+
+
+def _plain(value: Any) -> Any:
+    """A JSON value with the None members of objects dropped (as the API server stores them)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+EventPoster = Callable[..., None]
+
+
+async def reconcile_object(
+    resource: Resource,
+    reconcile: Reconcile,
+    body: kopf.Body,
+    patch: kopf.Patch,
+    memo: Any,
+    logger: Any,
+    retry: int = 0,
+    post_event: EventPoster = kopf.event,
+) -> None:
+    """One reconcile of one object: parse, reconcile, set conditions and Events, patch the status
+    only where it changed. A failure sets Ready=False with a reason in words and is retried later
+    (kopf.TemporaryError), with a growing delay."""
+    name = resource.singular
+    before = _parse_status(resource, body.get("status")).condition(READY)
+    started = time.monotonic()
+    result = "success"
+    failure: Exception | None = None
+    delay = retry_delay(retry)
+    try:
+        ctx = await _reconcile_once(resource, reconcile, body, memo["kube"], logger, memo)
+    except Exception as error:
+        result, failure = "error", error
+        metrics.RECONCILE_ERRORS.labels(name).inc()
+        ctx = Context(resource, body, None, _parse_status(resource, body.get("status")), memo["kube"], logger)
+        reason, message = failure_condition(resource.kind, error, delay)
+        metrics.RECONCILE_FAILURES.labels(name, reason).inc()
+        if reason == "ReconcileError":
+            logger.exception("reconcile of %s failed", ctx.name)
+        else:
+            logger.warning("reconcile of %s failed: %s", ctx.name, message)
+        ctx.set_ready(False, reason, message)
+    finally:
+        metrics.RECONCILE_DURATION.labels(name).observe(time.monotonic() - started)
+    after = ctx.status.condition(READY)
+    if after is not None and after.reason == "InvalidSpec":
+        result = "invalid"
+    metrics.RECONCILE_TOTAL.labels(name, result).inc()
+
+    ctx.status.observed_generation = ctx.generation
+    # Dump with None values so a merge patch also clears fields that went away.
+    status = ctx.status.model_dump(mode="json", by_alias=True, exclude=ctx.status_fields_not_owned)
+    # Only the fields this reconciler writes count: another writer's fields are not ours to compare.
+    observed = {k: v for k, v in _plain(body.get("status") or {}).items() if k in status}
+    if _plain(status) == observed:
+        metrics.STATUS_PATCHES_SKIPPED.labels(name).inc()
+    else:
+        patch.status.update(status)
+    if after is not None and (
+        before is None or (before.status, before.reason) != (after.status, after.reason)
+    ):
+        ctx.event(after.reason, after.message, warning=after.status != ConditionStatus.TRUE)
+    for event_type, event_reason, event_message in ctx.events:
+        post_event(body, type=event_type, reason=event_reason, message=event_message[:1024])
+    if failure is not None:
+        condition = ctx.status.condition(READY)
+        raise kopf.TemporaryError(condition.message if condition else str(failure), delay=delay) from failure
+
+
 def controller(resource: Resource, reconcile: Reconcile, interval: float = 10.0) -> None:
     """Register the kopf handlers that drive `reconcile` for `resource`."""
     name = resource.singular
 
-    async def handle(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    async def handle(
+        body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any, retry: int = 0, **_: Any
+    ) -> None:
         # Timers and change handlers may fire together; one reconcile per object at a time.
         lock = memo.setdefault("reconcile_lock", asyncio.Lock())
         async with lock:
-            await _handle(body, patch, memo, logger)
-
-    async def _handle(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any) -> None:
-        before = _parse_status(resource, body.get("status")).condition(READY)
-        started = time.monotonic()
-        result = "success"
-        failure: Exception | None = None
-        try:
-            ctx = await _reconcile_once(resource, reconcile, body, memo["kube"], logger, memo)
-        except Exception as error:
-            result, failure = "error", error
-            metrics.RECONCILE_ERRORS.labels(name).inc()
-            ctx = Context(
-                resource, body, None, _parse_status(resource, body.get("status")), memo["kube"], logger
-            )
-            reason = "ApiError" if isinstance(error, KubeError) else "ReconcileError"
-            ctx.set_ready(False, reason, str(error))
-        finally:
-            metrics.RECONCILE_DURATION.labels(name).observe(time.monotonic() - started)
-        after = ctx.status.condition(READY)
-        if after is not None and after.reason == "InvalidSpec":
-            result = "invalid"
-        metrics.RECONCILE_TOTAL.labels(name, result).inc()
-
-        ctx.status.observed_generation = ctx.generation
-        # Dump with None values so a merge patch also clears fields that went away.
-        patch.status.update(ctx.status.model_dump(mode="json", by_alias=True))
-        if after is not None and (
-            before is None or (before.status, before.reason) != (after.status, after.reason)
-        ):
-            ctx.event(after.reason, after.message, warning=after.status != ConditionStatus.TRUE)
-        for event_type, reason, message in ctx.events:
-            kopf.event(body, type=event_type, reason=reason, message=message[:1024])
-        if failure is not None:
-            raise kopf.TemporaryError(f"{type(failure).__name__}: {failure}", delay=15) from failure
+            await reconcile_object(resource, reconcile, body, patch, memo, logger, retry)
 
     def forget(body: kopf.Body, **_: Any) -> None:
         metrics.forget_object(resource.kind, str(body.metadata.namespace or ""), str(body.metadata.name))

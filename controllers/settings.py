@@ -1,4 +1,5 @@
-"""Operator start-up and shutdown: kopf settings, the shared client, metrics and report endpoints, probes."""
+"""Operator start-up and shutdown: kopf settings, the shared client and read cache, metrics and report
+endpoints, probes. Everything operator-wide is built here, kept in kopf's memo and closed at cleanup."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from prometheus_client import start_http_server
 
 from ampacity.api.meta import GROUP
 from ampacity.kube import Kube
+from controllers.cache import ClusterCache
+from controllers.reconciler import CACHE_MEMO
 from controllers.trainingjob import reports
 
 #: Port of the Prometheus /metrics endpoint (probes are served by kopf's --liveness endpoint).
@@ -31,6 +34,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.networking.error_backoffs = [1, 2, 5, 10, 30]
     settings.watching.server_timeout = 300
     memo["kube"] = Kube()
+    # One list+watch per kind the reconcilers read, instead of a LIST per reconcile.
+    cache = memo[CACHE_MEMO] = ClusterCache(memo["kube"])
+    await cache.start()
     start_http_server(METRICS_PORT)
     memo["reports"] = await reports.start(memo["kube"], reports.REPORT_PORT)
 
@@ -39,6 +45,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 async def close(memo: kopf.Memo, **_: Any) -> None:
     if "reports" in memo:
         await reports.stop(memo["reports"])
+    if CACHE_MEMO in memo:
+        await memo[CACHE_MEMO].close()
     await memo["kube"].close()
 
 

@@ -20,7 +20,7 @@ from ampacity.dev.cluster.local_operator import LocalOperator
 from ampacity.dev.cluster.localcluster import DEFAULT_STATE_DIR, LocalCluster
 from ampacity.dev.cluster.polling import wait_for
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 
 

@@ -203,7 +203,7 @@ async def reconcile(ctx: Context) -> None:
     size = await _autoscale(ctx, plan) if spec.autoscaling else planned_size(plan)
     ctx.status.autoscaling = size if spec.autoscaling else None
     wanted = roles(plan, size)
-    nodes = await ctx.kube.list_objects("Node", None)
+    nodes = await ctx.cache.nodes()
     deployments = [
         engine_deployment(ctx, spec, role, r, tp, warm_node_preferences(nodes, spec, tp))
         for role, (r, tp) in wanted.items()

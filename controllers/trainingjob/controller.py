@@ -251,9 +251,8 @@ async def gang_fits(ctx: Context, spec: TrainingJobSpec, workers: int) -> tuple[
     if gpus <= 0 or workers <= 0:
         return True, ""
     pod_spec = spec.template.get("spec", {})
-    nodes = [n for n in await ctx.kube.list_objects("Node", None) if node_matches(n, pod_spec)]
-    all_pods = await ctx.kube.list_objects("Pod", None)
-    free = free_gpus(nodes, all_pods)
+    nodes = [n for n in await ctx.cache.nodes() if node_matches(n, pod_spec)]
+    free = free_gpus(nodes, await ctx.cache.pods())  # the bound, unfinished pods: those holding GPUs
     usable = {n: g for n, g in free.items() if g > 0}
     fits = first_fit(free, workers, gpus)
     capacity = (
@@ -397,7 +396,7 @@ async def _reconcile(ctx: Context, now: datetime) -> None:
         ctx.event("Updated", message)
         return
     bound = {p["spec"]["nodeName"] for p in live if p.get("spec", {}).get("nodeName")}
-    nodes = {name: await ctx.kube.get("Node", None, name) for name in sorted(bound)}
+    nodes = {name: await ctx.cache.node(name) for name in sorted(bound)}
     failures = broken_workers(current, nodes)
     # Every worker of the gang was created: from now on a missing one is a failure.
     created = status.replicas == world_size

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "controlplane" / "build.sh"
+BUILD_SCRIPT = Path(__file__).resolve().parents[3] / "tools" / "controlplane" / "build.sh"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "helm")
 
 # kwok's "fast" profile: nodes ready at once, lease heartbeats, pods Running at once,

@@ -1,0 +1,267 @@
+"""The operator's shared read cache: one list+watch per kind it reads, instead of a LIST per reconcile.
+
+Built once at operator start-up (`controllers.settings`, kept in kopf's memo) and closed at cleanup.
+Each `Informer` lists its kind in pages, then watches from the list's resourceVersion with bookmarks
+(so a reconnect resumes where it left off), and lists again when the server answers 410 Gone. What
+reconcilers read (`await cache.nodes()`, `await cache.pods(...)`) waits for the first list, so a
+reconcile right after start never sees an empty cluster. Objects are returned as stored: callers must
+not modify them.
+
+What is cached, and filtered at the server where it can be:
+- Nodes: all (GPU capacity, labels, taints, readiness);
+- Pods: only those bound to a node and not finished (`spec.nodeName!=`, phase not Succeeded/Failed):
+  the ones that hold GPUs;
+- Deployments: only the operator's children (`app.kubernetes.io/managed-by=ampacity-operator`);
+- NodePowers: all (the node agents' telemetry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from ampacity.kube import Gone, Kube, KubeError
+from controllers import metrics
+
+log = logging.getLogger(__name__)
+
+Object = dict[str, Any]
+#: Called with ("ADDED" | "MODIFIED" | "DELETED", object) for every change after the first list.
+Listener = Callable[[str, Object], None]
+
+#: Pods that hold a node's resources: bound, and neither Succeeded nor Failed.
+BOUND_POD_FIELDS = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
+MANAGED_LABELS = "app.kubernetes.io/managed-by=ampacity-operator"
+#: Seconds the server keeps a watch open before we reconnect (from the last bookmark).
+WATCH_SECONDS = 300
+#: Pause before listing again after a failure, growing to the last value.
+BACKOFF_SECONDS = (0.5, 1, 2, 5, 10)
+#: How long start-up waits for the first lists before the operator runs anyway.
+SYNC_TIMEOUT_SECONDS = 120.0
+
+
+def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
+    metadata = obj.get("metadata") or {}
+    return str(metadata.get("namespace") or ""), str(metadata.get("name") or "")
+
+
+def _requirement_matches(term: str, labels: Mapping[str, str]) -> bool:
+    term = term.strip()
+    if not term:
+        return True
+    for op in (" notin ", " in "):
+        if op in term:
+            key, _, values = term.partition(op)
+            allowed = {v.strip() for v in values.strip().strip("()").split(",")}
+            present = labels.get(key.strip())
+            return (present in allowed) if op == " in " else (present not in allowed)
+    if "!=" in term:
+        key, _, value = term.partition("!=")
+        return labels.get(key.strip()) != value.strip()
+    if "=" in term:
+        key, _, value = term.replace("==", "=").partition("=")
+        return labels.get(key.strip()) == value.strip()
+    if term.startswith("!"):
+        return term[1:].strip() not in labels
+    return term in labels
+
+
+def _split_selector(selector: str) -> list[str]:
+    """Split on the commas between requirements, not those inside `in (a,b)`."""
+    terms, depth, current = [], 0, ""
+    for char in selector:
+        depth += char == "("
+        depth -= char == ")"
+        if char == "," and depth == 0:
+            terms.append(current)
+            current = ""
+        else:
+            current += char
+    return [*terms, current]
+
+
+def selector_matches(selector: str, labels: Mapping[str, str]) -> bool:
+    """Whether `labels` satisfy a label selector in the API server's string syntax
+    (`a=b`, `a!=b`, `a in (x,y)`, `a notin (x)`, `a`, `!a`, comma-separated)."""
+    return all(_requirement_matches(t, labels) for t in _split_selector(selector))
+
+
+class Informer:
+    """One kind (optionally filtered by selectors), listed once and kept current by a watch."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        kind: str,
+        namespace: str | None = None,
+        label_selector: str = "",
+        field_selector: str = "",
+    ) -> None:
+        self.kube, self.kind, self.namespace = kube, kind, namespace
+        self.label_selector, self.field_selector = label_selector, field_selector
+        self.objects: dict[tuple[str, str], Object] = {}
+        self.synced = asyncio.Event()
+        self.resource_version = ""
+        self.listeners: list[Listener] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"informer-{self.kind}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _list(self) -> None:
+        items, version = await self.kube.list_with_version(
+            self.kind, self.namespace, self.label_selector, self.field_selector
+        )
+        self.objects = {_key(o): o for o in items}
+        self.resource_version = version
+        metrics.CACHE_LISTS.labels(self.kind).inc()
+        metrics.CACHE_OBJECTS.labels(self.kind).set(len(self.objects))
+        self.synced.set()
+
+    def _apply(self, kind: str, obj: Object) -> None:
+        key = _key(obj)
+        if kind == "DELETED":
+            self.objects.pop(key, None)
+        else:
+            self.objects[key] = obj
+        metrics.CACHE_OBJECTS.labels(self.kind).set(len(self.objects))
+        for listener in self.listeners:
+            try:
+                listener(kind, obj)
+            except Exception:  # a listener's bug must not stop the cache
+                log.exception("a listener of the %s cache failed", self.kind)
+
+    async def _watch(self) -> None:
+        """Follow changes from `resource_version` until the server ends the watch."""
+        async for event in self.kube.watch(
+            self.kind,
+            self.namespace,
+            self.resource_version,
+            WATCH_SECONDS,
+            label_selector=self.label_selector,
+            field_selector=self.field_selector,
+        ):
+            kind, obj = str(event.get("type", "")), event.get("object") or {}
+            if kind == "ERROR":
+                code = int(obj.get("code", 0) or 0)
+                raise (
+                    Gone(410, str(obj.get("message", "watch expired")))
+                    if code == 410
+                    else KubeError(code, str(obj.get("message", "watch error")))
+                )
+            version = (obj.get("metadata") or {}).get("resourceVersion")
+            if version:
+                self.resource_version = str(version)
+            if kind in ("ADDED", "MODIFIED", "DELETED"):
+                self._apply(kind, obj)
+
+    async def _run(self) -> None:
+        failures = 0
+        listed = False
+        while True:
+            try:
+                if not listed:
+                    await self._list()
+                    listed = True
+                await self._watch()
+                failures = 0  # the server closed the watch in the normal way: resume from here
+            except asyncio.CancelledError:
+                raise
+            except Gone:
+                listed = False  # our resourceVersion is older than the server keeps: list again
+                metrics.CACHE_RELISTS.labels(self.kind).inc()
+            except Exception as error:  # the API server restarted, a network blip
+                listed = False
+                delay = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)]
+                failures += 1
+                log.warning(
+                    "the %s cache lost its watch (%s); listing again in %g s", self.kind, error, delay
+                )
+                await asyncio.sleep(delay)
+
+    async def items(self) -> list[Object]:
+        await self.synced.wait()
+        return list(self.objects.values())
+
+    async def get(self, namespace: str | None, name: str) -> Object | None:
+        await self.synced.wait()
+        return self.objects.get((namespace or "", name))
+
+
+class ClusterCache:
+    """The kinds the operator reads, each cached once for every reconciler."""
+
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+        self.node_informer = Informer(kube, "Node")
+        self.pod_informer = Informer(kube, "Pod", field_selector=BOUND_POD_FIELDS)
+        self.deployment_informer = Informer(kube, "Deployment", label_selector=MANAGED_LABELS)
+        self.node_power_informer = Informer(kube, "NodePower")
+        self.informers = (
+            self.node_informer,
+            self.pod_informer,
+            self.deployment_informer,
+            self.node_power_informer,
+        )
+
+    async def start(self, sync_seconds: float = SYNC_TIMEOUT_SECONDS) -> None:
+        """Start every informer and wait (up to `sync_seconds`) until each has its first list."""
+        started = time.monotonic()
+        for informer in self.informers:
+            informer.start()
+        waiting = asyncio.gather(*(i.synced.wait() for i in self.informers))
+        try:
+            await asyncio.wait_for(waiting, sync_seconds)
+        except TimeoutError:
+            late = [i.kind for i in self.informers if not i.synced.is_set()]
+            log.warning("cache: no first list of %s after %g s; reads wait", ", ".join(late), sync_seconds)
+            return
+        sizes = ", ".join(f"{len(i.objects)} {i.kind}s" for i in self.informers)
+        log.info("cache synced in %.1f s: %s", time.monotonic() - started, sizes)
+
+    async def close(self) -> None:
+        for informer in self.informers:
+            await informer.close()
+
+    async def nodes(self, selector: str = "") -> list[Object]:
+        """Nodes, optionally those matching a label selector."""
+        return _matching(await self.node_informer.items(), selector)
+
+    async def node(self, name: str) -> Object | None:
+        return await self.node_informer.get(None, name)
+
+    async def pods(self, namespace: str | None = None, selector: str = "") -> list[Object]:
+        """Pods bound to a node and not finished (the ones that hold GPUs), optionally of one
+        namespace and label selector."""
+        pods = await self.pod_informer.items()
+        if namespace is not None:
+            pods = [p for p in pods if p["metadata"].get("namespace") == namespace]
+        return _matching(pods, selector)
+
+    async def deployments(self, namespace: str | None = None, selector: str = "") -> list[Object]:
+        """The operator's child Deployments, optionally of one namespace and label selector."""
+        items = await self.deployment_informer.items()
+        if namespace is not None:
+            items = [d for d in items if d["metadata"].get("namespace") == namespace]
+        return _matching(items, selector)
+
+    async def node_powers(self) -> list[Object]:
+        return await self.node_power_informer.items()
+
+
+def _matching(objects: Iterable[Object], selector: str) -> list[Object]:
+    if not selector:
+        return list(objects)
+    return [o for o in objects if selector_matches(selector, o["metadata"].get("labels") or {})]
