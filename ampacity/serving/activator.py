@@ -71,6 +71,8 @@ _HOP_BY_HOP = frozenset(
 # Holds last seconds to minutes (model loads); a wake seconds: buckets over both.
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
+# Outcomes: answered in full, refused (queue full, wait expired, pool unreachable), or broken off
+# by the pool mid-response (also upstream-error).
 PROXIED, QUEUE_FULL, WAIT_EXPIRED, UPSTREAM_ERROR = "proxied", "queue-full", "wait-expired", "upstream-error"
 
 Ready = Callable[[], Awaitable[bool]]
@@ -277,16 +279,27 @@ class Activator:
             request.method, url, headers=headers, data=body, allow_redirects=False
         ) as upstream:
             self.metrics.wait.observe(time.monotonic() - arrived)
-            self.metrics.outcome(PROXIED)
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for key, value in upstream.headers.items():
                 if key.lower() not in _HOP_BY_HOP:
                     response.headers.add(key, value)
             await response.prepare(request)
-            # Chunks as they come: an SSE stream reaches the client token by token.
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
+            # Chunks as they come: an SSE stream reaches the client token by token. Once the
+            # answer has begun it cannot go back to the hold: an upstream that drops mid-stream
+            # ends the client's response too (without a clean end, so the client sees it broke).
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+            except aiohttp.ClientError as error:
+                log.warning("pool %s dropped a response mid-stream: %s", self.pool, error)
+                self.metrics.outcome(UPSTREAM_ERROR)
+                # Cut the client's connection too: a chunked answer that just stopped would read
+                # as complete.
+                if request.transport is not None:
+                    request.transport.close()
+                return response
             await response.write_eof()
+            self.metrics.outcome(PROXIED)
             return response
 
     # --- its own endpoints and lifecycle ---
@@ -365,7 +378,8 @@ class EngineProbe:
         for urls in self.phases.values():
             for url in urls():
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
-                    async with self._session().get(f"{url}/is_sleeping") as response:
+                    timeout = aiohttp.ClientTimeout(total=self.timeout)
+                    async with self._session().get(f"{url}/is_sleeping", timeout=timeout) as response:
                         if response.status == 200 and (await response.json()).get("is_sleeping") is True:
                             found.append(url)
         return found

@@ -50,6 +50,7 @@ class Engine:
         app.router.add_post("/sleep", self._sleep)
         app.router.add_post("/wake_up", self._wake_up)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._broken)
         self._runner = web.AppRunner(app, shutdown_timeout=0.1)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
@@ -74,6 +75,15 @@ class Engine:
         await asyncio.sleep(self.wake_seconds)
         self.asleep = False
         return web.Response(status=200)
+
+    async def _broken(self, request: web.Request) -> web.StreamResponse:
+        """A stream that breaks off after its first chunk (an engine that dies mid-answer)."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"id": "cmpl-1", "object": "text_completion", "choices": []}\n\n')
+        assert request.transport is not None
+        request.transport.close()
+        return response
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -294,4 +304,29 @@ async def test_an_activator_restart_loses_no_held_request_that_the_client_retrie
         async with _serving(second, port):
             assert await asyncio.wait_for(request, 30.0) == f"tokens from port-{engine.port}"
             assert calls
+    await engine.stop()
+
+
+async def test_a_stream_the_pool_breaks_off_reaches_the_client_broken_and_the_next_request_is_served() -> (
+    None
+):
+    engine = Engine(_free_port())
+    await engine.start()
+
+    async def no_wake() -> None:
+        return None
+
+    async with _probe_session() as session:
+        probe = EngineProbe({"engine": lambda: [engine.url]}, lambda: session)
+        activator = Activator("chat", engine.url, probe, no_wake, HoldLimits(max_wait=10.0))
+        async with _serving(activator, _free_port()) as base:
+            client = _client(base)
+            with pytest.raises(openai.APIError):
+                async for _chunk in await client.completions.create(model="m", prompt="hi", stream=True):
+                    pass
+            assert await _ask(client) == f"tokens from port-{engine.port}"
+            assert (
+                await _metric(base, "ampacity_activator_requests_total", {"outcome": "upstream-error"}) == 1
+            )
+            assert await _metric(base, "ampacity_activator_requests_total", {"outcome": "proxied"}) == 1
     await engine.stop()
