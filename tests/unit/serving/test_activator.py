@@ -330,3 +330,14 @@ async def test_a_stream_the_pool_breaks_off_reaches_the_client_broken_and_the_ne
             )
             assert await _metric(base, "ampacity_activator_requests_total", {"outcome": "proxied"}) == 1
     await engine.stop()
+
+
+def test_the_activator_command_says_what_is_wrong_with_an_engine_argument() -> None:
+    from ampacity.cli import main
+
+    with pytest.raises(SystemExit, match="expected PHASE=URL"):
+        main(
+            ["serving", "activator", "--pool", "p", "--upstream", "http://127.0.0.1:9", "--engine", "decode"]
+        )
+    with pytest.raises(SystemExit, match="at least one --engine"):
+        main(["serving", "activator", "--pool", "p", "--upstream", "http://127.0.0.1:9"])
