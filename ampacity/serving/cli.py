@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ampacity.serving import hardware, replan, tiers
+from ampacity.serving import hardware, replan
 from ampacity.serving.eval import coldstart, replay
 from ampacity.serving.keepalive import KeepAlivePolicy
 from ampacity.serving.planner import (
@@ -27,6 +27,7 @@ from ampacity.serving.planner import (
     replicas_for_rate,
 )
 from ampacity.serving.simulator import Colocated, Pool, Slo, simulate
+from ampacity.serving.tiers import DEFAULT_SLEEPERS_PER_GPU, GB, TierCosts, keep_alive, wake_seconds
 from ampacity.serving.workload import TRACES, Workload, load_trace
 
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(us|ms|s|m)?\s*$")
@@ -290,15 +291,15 @@ def _tier_row(label: str, result: coldstart.TierResult, baseline: coldstart.Tier
 
 
 def _three_tier_eval(args: argparse.Namespace, trace: coldstart.ColdStartTrace) -> int:
-    costs = tiers.TierCosts(
+    costs = TierCosts(
         cold_start_seconds=trace.expected_startup,
-        weight_bytes_per_gpu=args.weights_gb * tiers.GB,
+        weight_bytes_per_gpu=args.weights_gb * GB,
         sleepers_per_gpu=args.sleepers_per_gpu,
-        host_byte_price=args.host_price / tiers.GB,
+        host_byte_price=args.host_price / GB,
         max_wake_seconds=args.max_wake,
     )
     levels = ", ".join(
-        f"level {lvl} wake {tiers.wake_seconds(lvl, costs.weight_bytes_per_gpu):.2f}s" for lvl in (1, 2)
+        f"level {lvl} wake {wake_seconds(lvl, costs.weight_bytes_per_gpu):.2f}s" for lvl in (1, 2)
     )
     print(
         f"three tiers: awake (1 GPU), asleep ({args.sleepers_per_gpu} models per GPU, {levels}; level 1 pins"
@@ -350,7 +351,7 @@ def _three_tier_eval(args: argparse.Namespace, trace: coldstart.ColdStartTrace) 
     )
     # Weight locality: the cache size is set on the training part's cold starts under fixed 10 min.
     train_events = coldstart.replay_tiers(
-        trace, tiers.keep_alive(600.0), costs, (-math.inf, study.split)
+        trace, keep_alive(600.0), costs, (-math.inf, study.split)
     ).cold_events
     cache = coldstart.calibrate_cache(trace, train_events, args.nodes)
     for name in (coldstart.FIXED_10, coldstart.TIERED):
@@ -404,6 +405,53 @@ def _plot_frontier(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _phases(specs: list[str]) -> dict[str, list[str]]:
+    phases: dict[str, list[str]] = {}
+    for spec in specs:
+        phase, sep, url = spec.partition("=")
+        if not sep or not url.startswith(("http://", "https://")):
+            raise SystemExit(f"--engine {spec!r}: expected PHASE=URL, e.g. decode=http://10.0.0.7:8000")
+        phases.setdefault(phase, []).append(url.rstrip("/"))
+    if not phases:
+        raise SystemExit("give at least one --engine PHASE=URL: the activator must know when the pool is up")
+    return phases
+
+
+def _fixed(urls: list[str]) -> Callable[[], list[str]]:
+    return lambda: urls
+
+
+def _activator(args: argparse.Namespace) -> int:
+    import aiohttp
+    from aiohttp import web
+
+    from ampacity.serving.activator import Activator, EngineProbe, HoldLimits, wake_engines
+
+    phases = _phases(args.engine)
+    host, _, port = args.listen.rpartition(":")
+    sessions: list[aiohttp.ClientSession] = []
+
+    def session() -> aiohttp.ClientSession:
+        if not sessions:
+            sessions.append(aiohttp.ClientSession())
+        return sessions[0]
+
+    probe = EngineProbe({phase: _fixed(urls) for phase, urls in phases.items()}, session)
+    activator = Activator(
+        args.pool, args.upstream, probe, wake_engines(probe), HoldLimits(args.max_queue, args.max_wait)
+    )
+    app = activator.app()
+
+    async def close(_app: web.Application) -> None:
+        for s in sessions:
+            await s.close()
+
+    app.on_cleanup.append(close)
+    print(f"activator for pool {args.pool}: {args.listen} -> {args.upstream}; phases {', '.join(phases)}")
+    web.run_app(app, host=host or "127.0.0.1", port=int(port), print=None)
+    return 0
 
 
 # `replan-eval`'s trace: a quiet start, a 4x burst, a burst of 3x longer prompts (prefill only
@@ -539,7 +587,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     keepalive_eval.add_argument(
         "--sleepers-per-gpu",
         type=int,
-        default=tiers.DEFAULT_SLEEPERS_PER_GPU,
+        default=DEFAULT_SLEEPERS_PER_GPU,
         help="models sharing one GPU, at most one awake (4)",
     )
     keepalive_eval.add_argument(
@@ -577,6 +625,31 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     keepalive_eval.add_argument("--plot", type=Path, default=None, help="write the frontier plot (PNG) here")
     keepalive_eval.set_defaults(func=_keepalive_eval)
 
+    activator = actions.add_parser(
+        "activator",
+        help="hold requests to a pool with no ready engine, wake it, pass them on (in front of its router)",
+    )
+    activator.add_argument("--pool", required=True, help="the pool's name (metrics label, messages)")
+    activator.add_argument(
+        "--upstream", required=True, help="the pool's router URL, e.g. http://chat-router:8000"
+    )
+    activator.add_argument(
+        "--engine",
+        action="append",
+        default=[],
+        metavar="PHASE=URL",
+        help="an engine to probe and wake, by phase (prefill=, decode=, engine=); repeat for each",
+    )
+    activator.add_argument("--listen", default="127.0.0.1:8081", help="address to serve on (127.0.0.1:8081)")
+    activator.add_argument("--max-queue", type=int, default=100, help="requests held at most (100)")
+    activator.add_argument(
+        "--max-wait",
+        type=parse_duration,
+        default=parse_duration("300s"),
+        help="longest hold of a request (300s)",
+    )
+    activator.set_defaults(func=_activator)
+
     replan_eval = actions.add_parser(
         "replan-eval", help="re-planning vs static peak provisioning on a bursty trace, in the simulator"
     )
@@ -612,75 +685,3 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     replan_eval.add_argument("--timeline", action="store_true", help="print every interval's decision")
     _add_common(replan_eval)
     replan_eval.set_defaults(func=_replan_eval)
-
-    activator = actions.add_parser(
-        "activator",
-        help="hold requests to a pool with no ready engine, wake it, pass them on (in front of its router)",
-    )
-    activator.add_argument("--pool", required=True, help="the pool's name (metrics label, messages)")
-    activator.add_argument(
-        "--upstream", required=True, help="the pool's router URL, e.g. http://chat-router:8000"
-    )
-    activator.add_argument(
-        "--engine",
-        action="append",
-        default=[],
-        metavar="PHASE=URL",
-        help="an engine to probe and wake, by phase (prefill=, decode=, engine=); repeat for each",
-    )
-    activator.add_argument("--listen", default="127.0.0.1:8081", help="address to serve on (127.0.0.1:8081)")
-    activator.add_argument("--max-queue", type=int, default=100, help="requests held at most (100)")
-    activator.add_argument(
-        "--max-wait",
-        type=parse_duration,
-        default=parse_duration("300s"),
-        help="longest hold of a request (300s)",
-    )
-    activator.set_defaults(func=_activator)
-
-
-def _phases(specs: list[str]) -> dict[str, list[str]]:
-    phases: dict[str, list[str]] = {}
-    for spec in specs:
-        phase, sep, url = spec.partition("=")
-        if not sep or not url.startswith(("http://", "https://")):
-            raise SystemExit(f"--engine {spec!r}: expected PHASE=URL, e.g. decode=http://10.0.0.7:8000")
-        phases.setdefault(phase, []).append(url.rstrip("/"))
-    if not phases:
-        raise SystemExit("give at least one --engine PHASE=URL: the activator must know when the pool is up")
-    return phases
-
-
-def _fixed(urls: list[str]) -> Callable[[], list[str]]:
-    return lambda: urls
-
-
-def _activator(args: argparse.Namespace) -> int:
-    import aiohttp
-    from aiohttp import web
-
-    from ampacity.serving.activator import Activator, EngineProbe, HoldLimits, wake_engines
-
-    phases = _phases(args.engine)
-    host, _, port = args.listen.rpartition(":")
-    sessions: list[aiohttp.ClientSession] = []
-
-    def session() -> aiohttp.ClientSession:
-        if not sessions:
-            sessions.append(aiohttp.ClientSession())
-        return sessions[0]
-
-    probe = EngineProbe({phase: _fixed(urls) for phase, urls in phases.items()}, session)
-    activator = Activator(
-        args.pool, args.upstream, probe, wake_engines(probe), HoldLimits(args.max_queue, args.max_wait)
-    )
-    app = activator.app()
-
-    async def close(_app: web.Application) -> None:
-        for s in sessions:
-            await s.close()
-
-    app.on_cleanup.append(close)
-    print(f"activator for pool {args.pool}: {args.listen} -> {args.upstream}; phases {', '.join(phases)}")
-    web.run_app(app, host=host or "127.0.0.1", port=int(port), print=None)
-    return 0
