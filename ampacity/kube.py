@@ -273,25 +273,6 @@ class Kube:
             headers={"Content-Type": "application/apply-patch+yaml"},
         )
 
-    async def apply_status(
-        self, kind: str, namespace: str | None, name: str, status: Object, field_manager: str
-    ) -> Object:
-        """Server-side apply of the status subresource under `field_manager`: the fields in `status`
-        become that manager's, and the fields it applied before but left out now are removed.
-        Two writers of one status each apply only their own fields under their own manager."""
-        k = KINDS[kind]
-        metadata: Object = {"name": name}
-        if k.namespaced and namespace:
-            metadata["namespace"] = namespace
-        body = {"apiVersion": k.api_version, "kind": kind, "metadata": metadata, "status": status}
-        return await self._request(
-            "PATCH",
-            f"{k.path(namespace, name)}/status",
-            params={"fieldManager": field_manager, "force": "true"},
-            content=json.dumps(body),
-            headers={"Content-Type": "application/apply-patch+yaml"},
-        )
-
     async def create(self, obj: Object) -> Object:
         """Create an object (Conflict if it exists): for kinds the operator may write but not read."""
         path = KINDS[obj["kind"]].path(obj["metadata"].get("namespace"))

@@ -43,15 +43,32 @@ class ConfigError(RuntimeError):
 
 @dataclass(frozen=True)
 class Connection:
-    """What a client needs: the server URL, its TLS context and the credential flow."""
+    """What a client needs: the server URL, its TLS context and the credential flow; and the raw
+    material (CA, client certificate) for kopf's own connection (`controllers.settings`)."""
 
     server: str
     tls: ssl.SSLContext
     auth: httpx.Auth | None
+    ca_data: bytes | None = None
+    insecure: bool = False
+    client_cert: tuple[bytes, bytes] | None = None
+
+    async def bearer_token(self) -> tuple[str | None, datetime | None]:
+        """The current bearer token (refreshed if due) and when it expires, if it says."""
+        auth = self.auth
+        if isinstance(auth, StaticToken):
+            return auth.token, None
+        if isinstance(auth, TokenFile):
+            return auth.token(), None
+        if isinstance(auth, ExecCredential):
+            token = await auth.current()
+            return token, auth.expires_at
+        return None, None
 
 
 class StaticToken(httpx.Auth):
     def __init__(self, token: str) -> None:
+        self.token = token
         self._header = f"Bearer {token}"
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
@@ -160,8 +177,18 @@ class ExecCredential(httpx.Auth):
             self._accept(stdout)
             return self._token
 
+    async def current(self) -> str:
+        """The token, run again first when it is about to expire."""
+        return self._token if self._token and time.time() < self._expires else await self._refresh(None)
+
+    @property
+    def expires_at(self) -> datetime | None:
+        if not self._token or self._expires == float("inf"):
+            return None
+        return datetime.fromtimestamp(self._expires, UTC)
+
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        token = self._token if self._token and time.time() < self._expires else await self._refresh(None)
+        token = await self.current()
         request.headers["Authorization"] = f"Bearer {token}"
         response = yield request
         if response.status_code == 401:
@@ -203,10 +230,12 @@ def in_cluster(directory: Path = SERVICE_ACCOUNT_DIR, environ: Mapping[str, str]
         raise ConfigError("not in a cluster: KUBERNETES_SERVICE_HOST is not set")
     if ":" in host:  # IPv6
         host = f"[{host}]"
+    ca = directory / "ca.crt"
     return Connection(
         server=f"https://{host}:{port}",
-        tls=_tls(str(directory / "ca.crt"), None, False, None),
+        tls=_tls(str(ca), None, False, None),
         auth=TokenFile(directory / "token"),
+        ca_data=ca.read_bytes(),
     )
 
 
@@ -251,7 +280,10 @@ def from_kubeconfig(path: Path, context: str | None = None) -> Connection:
         _data(cluster["certificate-authority-data"]) if cluster.get("certificate-authority-data") else None
     )
     ca_file = local(cluster["certificate-authority"]) if cluster.get("certificate-authority") else None
-    tls = _tls(ca_file, ca_data, bool(cluster.get("insecure-skip-tls-verify")), cert)
+    insecure = bool(cluster.get("insecure-skip-tls-verify"))
+    tls = _tls(ca_file, ca_data, insecure, cert)
+    if ca_data is None and ca_file is not None:
+        ca_data = Path(ca_file).read_bytes()
 
     auth: httpx.Auth | None = None
     if user.get("token"):
@@ -264,7 +296,14 @@ def from_kubeconfig(path: Path, context: str | None = None) -> Connection:
         auth = httpx.BasicAuth(str(user["username"]), str(user["password"]))
     elif user.get("auth-provider"):
         raise ConfigError(f"{path}: auth-provider plugins are not supported; use an exec plugin")
-    return Connection(server=str(server).rstrip("/"), tls=tls, auth=auth)
+    return Connection(
+        server=str(server).rstrip("/"),
+        tls=tls,
+        auth=auth,
+        ca_data=ca_data,
+        insecure=insecure,
+        client_cert=cert,
+    )
 
 
 def default_kubeconfig(environ: Mapping[str, str] = os.environ) -> Path:

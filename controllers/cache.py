@@ -11,7 +11,7 @@ What is cached, and filtered at the server where it can be:
 - Nodes: all (GPU capacity, labels, taints, readiness);
 - Pods: only those bound to a node and not finished (`spec.nodeName!=`, phase not Succeeded/Failed):
   the ones that hold GPUs;
-- Deployments: only the operator's children (`app.kubernetes.io/managed-by=ampacity-operator`);
+- Deployments and Services: only the operator's children (`app.kubernetes.io/managed-by=ampacity-operator`);
 - NodePowers: all (the node agents' telemetry).
 """
 
@@ -208,13 +208,17 @@ class ClusterCache:
         self.node_informer = Informer(kube, "Node")
         self.pod_informer = Informer(kube, "Pod", field_selector=BOUND_POD_FIELDS)
         self.deployment_informer = Informer(kube, "Deployment", label_selector=MANAGED_LABELS)
+        self.service_informer = Informer(kube, "Service", label_selector=MANAGED_LABELS)
         self.node_power_informer = Informer(kube, "NodePower")
         self.informers = (
             self.node_informer,
             self.pod_informer,
             self.deployment_informer,
+            self.service_informer,
             self.node_power_informer,
         )
+        #: The operator's children, by kind, as the cache sees them (for `child` and `prune`).
+        self.children = {"Deployment": self.deployment_informer, "Service": self.service_informer}
 
     async def start(self, sync_seconds: float = SYNC_TIMEOUT_SECONDS) -> None:
         """Start every informer and wait (up to `sync_seconds`) until each has its first list."""
@@ -259,6 +263,23 @@ class ClusterCache:
 
     async def node_powers(self) -> list[Object]:
         return await self.node_power_informer.items()
+
+    async def child(self, kind: str, namespace: str, name: str) -> Object | None:
+        """One of the operator's Deployments or Services as last seen by the watch."""
+        return await self.children[kind].get(namespace, name)
+
+    async def prune(self, kind: str, namespace: str, selector: str, keep: set[str]) -> list[str]:
+        """`Kube.prune` without the LIST: delete the cached children of `kind` matching `selector`
+        whose names are not in `keep` (one just deleted and still cached answers 404: no harm)."""
+        informer = self.children[kind]
+        stale = [
+            o["metadata"]["name"]
+            for o in _matching(await informer.items(), selector)
+            if o["metadata"].get("namespace") == namespace and o["metadata"]["name"] not in keep
+        ]
+        for name in stale:
+            await self.kube.delete(kind, namespace, name)
+        return stale
 
 
 def _matching(objects: Iterable[Object], selector: str) -> list[Object]:

@@ -29,6 +29,11 @@ STATUS_PATCHES_SKIPPED = Counter(
     "Reconciliations whose computed status equalled the observed one, so no status patch was sent.",
     ["controller"],
 )
+CHILD_APPLIES_SKIPPED = Counter(
+    "ampacity_child_applies_skipped_total",
+    "Child applies not sent: the desired child was the one last applied and nobody changed it since.",
+    ["controller"],
+)
 RECONCILE_FAILURES = Counter(
     "ampacity_reconcile_failures_total",
     "Failed reconciliations by the condition reason they set (ApiUnavailable, ApiError, ...).",

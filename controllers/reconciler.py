@@ -5,12 +5,17 @@ on spec changes, on operator start (resume) and on a timer, so the status
 always follows the observed state of the children, whatever event was missed.
 This module owns what every reconciler shares: parsing the spec (a bad spec
 sets a condition instead of crash-looping), conditions and their Events,
-metrics, retries and the status patch.
+metrics, retries (a failure is a Ready=False condition in words, retried with a
+growing delay) and the status patch (not sent when nothing changed). A reconcile
+reads the cluster from the shared cache (`ctx.cache`, `controllers.cache`) and
+writes children with `ctx.apply`, which skips a child that is as last applied.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +35,8 @@ READY = "Ready"
 MANAGED_BY = "ampacity-operator"
 #: Where the operator-wide read cache sits in kopf's memo (`controllers.settings`).
 CACHE_MEMO = "cache"
+#: Where a per-object memo keeps what `Context.apply` last wrote (digest, resourceVersion) per child.
+APPLIED_MEMO = "applied"
 
 
 @dataclass
@@ -51,7 +58,8 @@ class Context:
 
     @property
     def cache(self) -> ClusterCache:
-        """The operator's shared read cache (Nodes, bound Pods, child Deployments, NodePowers)."""
+        """The operator's shared read cache (Nodes, bound Pods, child Deployments and Services,
+        NodePowers)."""
         cache = self.memo.get(CACHE_MEMO)
         if cache is None:
             raise RuntimeError("the operator's read cache was not started (controllers.settings)")
@@ -101,6 +109,33 @@ class Context:
             "labels": self.child_labels(component),
             "ownerReferences": [self.owner_reference()],
         }
+
+    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply a child, skipped when nothing changed since this operator last applied it.
+
+        A child the cache watches (Deployments, Services) is not written again while the desired
+        object is the one last applied and the live one is still the version that apply returned
+        (nobody changed it since): the live object comes from the cache instead, so a settled pool
+        costs no writes. Other kinds, and any change, go to the API server.
+        """
+        metadata = obj["metadata"]
+        kind, namespace, name = obj["kind"], str(metadata.get("namespace") or ""), str(metadata["name"])
+        digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+        applied: dict[tuple[str, str, str], tuple[str, str]] = self.memo.setdefault(APPLIED_MEMO, {})
+        cache = self.memo.get(CACHE_MEMO)
+        if isinstance(cache, ClusterCache) and kind in cache.children:
+            last = applied.get((kind, namespace, name))
+            live = await cache.child(kind, namespace, name)
+            version = str((live or {}).get("metadata", {}).get("resourceVersion", ""))
+            if last is not None and live is not None and last == (digest, version):
+                metrics.CHILD_APPLIES_SKIPPED.labels(self.resource.singular).inc()
+                return live
+        result = await self.kube.apply(obj)
+        applied[(kind, namespace, name)] = (
+            digest,
+            str(result.get("metadata", {}).get("resourceVersion", "")),
+        )
+        return result
 
     def set_ready(self, ready: bool, reason: str, message: str) -> None:
         self.status.set_condition(

@@ -10,6 +10,7 @@ from typing import Any
 import kopf
 from prometheus_client import start_http_server
 
+from ampacity import kubeconfig
 from ampacity.api.meta import GROUP
 from ampacity.kube import Kube
 from controllers.cache import ClusterCache
@@ -39,6 +40,24 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     await cache.start()
     start_http_server(METRICS_PORT)
     memo["reports"] = await reports.start(memo["kube"], reports.REPORT_PORT)
+
+
+@kopf.on.login(id="ampacity-credentials")
+async def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf's own connection uses the same settings and refreshed credentials as our client
+    (`ampacity.kubeconfig`: exec plugins, rotated token files); kopf calls this again after a 401."""
+    connection = kubeconfig.load()
+    token, expires = await connection.bearer_token()
+    cert, key = connection.client_cert or (None, None)
+    return kopf.ConnectionInfo(
+        server=connection.server,
+        ca_data=connection.ca_data,
+        insecure=connection.insecure or None,
+        token=token,
+        certificate_data=cert,
+        private_key_data=key,
+        expiration=expires,
+    )
 
 
 @kopf.on.cleanup()

@@ -9,20 +9,28 @@ store keeps), so `controllers.cache.ClusterCache` runs against it unchanged.
 
 Failures are injected with `fail(...)` (the next matching calls raise a given `KubeError`)
 or `down` (every call raises `ApiUnavailable`, as a client whose server does not answer).
+
+`Operator` drives a reconciler as kopf does (parse, reconcile, conditions, Events, one status
+merge patch, skipped when unchanged) against the fake and a `ClusterCache` over it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import kopf
+
+from ampacity.api import Resource
 from ampacity.kube import KINDS, ApiUnavailable, Conflict, Kube, KubeError, NotFound
-from controllers.cache import selector_matches
+from controllers.cache import ClusterCache, selector_matches
+from controllers.reconciler import CACHE_MEMO, Reconcile, reconcile_object
 
 Object = dict[str, Any]
 
@@ -89,8 +97,6 @@ class FakeKube(Kube):
         self.page_size = page_size
         #: Every call, as (method, kind), in order.
         self.calls: list[tuple[str, str]] = []
-        #: Status patches and applies as sent: (kind, name, status).
-        self.status_writes: list[tuple[str, str, Object]] = []
         self.down = False
         self.failures: list[Failure] = []
         self._watchers: list[tuple[str, asyncio.Queue[Object]]] = []
@@ -190,15 +196,6 @@ class FakeKube(Kube):
             return self._store(copy.deepcopy(obj), created=True)
         return self._update(kind, key[1], key[2], lambda cur: apply_merge(cur, obj), status_only=False)
 
-    async def apply_status(
-        self, kind: str, namespace: str | None, name: str, status: Object, field_manager: str
-    ) -> Object:
-        self._check("apply_status", kind)
-        self.status_writes.append((kind, name, copy.deepcopy(status)))
-        return self._update(
-            kind, namespace, name, lambda cur: apply_merge(cur, {"status": status}), status_only=True
-        )
-
     async def create(self, obj: Object) -> Object:
         kind, metadata = obj["kind"], obj["metadata"]
         self._check("create", kind)
@@ -210,7 +207,6 @@ class FakeKube(Kube):
 
     async def patch_status(self, kind: str, namespace: str | None, name: str, status: Object) -> Object:
         self._check("patch_status", kind)
-        self.status_writes.append((kind, name, copy.deepcopy(status)))
         return self._update(
             kind, namespace, name, lambda cur: merge_patch(cur, {"status": status}), status_only=True
         )
@@ -337,3 +333,68 @@ class FakeKube(Kube):
         for name in stale:
             await self.delete(kind, namespace, name)
         return stale
+
+
+@dataclass
+class Pass:
+    """What one reconcile did: the status patch it sent (None when skipped), its Events, its error."""
+
+    patch: Object | None
+    events: list[tuple[str, str, str]]
+    error: Exception | None
+
+
+class Operator:
+    """Drives reconcilers the way kopf does, against a `FakeKube` and a read cache over it."""
+
+    def __init__(self, kube: FakeKube) -> None:
+        self.kube = kube
+        self.cache = ClusterCache(kube)
+        self.memo: dict[str, Any] = {"kube": kube, CACHE_MEMO: self.cache}
+        #: Per-object memo, as kopf keeps one per object.
+        self.object_memos: dict[str, dict[str, Any]] = {}
+
+    async def __aenter__(self) -> Operator:
+        await self.cache.start(sync_seconds=5)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.cache.close()
+
+    async def settle(self) -> None:
+        """Let the cache's watches take in what was written so far."""
+        for _ in range(5):
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
+
+    async def reconcile(
+        self, resource: Resource, reconcile: Reconcile, namespace: str | None, name: str, retry: int = 0
+    ) -> Pass:
+        await self.settle()
+        obj = self.kube.stored(resource.kind, namespace, name)
+        assert obj is not None, f"no {resource.kind} {namespace}/{name}"
+        body = kopf.Body(copy.deepcopy(obj))
+        patch = kopf.Patch()
+        events: list[tuple[str, str, str]] = []
+
+        def post_event(_: object, *, type: str, reason: str, message: str) -> None:  # noqa: A002
+            events.append((type, reason, message))
+
+        memo = self.object_memos.setdefault(f"{namespace}/{name}", dict(self.memo))
+        error: Exception | None = None
+        try:
+            await reconcile_object(
+                resource, reconcile, body, patch, memo, logging.getLogger("test"), retry, post_event
+            )
+        except kopf.TemporaryError as raised:
+            error = raised
+        status = dict(patch.get("status") or {})
+        if status:  # as kopf does: one merge patch of the status subresource
+            await self.kube.patch_status(resource.kind, namespace, name, status)
+        return Pass(status or None, events, error)
+
+    def condition(self, kind: str, namespace: str | None, name: str, type_: str = "Ready") -> Object:
+        obj = self.kube.stored(kind, namespace, name) or {}
+        found = [c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_]
+        assert found, f"{kind} {name} has no {type_} condition: {obj.get('status')}"
+        return found[0]

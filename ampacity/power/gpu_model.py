@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from ampacity.api.gpu_products import gpu_product
 from ampacity.power.calibration import FloatArray, zeus_cap_curve
 
 
@@ -44,7 +45,7 @@ H100_SXM = GpuSpec(
     prompt_watts=700.0,
     token_watts=380.0,
     min_limit_watts=200.0,
-    max_limit_watts=700.0,
+    max_limit_watts=gpu_product("h100").max_power_watts,
 )
 A100_SXM = GpuSpec(
     "a100-sxm",
@@ -52,7 +53,7 @@ A100_SXM = GpuSpec(
     prompt_watts=400.0,
     token_watts=250.0,
     min_limit_watts=100.0,
-    max_limit_watts=400.0,
+    max_limit_watts=gpu_product("a100").max_power_watts,
 )
 GPU_SPECS = {spec.name: spec for spec in (H100_SXM, A100_SXM)}
 

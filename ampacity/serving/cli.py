@@ -4,6 +4,8 @@ starts on the Alibaba GenAI trace) and `replan-eval` (re-planning on a bursty tr
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
 import re
 import sys
@@ -11,24 +13,33 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
+from pydantic import ValidationError
 
-from ampacity.serving import hardware, replan
+from ampacity.api.gpu_products import known_gpu_names
+from ampacity.api.servingpool import ServingPoolSpec, ServingPoolStatus
+from ampacity.serving import hardware, latency, planner, pool_plan, replan
 from ampacity.serving.eval import coldstart, replay
 from ampacity.serving.keepalive import KeepAlivePolicy
+from ampacity.serving.lengths import arrival_burstiness, quantile_points
 from ampacity.serving.planner import (
+    COLOCATED_CHUNKS,
     TP_DEGREES,
     Cluster,
     Plan,
     PoolPlan,
     attainment_curve,
+    goodput,
     plan,
     replicas_for_rate,
+    steady_attainment,
 )
 from ampacity.serving.simulator import Colocated, Pool, Slo, simulate
 from ampacity.serving.tiers import DEFAULT_SLEEPERS_PER_GPU, GB, TierCosts, keep_alive, wake_seconds
-from ampacity.serving.workload import TRACES, Workload, load_trace
+from ampacity.serving.workload import TRACES, Workload, load_request_log, load_trace, peak_window_rate
 
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(us|ms|s|m)?\s*$")
 _DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, None: 1.0}
@@ -74,7 +85,8 @@ class _ProgressBar:
 
 def describe(pool: Pool) -> str:
     if isinstance(pool, Colocated):
-        return f"{pool.instances} x TP{pool.tp} colocated"
+        chunked = f", chunks of {pool.chunk}" if pool.chunk else ""
+        return f"{pool.instances} x TP{pool.tp} colocated{chunked}"
     prefill = f"{pool.prefill_instances} x TP{pool.prefill_tp} prefill"
     decode = f"{pool.decode_instances} x TP{pool.decode_tp} decode"
     return f"{prefill} + {decode} (KV {pool.kv_bandwidth / 1e9:.0f} GB/s)"
@@ -132,12 +144,24 @@ def _plot(
 
 
 def _search_steps(cluster: Cluster) -> int:
-    # Phase searches and colocated pools (three per TP degree), plus the verified candidates: the
-    # bar's length. TP degrees the model does not fit are skipped, so the bar may end early.
-    return 3 * len([tp for tp in TP_DEGREES if tp <= cluster.gpus_per_node]) + 4
+    # Phase searches and colocated pools (per TP degree: prefill, decode and one per chunk size),
+    # plus the verified candidates: the bar's length. TP degrees the model does not fit are
+    # skipped, so the bar may end early.
+    per_tp = 2 + len(COLOCATED_CHUNKS)
+    return per_tp * len([tp for tp in TP_DEGREES if tp <= cluster.gpus_per_node]) + 4
 
 
-def _plan_for(args: argparse.Namespace, workload: Workload, slo: Slo) -> tuple[Plan, Cluster]:
+def _planning_sample(trace: Workload, size: int) -> tuple[Workload, tuple[int, int]]:
+    """What the planner sees of a trace: `size` requests spread over it, their arrivals redrawn
+    with the whole trace's burstiness (thinning to every k-th request would smooth the gaps'
+    variation by about the square root of k), and the trace's longest request."""
+    sample = trace.thin(size).with_burstiness(arrival_burstiness(trace))
+    return sample, (int(trace.prompts.max()), int((trace.prompts + trace.outputs).max()))
+
+
+def _plan_for(
+    args: argparse.Namespace, workload: Workload, slo: Slo, longest: tuple[int, int] | None = None
+) -> tuple[Plan, Cluster]:
     cluster = Cluster(
         gpu=hardware.gpu(args.gpu),
         gpus_per_node=args.gpus_per_node,
@@ -147,16 +171,16 @@ def _plan_for(args: argparse.Namespace, workload: Workload, slo: Slo) -> tuple[P
     bar = _ProgressBar(_search_steps(cluster), enabled=not args.quiet and sys.stderr.isatty())
     try:
         return plan(
-            hardware.model(args.model), cluster, slo, workload, args.attainment, progress=bar
+            hardware.model(args.model), cluster, slo, workload, args.attainment, progress=bar, longest=longest
         ), cluster
     finally:
         bar.close()
 
 
 def _sim(args: argparse.Namespace) -> int:
-    workload = load_trace(args.trace).thin(args.sample)
+    workload, longest = _planning_sample(load_trace(args.trace), args.sample)
     slo = Slo(args.ttft, args.tpot)
-    result, cluster = _plan_for(args, workload, slo)
+    result, cluster = _plan_for(args, workload, slo, longest)
     print(
         f"{args.trace}: {len(workload)} requests, {args.model} on {args.gpu},"
         f" TTFT {args.ttft:g}s TPOT {args.tpot:g}s"
@@ -192,7 +216,8 @@ def _bench(args: argparse.Namespace) -> int:
     for name, slo in BENCH_SCENARIOS:
         trace = traces[name]
         started = time.perf_counter()
-        result, cluster = _plan_for(args, trace.thin(args.sample), slo)
+        sample, longest = _planning_sample(trace, args.sample)
+        result, cluster = _plan_for(args, sample, slo, longest)
         planning = time.perf_counter() - started
         print(
             f"\n{name}: TTFT {slo.ttft:g}s TPOT {slo.tpot:g}s,"
@@ -205,6 +230,27 @@ def _bench(args: argparse.Namespace) -> int:
         if result.disaggregated and result.colocated:
             gain = result.disaggregated.goodput_per_gpu / result.colocated.goodput_per_gpu
             print(f"disaggregated / colocated goodput per GPU: {gain:.2f}x")
+        # Each plan checked on the real arrival process: the whole trace, its time axis scaled to
+        # the planned goodput, on the planned unit (steady_attainment, as the planner counts);
+        # then the goodput the whole trace itself gives that unit.
+        verified: dict[str, float] = {}
+        for label, planned in (("disaggregated", result.disaggregated), ("colocated", result.colocated)):
+            if planned is None:
+                continue
+            stretched = trace.at_rate(planned.goodput)
+            replayed = steady_attainment(simulate(planned.pool, stretched, spec, cluster.gpu), slo)
+            rate, _ = goodput(
+                planned.pool, trace, spec, cluster.gpu, slo, args.attainment, guess=planned.goodput
+            )
+            verified[label] = rate / planned.gpus
+            print(
+                f"{label}: whole trace at the planned {planned.goodput:.3g} req/s: attainment planned"
+                f" {planned.attainment:.1%}, replayed {replayed:.1%}; whole-trace goodput"
+                f" {rate:.3g} req/s ({verified[label]:.3g} per GPU)"
+            )
+        if len(verified) == 2 and verified["colocated"] > 0:
+            whole_gain = verified["disaggregated"] / verified["colocated"]
+            print(f"on the whole trace, disaggregated / colocated: {whole_gain:.2f}x")
         # Simulator speed: the whole trace at its own rate on the chosen pool, scaled to that rate.
         pool = replicas_for_rate(result.best, trace.rate)
         started = time.perf_counter()
@@ -469,15 +515,19 @@ BURST_PROFILE = (
 
 def _replan_eval(args: argparse.Namespace) -> int:
     spec, slo = hardware.model(args.model), Slo(args.ttft, args.tpot)
-    lengths = load_trace("azure-conv")
-    result, cluster = _plan_for(args, lengths.thin(args.sample), slo)
+    lengths = load_trace("azure-conv" if args.trace == "bursty" else args.trace)
+    sample, longest = _planning_sample(lengths, args.sample)
+    result, cluster = _plan_for(args, sample, slo, longest)
     planned = result.best
     mix = replan.PlannedMix(float(lengths.prompts.mean()), float(lengths.outputs.mean()))
-    trace = replay.bursty(lengths, BURST_PROFILE, args.burstiness, args.ramp, args.seed)
+    if args.trace == "bursty":
+        trace = replay.bursty(lengths, BURST_PROFILE, args.burstiness, args.ramp, args.seed)
+        what = f"Azure conv lengths, burstiness {args.burstiness:g}, ramps {args.ramp:g}s"
+    else:
+        trace, what = lengths, "its own arrivals and lengths"
     print(
-        f"bursty trace: {len(trace)} requests over {trace.duration / 60:.0f} min (Azure conv lengths,"
-        f" burstiness {args.burstiness:g}, ramps {args.ramp:g}s); planned unit {describe(planned.pool)},"
-        f" {planned.goodput:.2f} req/s"
+        f"{args.trace} trace: {len(trace)} requests over {trace.duration / 60:.0f} min ({what});"
+        f" planned unit {describe(planned.pool)}, {planned.goodput:.2f} req/s"
     )
     static_pool = replay.static_peak(planned, trace, args.interval)
     static = replay.replay_static(static_pool, trace, spec, cluster.gpu, slo, args.interval)
@@ -489,7 +539,7 @@ def _replan_eval(args: argparse.Namespace) -> int:
     )
     startup_windows = math.ceil(args.startup / args.interval - 1e-9)
     dynamic = replay.replay_replan(
-        planned, mix, trace, spec, cluster.gpu, args.interval, config, startup_windows
+        planned, mix, trace, spec, cluster.gpu, args.interval, config, startup_windows, ceiling=static_pool
     )
     header = f"{'policy':<70} {'GPUs':>7} {'GPU-h':>7} {'attainment':>10}"
     print(header)
@@ -522,6 +572,8 @@ def _replan_eval(args: argparse.Namespace) -> int:
                 f"  {w.start:>6.0f}s {w.gpus:>3} {describe(w.serving):<46} {w.observed.rate:>5.1f}"
                 f" {p90:>15} {w.met:>4}/{w.requests:<4} {w.reason}"
             )
+    if args.trace != "bursty":
+        return 0
     print("per segment: req/s, the most instances re-planning used, attainment re-planned / static")
     start = 0.0
     for seg in BURST_PROFILE:
@@ -541,7 +593,12 @@ def _replan_eval(args: argparse.Namespace) -> int:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="llama2-70b", choices=sorted(hardware.MODELS))
-    parser.add_argument("--gpu", default="h100", choices=sorted(hardware.GPUS))
+    parser.add_argument(
+        "--gpu",
+        default="h100",
+        choices=known_gpu_names(),
+        help="short name or GPU Feature Discovery product label",
+    )
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument(
         "--node-bandwidth",
@@ -557,7 +614,230 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _read_manifests(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+    """The ServingPool in a YAML file, and the ConfigMaps beside it (name -> data)."""
+    pool: dict[str, Any] | None = None
+    config_maps: dict[str, dict[str, str]] = {}
+    for doc in yaml.safe_load_all(path.read_text()):
+        if not isinstance(doc, dict):
+            continue
+        if doc.get("kind") == "ServingPool" and pool is None:
+            pool = doc
+        elif doc.get("kind") == "ConfigMap":
+            config_maps[doc.get("metadata", {}).get("name", "")] = doc.get("data") or {}
+    if pool is None:
+        raise SystemExit(f"{path}: no ServingPool in the file")
+    return pool, config_maps
+
+
+def preview(manifest: dict[str, Any], config_maps: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """What the operator would write for a ServingPool manifest: `pool_plan.plan_pool`, and the
+    conditions `record_plan` sets, plus the alternatives the planner rejected."""
+    spec = ServingPoolSpec.model_validate(manifest.get("spec") or {})
+    profile = None
+    if spec.latency_profile is not None:
+        data = config_maps.get(spec.latency_profile.config_map, {})
+        key = spec.latency_profile.key
+        profile = data.get(key) if key is not None else next(iter(data.values())) if len(data) == 1 else None
+    status = ServingPoolStatus()
+    out: dict[str, Any] = {"name": manifest.get("metadata", {}).get("name", "")}
+    try:
+        sized = pool_plan.plan_pool(spec, profile)
+    except pool_plan.PlanningError as error:
+        pool_plan.record_planning_error(status, error, generation=1)
+        out["status"] = status.to_api()
+        return out
+    pool_plan.record_plan(status, sized, generation=1)
+    status.plan = sized.plan
+    out["status"] = status.to_api()
+    out["limitedBy"] = sized.limited_by
+    out["alternatives"] = [
+        {
+            "pool": a.pool,
+            "gpus": a.gpus,
+            "goodputPerGpu": round(a.goodput_per_gpu, 4),
+            "attainment": round(a.attainment, 4),
+            "rejected": a.why,
+        }
+        for a in sized.alternatives
+    ]
+    return out
+
+
+def _format_preview(result: dict[str, Any]) -> str:
+    status = result["status"]
+    lines = [f"ServingPool {result['name']}"]
+    for condition in status.get("conditions", []):
+        lines.append(
+            f"  {condition['type']}={condition['status']} ({condition['reason']}): {condition['message']}"
+        )
+    plan = status.get("plan")
+    if plan is None:
+        lines.append("  no plan")
+        return "\n".join(lines)
+    if plan["mode"] == "disaggregated":
+        phases = (
+            f"prefill {plan['prefillReplicas']} x TP{plan['prefillTensorParallel']}, "
+            f"decode {plan['decodeReplicas']} x TP{plan['decodeTensorParallel']}"
+        )
+    else:
+        phases = f"{plan['prefillReplicas']} x TP{plan['prefillTensorParallel']}"
+    lines += [
+        f"  mode: {plan['mode']}: {phases}, {plan['gpus']} GPUs",
+        f"  predicted: {plan.get('predictedGoodput', 0):g} req/s per GPU at"
+        f" {plan.get('predictedAttainment', 0):.1%} attainment, capacity {plan.get('capacity', 0):g} req/s"
+        f" (best colocated {plan.get('colocatedGoodput', 0):g})",
+        f"  latency model: {plan.get('latencyModel', '')}",
+        f"  longest request admitted: {plan.get('longestRequestTokens', 0)} tokens",
+    ]
+    if result.get("limitedBy"):
+        lines.append(f"  limited: {result['limitedBy']}")
+    for alternative in result.get("alternatives", []):
+        lines.append(
+            f"  rejected: {alternative['pool']} ({alternative['gpus']} GPUs,"
+            f" {alternative['goodputPerGpu']:g} req/s per GPU): {alternative['rejected']}"
+        )
+    return "\n".join(lines)
+
+
+def _plan_preview(args: argparse.Namespace) -> int:
+    manifest, config_maps = _read_manifests(args.file)
+    try:
+        result = preview(manifest, config_maps)
+    except ValidationError as error:
+        print(f"{args.file}: invalid ServingPool: {error}", file=sys.stderr)
+        return 2
+    if args.output == "json":
+        print(json.dumps(result, indent=2))
+    elif args.output == "yaml":
+        print(yaml.safe_dump(result, sort_keys=False), end="")
+    else:
+        print(_format_preview(result))
+    return 0 if "plan" in result["status"] else 1
+
+
+def _model_info(args: argparse.Namespace) -> int:
+    config = json.loads(args.config.read_text())
+    block = hardware.architecture_block(config)
+    spec = hardware.model_from_config(args.config.stem, block)
+    print(yaml.safe_dump({"architecture": block}, sort_keys=False), end="")
+    active = spec.active_params if spec.active_params is not None else spec.params
+    print(
+        f"# {spec.params / 1e9:.2f}B parameters ({spec.weight_bytes / 1e9:.1f} GB in 16-bit),"
+        f" {active / 1e9:.2f}B active per token,"
+        f" {spec.kv_bytes_per_token / 1024:.0f} KiB of KV cache per token",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _workload_info(args: argparse.Namespace) -> int:
+    log = load_request_log(args.log)
+    block = {
+        "promptTokens": {
+            "percentiles": [{"percentile": p, "tokens": t} for p, t in quantile_points(log.prompts)]
+        },
+        "outputTokens": {
+            "percentiles": [{"percentile": p, "tokens": t} for p, t in quantile_points(log.outputs)]
+        },
+        "burstiness": round(arrival_burstiness(log), 3),
+        "peakRate": round(peak_window_rate(log, args.window), 3),
+    }
+    print(yaml.safe_dump({"workload": block}, sort_keys=False), end="")
+    print(
+        f"# {len(log)} requests over {log.duration / 60:.1f} min, mean {log.rate:.3g} req/s;"
+        f" peakRate is the busiest {args.window:g}s window",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# `plan-time`'s cases: (label, spec overrides of examples/servingpool.yaml). maxGpus grows to 64
+# with a peak rate that needs them; the models grow from 8B to 176B (and a 47B mixture of experts).
+_ARCHITECTURES = {
+    "qwen3-32b": {
+        "num_hidden_layers": 64,
+        "hidden_size": 5120,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 25600,
+        "vocab_size": 151936,
+    },
+    "mixtral-8x7b": {
+        "num_hidden_layers": 32,
+        "hidden_size": 4096,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 14336,
+        "vocab_size": 32000,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+    },
+}
+PLAN_TIME_CASES = [
+    *((f"llama2-70b h100 maxGpus {n}", "llama2-70b", "h100", n) for n in (8, 16, 32, 64)),
+    ("llama3-70b h100 maxGpus 64", "llama3-70b", "h100", 64),
+    ("llama3-8b h100 maxGpus 64", "llama3-8b", "h100", 64),
+    ("qwen3-32b a100 maxGpus 64", "qwen3-32b", "NVIDIA-A100-SXM4-80GB", 64),
+    ("mixtral-8x7b h200 maxGpus 64", "mixtral-8x7b", "NVIDIA-H200", 64),
+    ("bloom-176b h100 maxGpus 64", "bloom-176b", "h100", 64),
+]
+
+
+def _plan_time(args: argparse.Namespace) -> int:
+    example = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "examples" / "servingpool.yaml").read_text()
+    )
+    print(f"{'case':<34} {'plan':<40} {'CPU s':>7} {'memo s':>8}")
+    for label, name, gpu_type, max_gpus in PLAN_TIME_CASES:
+        raw = json.loads(json.dumps(example["spec"]))
+        raw["model"]["name"] = name
+        if name in _ARCHITECTURES:
+            raw["model"]["architecture"] = _ARCHITECTURES[name]
+        raw |= {"gpuType": gpu_type, "maxGpus": max_gpus, "minGpus": 0}
+        raw["workload"]["peakRate"] = args.peak_rate
+        spec = ServingPoolSpec.model_validate(raw)
+        planner.forget_plans()
+        started = time.process_time()
+        try:
+            sized = pool_plan.plan_pool(spec)
+            shown = f"{sized.plan.mode} {sized.plan.gpus} GPUs"
+        except pool_plan.PlanningError as error:
+            shown = f"unplannable: {str(error)[:28]}"
+        cold = time.process_time() - started
+        started = time.process_time()
+        with contextlib.suppress(pool_plan.PlanningError):
+            pool_plan.plan_pool(spec)
+        warm = time.process_time() - started
+        print(f"{label:<34} {shown:<40} {cold:>7.3f} {warm:>8.5f}")
+    return 0
+
+
+def _accuracy(args: argparse.Namespace) -> int:
+    profiles = latency.load_profiles()
+    print(f"{'model':<12} {'GPU':<6} {'measurements':>12} {'median':>8} {'p90':>8}")
+    groups = [*sorted({(p.model, p.gpu) for p in profiles}), ("all", "all")]
+    for model_name, gpu_name in groups:
+        rows = [p for p in profiles if model_name == "all" or (p.model, p.gpu) == (model_name, gpu_name)]
+        errors = latency.relative_errors(rows)
+        print(
+            f"{model_name:<12} {gpu_name:<6} {len(errors):>12} {np.median(errors):>8.1%}"
+            f" {np.quantile(errors, 0.9):>8.1%}"
+        )
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    preview_cmd = subparsers.add_parser(
+        "plan", help="preview the plan the operator would make for a ServingPool (no cluster needed)"
+    )
+    preview_cmd.add_argument(
+        "-f", "--file", type=Path, required=True, help="ServingPool manifest (ConfigMaps in it are read too)"
+    )
+    preview_cmd.add_argument("-o", "--output", choices=("text", "yaml", "json"), default="text")
+    preview_cmd.set_defaults(func=_plan_preview)
+
     serving = subparsers.add_parser("serving", help="LLM serving pools: simulate, plan, benchmark")
     actions = serving.add_subparsers(dest="action", required=True, metavar="ACTION")
 
@@ -569,6 +849,36 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sim.add_argument("--out", type=Path, default=Path("out"), help="folder for the plot (out/)")
     _add_common(sim)
     sim.set_defaults(func=_sim)
+
+    model_info = actions.add_parser(
+        "model-info", help="print spec.model.architecture from a Hugging Face config.json"
+    )
+    model_info.add_argument("config", type=Path, help="the model's config.json")
+    model_info.set_defaults(func=_model_info)
+
+    workload_info = actions.add_parser(
+        "workload-info",
+        help="summarise a request log (CSV: timestamp, prompt tokens, output tokens) as spec.workload",
+    )
+    workload_info.add_argument("log", type=Path, help="CSV with a header; timestamps in seconds or ISO 8601")
+    workload_info.add_argument(
+        "--window", type=parse_duration, default=parse_duration("60s"), help="peak-rate window (60s)"
+    )
+    workload_info.set_defaults(func=_workload_info)
+
+    plan_time = actions.add_parser(
+        "plan-time",
+        help="CPU time of one ServingPool plan, from scratch and from the memo, by model and maxGpus",
+    )
+    plan_time.add_argument(
+        "--peak-rate", type=float, default=200.0, help="peakRate of every case (200 req/s)"
+    )
+    plan_time.set_defaults(func=_plan_time)
+
+    accuracy = actions.add_parser(
+        "accuracy", help="latency-model error on the Splitwise profiles, per model and GPU"
+    )
+    accuracy.set_defaults(func=_accuracy)
 
     bench = actions.add_parser("bench", help="goodput per GPU on the Azure conv and Mooncake traces")
     _add_common(bench)
@@ -682,6 +992,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="rate ramps between segments (120s; 0: steps)",
     )
     replan_eval.add_argument("--seed", type=int, default=0)
+    replan_eval.add_argument(
+        "--trace",
+        default="bursty",
+        choices=["bursty", *sorted(TRACES)],
+        help="bursty (synthetic, Azure conv lengths) or a public trace replayed on its own arrivals",
+    )
     replan_eval.add_argument("--timeline", action="store_true", help="print every interval's decision")
     _add_common(replan_eval)
     replan_eval.set_defaults(func=_replan_eval)

@@ -32,34 +32,18 @@ from pathlib import Path
 import numpy as np
 
 from ampacity.data import trace_path
-from ampacity.serving.hardware import GpuSpec, ModelSpec, gpu, model
+from ampacity.serving.hardware import Calibration, GpuSpec, ModelSpec, PhaseCoefficients, gpu, model
 
 # GPUs in perf_model.csv that map to ours. The `h100-80gb-pcap` rows (power-capped H100, a Splitwise
 # power study) are a different operating point of the same part and are left out.
 PROFILE_GPUS = {"a100-80gb": "a100", "h100-80gb": "h100"}
 
+# The models perf_model.csv measures: any other model's latencies are its architecture's roofline
+# under the calibrated efficiencies.
+PROFILED_MODELS = frozenset({"llama2-70b", "bloom-176b"})
+
 # vLLM's default `gpu_memory_utilization`: the share of HBM that weights plus KV cache may take.
 MEMORY_UTILIZATION = 0.9
-
-
-@dataclass(frozen=True)
-class PhaseCoefficients:
-    """Fitted weights of the five roofline terms (dimensionless, except `sync` and `layer` in s)."""
-
-    compute: float
-    memory: float
-    comm: float
-    sync: float
-    layer: float
-
-    def as_array(self) -> np.ndarray:
-        return np.array([self.compute, self.memory, self.comm, self.sync, self.layer])
-
-
-@dataclass(frozen=True)
-class Calibration:
-    prefill: PhaseCoefficients
-    decode: PhaseCoefficients
 
 
 # Output of `fit_calibration(load_profiles())`; `tests/unit/serving/test_latency.py` refits and
@@ -85,10 +69,13 @@ def roofline_terms(
     (causal attention over a prompt of n tokens costs ~2·layers·hidden·n² FLOPs), and `context`
     the KV-cache tokens that decoding sequences attend to (each read once per step).
     """
-    flops = 2 * spec.params * tokens + 2 * spec.layers * spec.hidden * prompt_sq
-    flops += 4 * spec.layers * spec.hidden * context
+    width = spec.attention_width
+    flops = 2 * spec.compute_params * tokens + 2 * spec.layers * width * prompt_sq
+    flops += 4 * spec.layers * width * context
     compute = flops / (tp * hw.peak_flops)
-    memory = (spec.weight_bytes + spec.kv_bytes_per_token * context) / (tp * hw.hbm_bandwidth)
+    # A mixture of experts reads the experts its tokens use (the active parameters) per pass.
+    weights_read = spec.compute_params * spec.bytes_per_value
+    memory = (weights_read + spec.kv_bytes_per_token * context) / (tp * hw.hbm_bandwidth)
     activation_bytes = tokens * spec.hidden * spec.bytes_per_value
     comm = 2 * spec.layers * activation_bytes * 2 * (tp - 1) / tp / hw.nvlink_bandwidth
     sync = 2 * spec.layers if tp > 1 else 0
@@ -102,14 +89,15 @@ class LatencyModel:
         if tp < 1:
             raise ValueError(f"tensor-parallel degree must be >= 1, got {tp}")
         self.spec, self.hw, self.tp = spec, hw, tp
-        cal = calibration if calibration is not None else CALIBRATION[hw.name]
+        cal = calibration or hw.calibration or CALIBRATION[hw.calibration_key]
         # Each phase is affine in (tokens, prompt_sq, context): evaluate the terms at unit inputs once.
-        self._prefill = self._affine(cal.prefill)
-        self._decode = self._affine(cal.decode)
-        self._kv_read = cal.decode.memory * spec.kv_bytes_per_token / (tp * hw.hbm_bandwidth)
+        prefill_scale, decode_scale = cal.scale(tp)
+        self._prefill = self._affine(cal.prefill, prefill_scale)
+        self._decode = self._affine(cal.decode, decode_scale)
+        self._kv_read = decode_scale * cal.decode.memory * spec.kv_bytes_per_token / (tp * hw.hbm_bandwidth)
 
-    def _affine(self, coefficients: PhaseCoefficients) -> tuple[float, float, float, float]:
-        w = coefficients.as_array()
+    def _affine(self, coefficients: PhaseCoefficients, scale: float) -> tuple[float, float, float, float]:
+        w = coefficients.as_array() * scale
         base = float(w @ roofline_terms(self.spec, self.hw, self.tp, 0, 0, 0))
         # Weights read once per iteration, launches and collectives: the cost of any iteration.
         per_token = float(w @ roofline_terms(self.spec, self.hw, self.tp, 1, 0, 0)) - base
@@ -126,6 +114,11 @@ class LatencyModel:
         """One decode step for `batch` sequences holding `context` KV tokens in all."""
         base, per_token, _, per_context = self._decode
         return base + per_token * batch + per_context * context
+
+    def decode_coefficients(self) -> tuple[float, float, float]:
+        """(base, per sequence, per context token): `decode_time` is their affine combination."""
+        base, per_token, _, per_context = self._decode
+        return base, per_token, per_context
 
     def mixed_time(self, prefill_tokens: float, prompt_sq: float, batch: float, context: float) -> float:
         """A vLLM-style mixed iteration: new prompts and running decodes in one forward pass.
@@ -241,14 +234,14 @@ def nnls(a: np.ndarray, b: np.ndarray, tol: float = 1e-12) -> np.ndarray:
 _FLOOR = np.array([1.0, 1.0, 0.0, 0.0, 0.0])
 
 
-def _fit_phase(terms: np.ndarray, measured: np.ndarray) -> PhaseCoefficients:
+def _fit_phase(terms: np.ndarray, measured: np.ndarray, floor: np.ndarray = _FLOOR) -> PhaseCoefficients:
     # Relative error: divide each row by its measurement. Columns are scaled to unit norm first
     # because the terms span ten orders of magnitude (a count of all-reduces next to seconds).
     a = terms / measured[:, None]
     scale = np.linalg.norm(a, axis=0)
     scale[scale == 0] = 1.0
-    above_floor = nnls(a / scale, np.ones(len(measured)) - a @ _FLOOR) / scale
-    return PhaseCoefficients(*(float(v) for v in _FLOOR + above_floor))
+    above_floor = nnls(a / scale, np.ones(len(measured)) - a @ floor) / scale
+    return PhaseCoefficients(*(float(v) for v in floor + above_floor))
 
 
 def fit_calibration(profiles: list[Profile]) -> dict[str, Calibration]:

@@ -20,7 +20,9 @@ definitions). Nothing is random: the same pool and workload give the same result
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +64,10 @@ class Colocated:
 
     tp: int
     instances: int
+    chunk: int = 0
+    """Chunked prefill (Sarathi-Serve, vLLM's `--enable-chunked-prefill`): at most this many prompt
+    tokens per pass, a long prompt spread over several passes beside the running decodes, so no
+    pass stalls them for a whole prompt. 0: whole prompts, up to the prefill token budget."""
 
     @property
     def gpus(self) -> int:
@@ -109,14 +115,54 @@ class SimResult:
         return float(np.mean(self.meets(slo))) if len(self.ttft) else 1.0
 
 
+@dataclass(frozen=True)
+class GiveUp:
+    """Stop a simulation once more than `misses` of the requests numbered [first, last) have
+    missed `slo`: the caller (a goodput search) only needs to know the target is out of reach."""
+
+    slo: Slo
+    first: int
+    last: int
+    misses: int
+
+
+class _Hopeless(Exception):
+    pass
+
+
 def simulate(
     pool: Pool, workload: Workload, spec: ModelSpec, hw: GpuSpec, limits: Limits | None = None
 ) -> SimResult:
     """Serve `workload` on `pool`; raises ValueError if an instance cannot hold some request at all."""
+    result = simulate_unless(pool, workload, spec, hw, limits, None)
+    assert result is not None
+    return result
+
+
+def simulate_unless(
+    pool: Pool,
+    workload: Workload,
+    spec: ModelSpec,
+    hw: GpuSpec,
+    limits: Limits | None,
+    give_up: GiveUp | None,
+) -> SimResult | None:
+    """`simulate`, or None as soon as `give_up`'s miss budget is spent.
+
+    Past a pool's goodput most of a simulation's time goes to queues that only grow; a search
+    that stops there spends its time near the answer instead.
+    """
     lim = limits if limits is not None else Limits()
+    sim: _Colocated | _Disaggregated
     if isinstance(pool, Colocated):
-        return _Colocated(pool, workload, spec, hw, lim).run()
-    return _Disaggregated(pool, workload, spec, hw, lim).run()
+        sim = _Colocated(pool, workload, spec, hw, lim)
+    else:
+        sim = _Disaggregated(pool, workload, spec, hw, lim)
+    sim.give_up = give_up
+    try:
+        return sim.run()
+    except _Hopeless:
+        return None
 
 
 def _check_fits(what: str, capacity: int, largest: int) -> None:
@@ -139,15 +185,26 @@ class _Base:
         self.admitted = [np.nan] * n
         self.events: list[tuple[float, int, int, int]] = []
         self.seq = 0
+        self.give_up: GiveUp | None = None
+        self.misses = 0
 
-    def push(self, time: float, kind: int, subject: int) -> None:
+    def push(self, time: float, kind: int, subject: int) -> int:
         # The sequence number breaks ties in insertion order, which keeps runs deterministic.
         self.seq += 1
         heapq.heappush(self.events, (time, self.seq, kind, subject))
+        return self.seq
 
     def done(self, r: int, t: float) -> None:
         self.finish[r] = t
         self.completions[r] += 1
+        give_up = self.give_up
+        if give_up is not None and give_up.first <= r < give_up.last:
+            out = self.output[r]
+            tpot = (t - self.first[r]) / (out - 1) if out > 1 else 0.0
+            if self.first[r] - self.arrivals[r] > give_up.slo.ttft or tpot > give_up.slo.tpot:
+                self.misses += 1
+                if self.misses > give_up.misses:
+                    raise _Hopeless
 
     def loop(self) -> None:
         arrivals, events, n = self.arrivals, self.events, len(self.arrivals)
@@ -157,13 +214,13 @@ class _Base:
                 self.arrive(a, arrivals[a])
                 a += 1
             else:
-                t, _, kind, subject = heapq.heappop(events)
-                self.handle(kind, subject, t)
+                t, seq, kind, subject = heapq.heappop(events)
+                self.handle(kind, subject, t, seq)
 
     def arrive(self, r: int, t: float) -> None:
         raise NotImplementedError
 
-    def handle(self, kind: int, subject: int, t: float) -> None:
+    def handle(self, kind: int, subject: int, t: float, seq: int) -> None:
         raise NotImplementedError
 
     def result(self, prefill: LatencyModel, kv_peak: list[int], kv_capacity: int) -> SimResult:
@@ -186,14 +243,27 @@ class _Base:
         )
 
 
+_PREFILL_DONE, _TRANSFER_DONE, _RUN_DONE, _PASS_DONE = 0, 1, 2, 3
+"""Event kinds: a prefill batch ended, a KV transfer ended, a run of decode passes ended, a
+colocated instance's mixed pass ended."""
+
+
 class _Decoders:
     """Continuous-batching decode state for a set of instances (shared by both modes).
 
     A request that joins after `steps` passes and owes k more tokens leaves when `steps` reaches
     its finish step; the running context grows by one token per running request per pass.
+
+    Between two changes of an instance's batch (a request leaving, or one waiting to join) its
+    passes form a run whose pass times grow linearly with the context, so the run's end is one
+    closed-form sum and one event, not one event per pass: that is most of a simulation's events,
+    and what makes planning fast. A request that wants to join mid-run cuts the run at the end of
+    the pass in flight, which is where the per-pass simulation would have let it in.
     """
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, lm: LatencyModel, push: Callable[[float, int, int], int]) -> None:
+        self.base, self.per_seq, self.per_context = lm.decode_coefficients()
+        self.push = push
         self.running = [0] * count
         self.context = [0] * count
         self.steps = [0] * count
@@ -201,6 +271,11 @@ class _Decoders:
         self.reserved = [0] * count
         self.admitted = [0] * count
         self.peak = [0] * count
+        self.run_start = [0.0] * count
+        self.run_passes = [0] * count
+        """Passes after which the current run ends."""
+        self.due = [-1] * count
+        """Sequence number of the event that ends the current run (earlier ones are stale)."""
 
     def join(self, i: int, r: int, prompt: int, remaining: int) -> None:
         self.running[i] += 1
@@ -212,10 +287,54 @@ class _Decoders:
         self.admitted[i] += 1
         self.peak[i] = max(self.peak[i], self.reserved[i])
 
+    def _run_end(self, i: int, passes: int) -> float:
+        batch = self.running[i]
+        first = self.base + self.per_seq * batch + self.per_context * self.context[i]
+        return self.run_start[i] + passes * first + self.per_context * batch * passes * (passes - 1) / 2
+
+    def start_run(self, i: int, t: float) -> None:
+        """Run passes from `t` until the next request leaves (the batch must not be empty)."""
+        self.run_start[i] = t
+        self.run_passes[i] = self.leaving[i][0][0] - self.steps[i]
+        self.due[i] = self.push(self._run_end(i, self.run_passes[i]), _RUN_DONE, i)
+
+    def cut_run(self, i: int, t: float) -> None:
+        """End the current run with the pass in flight at `t`."""
+        elapsed = t - self.run_start[i]
+        first = self.base + self.per_seq * self.running[i] + self.per_context * self.context[i]
+        growth = self.per_context * self.running[i]
+        # Passes completed by `t`: the root of growth/2·n² + (first - growth/2)·n = elapsed.
+        if growth > 0:
+            b = first - growth / 2
+            done = (-b + math.sqrt(b * b + 2 * growth * elapsed)) / growth
+        else:
+            done = elapsed / first
+        passes = max(1, int(done) + 1)
+        while passes > 1 and self._run_end(i, passes - 1) > t:
+            passes -= 1
+        while self._run_end(i, passes) <= t:
+            passes += 1
+        if passes < self.run_passes[i]:
+            self.run_passes[i] = passes
+            self.due[i] = self.push(self._run_end(i, passes), _RUN_DONE, i)
+
+    def end_run(self, i: int, seq: int) -> list[int] | None:
+        """Advance instance i past its run; the requests that generated their last token, or None
+        when the event is stale (the run was cut shorter)."""
+        if seq != self.due[i]:
+            return None
+        passes = self.run_passes[i]
+        self.context[i] += self.running[i] * passes
+        self.steps[i] += passes
+        return self._leavers(i)
+
     def step_done(self, i: int) -> list[int]:
         """Advance instance i by one pass; the requests that generated their last token."""
         self.steps[i] += 1
         self.context[i] += self.running[i]
+        return self._leavers(i)
+
+    def _leavers(self, i: int) -> list[int]:
         leaving = self.leaving[i]
         out = []
         while leaving and leaving[0][0] <= self.steps[i]:
@@ -231,9 +350,6 @@ class _Decoders:
         self.running[i] -= 1
         self.context[i] -= prompt + output - 1
         self.unreserve(i, prompt + output)
-
-
-_PREFILL_DONE, _TRANSFER_DONE, _DECODE_DONE = 0, 1, 2
 
 
 class _Disaggregated(_Base):
@@ -265,7 +381,7 @@ class _Disaggregated(_Base):
         self.decode_load = [0] * nd
         self.joining: list[list[int]] = [[] for _ in range(nd)]
         self.busy = [False] * nd
-        self.dec = _Decoders(nd)
+        self.dec = _Decoders(nd, self.dm, self.push)
 
     def run(self) -> SimResult:
         self.loop()
@@ -326,20 +442,24 @@ class _Disaggregated(_Base):
             self.push(self.link_free[i], _TRANSFER_DONE, r)
 
     def start_decode(self, j: int, t: float) -> None:
-        if self.busy[j]:
-            return  # joiners wait for the pass in flight to end
         dec = self.dec
+        if self.busy[j]:
+            dec.cut_run(j, t)  # joiners wait for the pass in flight to end
+            return
         for r in self.joining[j]:
             dec.join(j, r, self.prompt[r], self.output[r] - 1)
         self.joining[j].clear()
         if dec.running[j]:
             self.busy[j] = True
-            self.push(t + self.dm.decode_time(dec.running[j], dec.context[j]), _DECODE_DONE, j)
+            dec.start_run(j, t)
 
-    def handle(self, kind: int, subject: int, t: float) -> None:
-        if kind == _DECODE_DONE:
+    def handle(self, kind: int, subject: int, t: float, seq: int) -> None:
+        if kind == _RUN_DONE:
             j = subject
-            for r in self.dec.step_done(j):
+            leavers = self.dec.end_run(j, seq)
+            if leavers is None:
+                return
+            for r in leavers:
                 self.dec.release(j, self.prompt[r], self.output[r])
                 self.decode_load[j] -= self.prompt[r] + self.output[r]
                 self.done(r, t)
@@ -364,9 +484,6 @@ class _Disaggregated(_Base):
             self.start_prefill(i, t)
 
 
-_PASS_DONE = 3
-
-
 class _Colocated(_Base):
     def __init__(
         self, pool: Colocated, workload: Workload, spec: ModelSpec, hw: GpuSpec, lim: Limits
@@ -382,7 +499,10 @@ class _Colocated(_Base):
         self.load = [0] * n
         self.prefilling: list[list[int]] = [[] for _ in range(n)]
         self.busy = [False] * n
-        self.dec = _Decoders(n)
+        self.dec = _Decoders(n, self.lm, self.push)
+        # Chunked prefill: prompt tokens computed so far, and the request whose prompt is unfinished.
+        self.computed = [0] * len(workload)
+        self.partial = [-1] * n
 
     def run(self) -> SimResult:
         self.loop()
@@ -394,8 +514,14 @@ class _Colocated(_Base):
         self.load[i] += self.prompt[r] + self.output[r]
         if not self.busy[i]:
             self.start_pass(i, t)
+        elif len(self.waiting[i]) == 1 and not self.prefilling[i]:
+            # A run of decode passes is in flight: the newcomer may join at the next pass.
+            self.dec.cut_run(i, t)
 
     def start_pass(self, i: int, t: float) -> None:
+        if self.pool.chunk:
+            self.start_chunked_pass(i, t)
+            return
         waiting, new, dec, prompt = self.waiting[i], self.prefilling[i], self.dec, self.prompt
         tokens = squares = 0
         while waiting:
@@ -411,18 +537,67 @@ class _Colocated(_Base):
             new.append(r)
             tokens += prompt[r]
             squares += prompt[r] * prompt[r]
-        if new or dec.running[i]:
+        if new:
             self.busy[i] = True
             dt = self.lm.mixed_time(tokens, squares, dec.running[i], dec.context[i])
             self.push(t + dt, _PASS_DONE, i)
+        elif dec.running[i]:
+            # Nothing can join before a request leaves or arrives: decode passes until then.
+            self.busy[i] = True
+            dec.start_run(i, t)
 
-    def handle(self, kind: int, subject: int, t: float) -> None:
+    def start_chunked_pass(self, i: int, t: float) -> None:
+        """The unfinished prompt first, then new prompts, `chunk` prompt tokens in all."""
+        waiting, new, dec, prompt, computed = (
+            self.waiting[i],
+            self.prefilling[i],
+            self.dec,
+            self.prompt,
+            self.computed,
+        )
+        budget, tokens, squares = self.pool.chunk, 0, 0
+        candidates = [self.partial[i]] if self.partial[i] >= 0 else []
+        self.partial[i] = -1
+        while budget > 0:
+            if candidates:
+                r = candidates.pop()
+            elif waiting:
+                r = waiting[0]
+                need = prompt[r] + self.output[r]
+                if dec.reserved[i] + need > self.kv_capacity or dec.admitted[i] >= self.lim.max_batch:
+                    break
+                waiting.popleft()
+                dec.reserve(i, need)
+                self.admitted[r] = t
+            else:
+                break
+            done = computed[r]
+            part = min(budget, prompt[r] - done)
+            computed[r] = done + part
+            # Causal attention of the chunk over the prompt so far: the n² term's share.
+            tokens, squares, budget = tokens + part, squares + (done + part) ** 2 - done**2, budget - part
+            new.append(r)
+        if new:
+            self.busy[i] = True
+            dt = self.lm.mixed_time(tokens, squares, dec.running[i], dec.context[i])
+            self.push(t + dt, _PASS_DONE, i)
+        elif dec.running[i]:
+            self.busy[i] = True
+            dec.start_run(i, t)
+
+    def handle(self, kind: int, subject: int, t: float, seq: int) -> None:
         i, dec = subject, self.dec
-        for r in dec.step_done(i):
+        leavers = dec.step_done(i) if kind == _PASS_DONE else dec.end_run(i, seq)
+        if leavers is None:
+            return
+        for r in leavers:
             dec.release(i, self.prompt[r], self.output[r])
             self.leave(i, r, t)
         prefilled, self.prefilling[i] = self.prefilling[i], []
         for r in prefilled:
+            if self.pool.chunk and self.computed[r] < self.prompt[r]:
+                self.partial[i] = r  # more chunks to go: no first token yet
+                continue
             self.first[r] = t
             if self.output[r] == 1:
                 dec.unreserve(i, self.prompt[r] + 1)

@@ -61,6 +61,25 @@ class Workload:
             self.outputs[picks],
         )
 
+    def with_burstiness(self, burstiness: float, seed: int = 0) -> Workload:
+        """The same requests, in order, with gaps of coefficient of variation `burstiness` that
+        follow this workload's own rate over time.
+
+        A unit-rate gamma renewal process (`synthetic`'s) is time-warped through the workload's
+        cumulative arrival curve: the rate swings over minutes that a thinned trace keeps survive,
+        and the gaps regain the short-term variation thinning smooths away (keeping every k-th
+        request of a trace divides the gaps' CV by about the square root of k).
+        """
+        n = len(self)
+        if n < 3:
+            return self
+        shape = 1.0 / burstiness**2
+        gaps = np.random.default_rng(seed).gamma(shape, 1.0 / shape, size=n - 1)
+        events = np.concatenate([[0.0], np.cumsum(gaps)])
+        events *= (n - 1) / events[-1]
+        arrivals = np.interp(events, np.arange(n, dtype=np.float64), self.arrivals)
+        return Workload(self.name, arrivals, self.prompts, self.outputs)
+
     def at_rate(self, rate: float) -> Workload:
         """The same requests with time stretched so the mean rate is `rate` (DistServe's scaling)."""
         if rate <= 0:
@@ -102,6 +121,55 @@ def load_mooncake(path: Path | None = None) -> Workload:
     prompts = np.array([r["input_length"] for r in records])
     outputs = np.array([r["output_length"] for r in records])
     return _make("mooncake", arrivals, prompts, outputs)
+
+
+# Column names a request log may use, first match wins: ours, the Azure trace's, Mooncake's.
+_LOG_COLUMNS = {
+    "timestamp": ("timestamp", "TIMESTAMP", "time", "arrival"),
+    "prompt": ("prompt_tokens", "ContextTokens", "input_length", "input_tokens"),
+    "output": ("output_tokens", "GeneratedTokens", "output_length"),
+}
+
+
+def _seconds(stamps: list[str]) -> np.ndarray:
+    try:
+        return np.array([float(s) for s in stamps])
+    except ValueError:
+        # ISO 8601; numpy keeps the seven fractional digits datetime.fromisoformat rejects.
+        parsed = np.array([s.strip().replace(" ", "T").rstrip("Z") for s in stamps], dtype="datetime64[ns]")
+        seconds: np.ndarray = (parsed - parsed.min()).astype(np.int64) / 1e9
+        return seconds
+
+
+def load_request_log(path: Path) -> Workload:
+    """A request log: CSV with a header naming a timestamp (seconds, or ISO 8601), the prompt
+    tokens and the output tokens (`timestamp,prompt_tokens,output_tokens`; the Azure trace's
+    column names work too)."""
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        names = {}
+        for role, options in _LOG_COLUMNS.items():
+            found = next((c for c in options if c in header), None)
+            if found is None:
+                raise ValueError(f"{path}: no {role} column (one of {', '.join(options)}) in the header")
+            names[role] = found
+        rows = list(reader)
+    if not rows:
+        raise ValueError(f"{path}: no requests")
+    try:
+        prompts = np.array([int(float(r[names["prompt"]])) for r in rows])
+        outputs = np.array([int(float(r[names["output"]])) for r in rows])
+    except ValueError as error:
+        raise ValueError(f"{path}: token counts must be numbers ({error})") from None
+    return _make(path.stem, _seconds([r[names["timestamp"]] for r in rows]), prompts, outputs)
+
+
+def peak_window_rate(workload: Workload, window: float) -> float:
+    """Requests/s in the busiest `window` seconds."""
+    edges = np.arange(0.0, workload.duration + window, window)
+    counts, _ = np.histogram(workload.arrivals, bins=edges if len(edges) > 1 else [0.0, window])
+    return float(counts.max()) / window
 
 
 TRACES = {"azure-conv": load_azure, "mooncake": load_mooncake}

@@ -565,8 +565,8 @@ async def reconcile(ctx: Context) -> None:
         token = admin_token(ctx)
     else:
         token = await ensure_admin_secret(ctx)
-        deployment = await ctx.kube.apply(aggregator_deployment(ctx, spec))
-        await ctx.kube.apply(aggregator_service(ctx))
+        deployment = await ctx.apply(aggregator_deployment(ctx, spec))
+        await ctx.apply(aggregator_service(ctx))
         available = deployment.get("status", {}).get("availableReplicas", 0) >= 1
     status.aggregator = service_url(ctx.name, ctx.namespace)
     metrics.FEDERATED_ROUND_RECEIVED.labels(ctx.namespace, ctx.name).set(status.received_updates)

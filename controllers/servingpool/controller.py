@@ -11,30 +11,50 @@ import httpx
 
 from ampacity.api import SERVING_POOL
 from ampacity.api.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TYPE_LABEL
+from ampacity.api.gpu_products import gpu_product
 from ampacity.api.servingpool import AutoscalingStatus, ServingPlan, ServingPoolSpec
-from ampacity.serving import hardware
 from ampacity.serving.placement import affinity_weights, node_from_labels, preferred_affinity, rank
+from ampacity.serving.pool_plan import resolve_model
 from ampacity.serving.replan import parse_metrics
 from controllers import metrics
 from controllers.reconciler import Context, controller
 from controllers.servingpool.autoscale import next_size, planned_size
-from controllers.servingpool.plan import PlanningError, SizedPlan, plan_pool
+from controllers.servingpool.plan import (
+    LATENCY_PROFILE_INVALID,
+    PLANNED_CONDITION,
+    PlanningError,
+    SizedPlan,
+    plan_pool,
+    record_plan,
+    record_planning_error,
+)
 
 CAPACITY_LIMITED = "CapacityLimited"
 METRICS_AVAILABLE = "MetricsAvailable"
 METRICS_MEMO = "serving_metrics"
 
 
+def _gpu_names(gpu_type: str) -> tuple[list[str], list[str]]:
+    """(short types, GFD product labels) a gpuType matches: a catalogued GPU by either name."""
+    try:
+        product = gpu_product(gpu_type)
+    except KeyError:
+        return [gpu_type], [gpu_type]
+    return sorted({gpu_type, product.short_name}), sorted({gpu_type, product.product})
+
+
 def _has_gpu(node: dict[str, Any], gpu_type: str) -> bool:
     labels = node["metadata"].get("labels", {})
-    return gpu_type in (labels.get(GPU_TYPE_LABEL), labels.get(GPU_PRODUCT_LABEL))
+    short, products = _gpu_names(gpu_type)
+    return labels.get(GPU_TYPE_LABEL) in short or labels.get(GPU_PRODUCT_LABEL) in products
 
 
 def _affinity(gpu_type: str, preferences: list[dict[str, Any]]) -> dict[str, Any]:
     """Only nodes with the requested GPU (short type or NVIDIA's product label); warm ones first."""
+    short, products = _gpu_names(gpu_type)
     terms = [
-        {"matchExpressions": [{"key": GPU_TYPE_LABEL, "operator": "In", "values": [gpu_type]}]},
-        {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In", "values": [gpu_type]}]},
+        {"matchExpressions": [{"key": GPU_TYPE_LABEL, "operator": "In", "values": short}]},
+        {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In", "values": products}]},
     ]
     node_affinity: dict[str, Any] = {
         "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}
@@ -62,7 +82,10 @@ def warm_node_preferences(
         for n in nodes
         if _has_gpu(n, spec.gpu_type)
     ]
-    estimates = rank(caches, spec.model.name, hardware.model(spec.model.name).weight_bytes, tp)
+    model = resolve_model(spec)
+    if model is None:
+        return []  # no weight size to estimate load times from
+    estimates = rank(caches, spec.model.name, model.weight_bytes, tp)
     if len({e.tier for e in estimates}) < 2:
         return []
     return preferred_affinity(affinity_weights(estimates))
@@ -75,6 +98,7 @@ def engine_deployment(
     replicas: int,
     tp: int,
     preferences: list[dict[str, Any]],
+    chunk: int = 0,
 ) -> dict[str, Any]:
     """One engine role (colocated, prefill or decode) as a Deployment.
 
@@ -88,6 +112,7 @@ def engine_deployment(
         {"name": "AMPACITY_MODEL", "value": spec.model.name},
         {"name": "AMPACITY_MODEL_URI", "value": spec.model.uri},
         {"name": "AMPACITY_TENSOR_PARALLEL", "value": str(tp)},
+        {"name": "AMPACITY_PREFILL_CHUNK", "value": str(chunk)},
         {"name": "AMPACITY_PORT", "value": str(spec.engine.port)},
     ]
     container = {
@@ -170,11 +195,22 @@ async def _plan(ctx: Context) -> SizedPlan:
     thread, and only when the spec changed.
     """
     status = ctx.status
-    if status.plan is not None and status.observed_generation == ctx.generation:
+    planned = status.condition(PLANNED_CONDITION)
+    # A plan kept through an unreadable latency profile is retried until the profile reads.
+    retry = planned is not None and planned.reason == LATENCY_PROFILE_INVALID
+    if status.plan is not None and status.observed_generation == ctx.generation and not retry:
         limited = status.condition(CAPACITY_LIMITED)
-        return SizedPlan(status.plan, limited.message if limited and limited.status == "True" else "")
-    sized = await asyncio.to_thread(plan_pool, ctx.spec)
+        return SizedPlan(
+            status.plan,
+            limited.message if limited and limited.status == "True" else "",
+            planned.reason if planned else "Planned",
+            planned.message if planned else "",
+        )
+    sized = await asyncio.to_thread(plan_pool, ctx.spec, await _latency_profile(ctx))
     plan = sized.plan
+    if not sized.planned:
+        ctx.event(sized.reason, sized.message, warning=True)
+        return sized
     ctx.event(
         "Planned",
         f"{plan.mode}: {plan.gpus} GPUs for {plan.capacity:g} req/s, "
@@ -183,14 +219,36 @@ async def _plan(ctx: Context) -> SizedPlan:
     return sized
 
 
+async def _latency_profile(ctx: Context) -> str | None:
+    """The text of the pool's latency-profile ConfigMap key; None when it is missing."""
+    ref = ctx.spec.latency_profile
+    if ref is None:
+        return None
+    config_map = await ctx.kube.get("ConfigMap", ctx.namespace, ref.config_map)
+    data = (config_map or {}).get("data") or {}
+    if ref.key is not None:
+        return data.get(ref.key)
+    return next(iter(data.values())) if len(data) == 1 else None
+
+
 async def reconcile(ctx: Context) -> None:
     spec: ServingPoolSpec = ctx.spec
     try:
         sized = await _plan(ctx)
     except PlanningError as error:
-        ctx.status.plan = None
-        ctx.set_ready(False, "Unplannable", str(error))
-        return
+        before = ctx.status.condition(PLANNED_CONDITION)
+        repeated = (
+            before is not None and before.reason == error.reason and before.message.startswith(str(error))
+        )
+        if not record_planning_error(ctx.status, error, ctx.generation):
+            ctx.set_ready(False, error.reason, str(error))
+            return
+        if not repeated:
+            ctx.event(error.reason, str(error), warning=True)
+        assert ctx.status.plan is not None
+        sized = SizedPlan(ctx.status.plan)
+    else:
+        record_plan(ctx.status, sized, ctx.generation)
     plan = ctx.status.plan = sized.plan
     ctx.status.set_condition(
         CAPACITY_LIMITED,
@@ -205,18 +263,20 @@ async def reconcile(ctx: Context) -> None:
     wanted = roles(plan, size)
     nodes = await ctx.cache.nodes()
     deployments = [
-        engine_deployment(ctx, spec, role, r, tp, warm_node_preferences(nodes, spec, tp))
+        engine_deployment(
+            ctx, spec, role, r, tp, warm_node_preferences(nodes, spec, tp), plan.prefill_chunk_tokens
+        )
         for role, (r, tp) in wanted.items()
     ]
     # The front door routes to the first phase a request meets (prefill or the colocated engine).
     front_role = "prefill" if plan.mode == "disaggregated" else "engine"
     services = [role_service(ctx, spec, ctx.name, front_role)]
     services += [role_service(ctx, spec, f"{ctx.name}-{role}", role) for role in wanted if role != front_role]
-    applied = [await ctx.kube.apply(obj) for obj in deployments + services]
-    await ctx.kube.prune(
+    applied = [await ctx.apply(obj) for obj in deployments + services]
+    await ctx.cache.prune(
         "Deployment", ctx.namespace, ctx.selector(), {d["metadata"]["name"] for d in deployments}
     )
-    await ctx.kube.prune("Service", ctx.namespace, ctx.selector(), {s["metadata"]["name"] for s in services})
+    await ctx.cache.prune("Service", ctx.namespace, ctx.selector(), {s["metadata"]["name"] for s in services})
 
     desired = sum(d["spec"]["replicas"] for d in deployments)
     ready = sum(d.get("status", {}).get("readyReplicas", 0) for d in applied if d["kind"] == "Deployment")

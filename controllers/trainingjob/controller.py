@@ -26,7 +26,6 @@ import base64
 import copy
 import hashlib
 import json
-import secrets
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -37,9 +36,8 @@ from ampacity.api import TRAINING_JOB
 from ampacity.api.gpu import GPU_RESOURCE, pod_gpus
 from ampacity.api.meta import LABEL_PREFIX
 from ampacity.api.trainingjob import IntervalPolicy, TrainingJobSpec, TrainingJobStatus, TrainingPhase
-from ampacity.kube import KubeError
 from ampacity.training.accounting import lost_gpu_seconds
-from controllers import metrics
+from controllers import metrics, tokens
 from controllers.reconciler import Context, controller
 from controllers.trainingjob import reports
 
@@ -157,9 +155,8 @@ def rendezvous_service(ctx: Context) -> Object:
     }
 
 
-def token_secret(ctx: Context, token: str | None = None) -> Object:
-    """The job's report token (random), owned by the job; workers present it to the report endpoint."""
-    token = token or secrets.token_urlsafe(32)
+def token_secret(ctx: Context, token: str) -> Object:
+    """The job's report token, owned by the job; workers present it to the report endpoint."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -170,21 +167,16 @@ def token_secret(ctx: Context, token: str | None = None) -> Object:
 
 
 async def issue_token(ctx: Context) -> str:
-    """Write a new report token Secret (replacing a lost one) and return the token's hash.
+    """Write the job's report token Secret unless the status says it holds it; return the token's hash.
 
-    The operator may create and delete Secrets but not read them: a Secret whose hash
-    the status lost is replaced, and the workers' mounted copy follows (the SDK
-    re-reads the token file on every report).
+    The token is derived from the operator key and the job's uid (`controllers.tokens`, the scheme
+    of every kind). The operator may create and delete Secrets but not read them: a Secret whose
+    hash the status lost, or one written under an earlier key, is replaced, and the workers'
+    mounted copy follows (the SDK re-reads the token file on every report).
     """
-    token = secrets.token_urlsafe(32)
-    try:
-        await ctx.kube.create(token_secret(ctx, token))
-    except KubeError as error:
-        if error.status != 409:
-            raise
-        await ctx.kube.delete("Secret", ctx.namespace, reports.token_secret_name(ctx.name))
-        await ctx.kube.create(token_secret(ctx, token))
-    return reports.token_hash(token)
+    token = reports.report_token(str(ctx.body.metadata.uid))
+    status: TrainingJobStatus = ctx.status
+    return await tokens.write_secret(ctx.kube, token_secret(ctx, token), token, status.report_token_hash)
 
 
 # --- gang admission ------------------------------------------------------------------------------
@@ -344,12 +336,13 @@ def _terminating(pod: Mapping[str, Any]) -> bool:
 
 
 async def reconcile(ctx: Context) -> None:
-    uid = str(ctx.body.metadata.uid)
-    async with reports.job_lock(uid):
-        reports.overlay(uid, ctx.status)
-        await _reconcile(ctx, datetime.now(UTC))
-        reports.remember(uid, ctx.status)
     status: TrainingJobStatus = ctx.status
+    # One writer per status field: the report endpoint's fields go into this pass's status patch
+    # only when this pass decided them anew (a new gang's starting step, a re-decided interval).
+    reported = status.model_dump(include=set(reports.REPORT_FIELDS))
+    await _reconcile(ctx, datetime.now(UTC))
+    decided = status.model_dump(include=set(reports.REPORT_FIELDS))
+    ctx.status_fields_not_owned = {f for f in reports.REPORT_FIELDS if decided[f] == reported[f]}
     metrics.TRAINING_JOB_GPU_SECONDS_LOST.labels(ctx.namespace, ctx.name).set(status.gpu_seconds_lost)
     if status.latest_checkpoint is not None:
         metrics.TRAINING_JOB_LAST_CHECKPOINT.labels(ctx.namespace, ctx.name).set(
@@ -370,10 +363,8 @@ async def _reconcile(ctx: Context, now: datetime) -> None:
     if status.phase in (TrainingPhase.SUCCEEDED, TrainingPhase.FAILED):
         return
     world_size = spec.workers.replicas
-    await ctx.kube.apply(rendezvous_service(ctx))
-    if not status.report_token_hash:
-        status.report_token_hash = await issue_token(ctx)
-    reports.remember_token(ctx.namespace, ctx.name, str(ctx.body.metadata.uid), status.report_token_hash)
+    await ctx.apply(rendezvous_service(ctx))
+    status.report_token_hash = await issue_token(ctx)
 
     pods = await ctx.kube.list_objects("Pod", ctx.namespace, ctx.selector())
     current = [p for p in pods if p["metadata"]["labels"].get(GANG_LABEL) == str(status.gang)]
@@ -535,5 +526,7 @@ controller(TRAINING_JOB, reconcile, interval=REFRESH_SECONDS)
 @kopf.on.delete(
     TRAINING_JOB.group, TRAINING_JOB.version, TRAINING_JOB.plural, id="forget-reports", optional=True
 )
-def _forget_reports(body: kopf.Body, **_: Any) -> None:
-    reports.forget(str(body.metadata.uid))
+def _forget_reports(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    endpoint = memo.get("reports")
+    if isinstance(endpoint, reports.ReportEndpoint):
+        endpoint.forget(str(body.metadata.uid), str(body.metadata.namespace), str(body.metadata.name))

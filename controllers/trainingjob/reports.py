@@ -2,9 +2,10 @@
 
 Workers POST a `TrainerReport` (ampacity.training.sdk.report) to
 `/v1/namespaces/<ns>/trainingjobs/<job>/reports` with `Authorization: Bearer <token>`,
-where the token is the job's own: the TrainingJob controller writes it to the Secret
-`<job>-report-token`, mounted into every worker, and keeps only its SHA-256 in
-`status.reportTokenHash` (the operator never reads Secrets). A report
+where the token is the job's own (`controllers.tokens`, derived from the operator key and the
+job's uid): the TrainingJob controller writes it to the Secret `<job>-report-token`, mounted
+into every worker; the endpoint checks a presented token by deriving it again (the operator
+never reads Secrets). A report
 
 - moves `status.currentStep` and the measured step time;
 - records `status.latestCheckpoint` only for a checkpoint the trainer *committed* (its
@@ -16,19 +17,19 @@ where the token is the job's own: the TrainingJob controller writes it to the Se
 
 and is answered with a `TrainerReportAck` carrying the interval in force.
 
-The reconciler writes the whole status at the end of each pass, so both writers go
-through `job_lock` and keep the report-owned fields in an in-process copy (`overlay` /
-`remember`): a reconcile starts from what the reports recorded, never from an older
-status. (A report landing between a pass and kopf's status write can be undone by that
-write for one refresh interval; the next pass puts it back.)
+One writer per status field: the endpoint writes only `REPORT_FIELDS`, as a merge patch of
+just those fields; the reconciler's status patch leaves them out, except on the passes that
+decide them anew (a new gang starts from its resume step; a failure or a policy change moves
+the interval), so a report is never undone by a reconcile that read an older status. Reports
+of one job are handled one at a time (they read, fold and write the job's status); progress
+alone is written at most every PATCH_MIN_SECONDS, and what was held back is written when that
+time is up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
-import hmac
 import logging
 import os
 import time
@@ -54,6 +55,7 @@ from ampacity.training.checkpoint_interval import (
 )
 from ampacity.training.failure_trace import load_failure_trace
 from ampacity.training.sdk.report import TrainerReport, TrainerReportAck
+from controllers import tokens
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,8 @@ FIRST_INTERVAL_SECONDS = 600.0
 #: InfiniteHBD's fleet rate (333 faults, 400 nodes, 200 days) when the trace file is absent.
 FALLBACK_NODE_FAILURE_RATE = 333 / (400 * 200 * 24)
 
-#: Status fields a report writes; the reconciler keeps them as the report handler left them.
+#: Status fields the report endpoint writes; the reconciler's status patch leaves them out
+#: unless that pass decided them anew (see the module docstring).
 REPORT_FIELDS = (
     "current_step",
     "latest_checkpoint",
@@ -185,143 +188,162 @@ def apply_report(
     return set_interval(spec, status, now)
 
 
-# --- what the report handler and the reconciler share in this process ---------------------------
-
-_locks: dict[str, asyncio.Lock] = {}
-_reported: dict[str, dict[str, Any]] = {}
-_last_patch: dict[str, float] = {}
-
-
-def job_lock(uid: str) -> asyncio.Lock:
-    """One writer of a job's status at a time: the reconciler or a report."""
-    return _locks.setdefault(uid, asyncio.Lock())
-
-
-def overlay(uid: str, status: TrainingJobStatus) -> None:
-    """Put the report-owned fields this process last wrote over a (possibly older) status."""
-    for name, value in _reported.get(uid, {}).items():
-        setattr(status, name, value.model_copy(deep=True) if hasattr(value, "model_copy") else value)
-
-
-def remember(uid: str, status: TrainingJobStatus) -> None:
-    _reported[uid] = {
-        name: (value.model_copy(deep=True) if hasattr(value, "model_copy") else value)
-        for name in REPORT_FIELDS
-        for value in [getattr(status, name)]
-    }
-
-
-def forget(uid: str) -> None:
-    _reported.pop(uid, None)
-    _last_patch.pop(uid, None)
-    _locks.pop(uid, None)
-    for key, (known, _) in list(_token_hashes.items()):
-        if known == uid:
-            del _token_hashes[key]
-
-
 # --- authentication ------------------------------------------------------------------------------
 
-_token_hashes: dict[tuple[str, str], tuple[str, str]] = {}
+
+def report_token(uid: str) -> str:
+    """The job's report token: derived from the operator key and the job's uid."""
+    return tokens.derive_token(tokens.TRAINING_REPORT, uid)
 
 
 def token_hash(token: str) -> str:
-    """What the operator keeps of a job's report token: its SHA-256 (the token is 256 random bits)."""
-    return hashlib.sha256(token.encode()).hexdigest()
+    """What the status keeps of a job's report token (`status.reportTokenHash`)."""
+    return tokens.token_hash(token)
 
 
-def remember_token(namespace: str, job: str, uid: str, digest: str) -> None:
-    """The hash the reconciler just issued, good before its status patch lands."""
-    _token_hashes[(namespace, job)] = (uid, digest)
-
-
-def token_matches(namespace: str, job: str, obj: dict[str, Any], presented: str) -> bool:
-    """Whether `presented` is the job's token: its hash in the status or the one just issued.
-
-    The operator writes the token Secret but never reads Secrets (RBAC: create and delete only).
-    """
-    digest = token_hash(presented)
-    uid = str(obj["metadata"].get("uid", ""))
-    known = [str((obj.get("status") or {}).get("reportTokenHash") or "")]
-    issued = _token_hashes.get((namespace, job))
-    if issued is not None and issued[0] == uid:
-        known.append(issued[1])
-    return any(k and hmac.compare_digest(k, digest) for k in known)
+def token_matches(obj: dict[str, Any], presented: str) -> bool:
+    """Whether `presented` is the token of this TrainingJob (of its uid: a job recreated under
+    the same name has another)."""
+    return tokens.verify(tokens.TRAINING_REPORT, str(obj["metadata"].get("uid", "")), presented)
 
 
 # --- the HTTP endpoint ---------------------------------------------------------------------------
 
-KUBE: web.AppKey[Kube] = web.AppKey("kube", Kube)
+
+class ReportEndpoint:
+    """The endpoint's state for the operator's lifetime (kept in kopf's memo, closed at cleanup)."""
+
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+        self.runner: web.AppRunner | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._last_patch: dict[str, float] = {}
+        self._held: dict[str, tuple[str, str, dict[str, Any]]] = {}
+        self._flushes: dict[str, asyncio.Task[None]] = {}
+        #: Status writes per namespace/job, so a report that waited for another one reads again.
+        self._writes: dict[str, int] = {}
+
+    def forget(self, uid: str, namespace: str, job: str) -> None:
+        """A deleted job: drop what is kept for it."""
+        self._locks.pop(uid, None)
+        self._last_patch.pop(uid, None)
+        self._held.pop(uid, None)
+        self._writes.pop(f"{namespace}/{job}", None)
+        task = self._flushes.pop(uid, None)
+        if task is not None:
+            task.cancel()
+
+    async def close(self) -> None:
+        for task in self._flushes.values():
+            task.cancel()
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def _write(self, uid: str, namespace: str, job: str, fields: dict[str, Any]) -> None:
+        await self.kube.patch_status("TrainingJob", namespace, job, fields)
+        self._last_patch[uid] = time.monotonic()
+        self._writes[f"{namespace}/{job}"] = self._writes.get(f"{namespace}/{job}", 0) + 1
+        self._held.pop(uid, None)
+
+    async def _flush_later(self, uid: str) -> None:
+        """Write the progress held back once PATCH_MIN_SECONDS have passed since the last write."""
+        try:
+            wait = self._last_patch.get(uid, 0.0) + PATCH_MIN_SECONDS - time.monotonic()
+            await asyncio.sleep(max(0.0, wait))
+            async with self._locks.setdefault(uid, asyncio.Lock()):
+                held = self._held.get(uid)
+                if held is not None:
+                    try:
+                        await self._write(uid, *held)
+                    except KubeError as error:
+                        log.warning("writing the held-back progress of %s/%s: %s", held[0], held[1], error)
+        finally:
+            self._flushes.pop(uid, None)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        namespace, job = request.match_info["namespace"], request.match_info["job"]
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return _error(401, "a bearer token is required")
+        try:
+            writes_seen = self._writes.get(f"{namespace}/{job}", 0)
+            obj = await self.kube.get("TrainingJob", namespace, job)
+            # An unknown job and a wrong token look the same to a caller without the token.
+            if obj is None or not token_matches(obj, token.strip()):
+                return _error(401, f"no trainingjob {namespace}/{job} with that token")
+            try:
+                report = TrainerReport.model_validate_json(await request.read())
+            except ValidationError as error:
+                return _error(400, f"not a TrainerReport: {error.errors(include_url=False)}")
+            if (report.namespace, report.job) != (namespace, job):
+                return _error(400, f"report names {report.namespace}/{report.job}, the URL {namespace}/{job}")
+            try:
+                spec = TrainingJobSpec.model_validate(obj.get("spec") or {})
+            except ValidationError:
+                return _error(409, f"trainingjob {namespace}/{job} has an invalid spec")
+            uid = str(obj["metadata"]["uid"])
+            # Reports of one job one at a time: each reads, folds and writes the job's status.
+            async with self._locks.setdefault(uid, asyncio.Lock()):
+                if (
+                    self._writes.get(f"{namespace}/{job}", 0) != writes_seen
+                ):  # another report wrote since our read
+                    obj = await self.kube.get("TrainingJob", namespace, job) or obj
+                held = self._held.get(uid)
+                # Progress held back (not written yet) counts as recorded.
+                status = _status_of({"status": {**(obj.get("status") or {}), **(held[2] if held else {})}})
+                before = status.model_dump(include=URGENT_FIELDS)
+                decision = apply_report(spec, status, report, datetime.now(UTC))
+                fields = status.model_dump(mode="json", by_alias=True, include=set(REPORT_FIELDS))
+                # Progress alone is written at most every PATCH_MIN_SECONDS per job (every rank
+                # reports); what is held back is written when that time is up.
+                urgent = status.model_dump(include=URGENT_FIELDS) != before
+                last = self._last_patch.get(uid, -PATCH_MIN_SECONDS)
+                if urgent or time.monotonic() - last >= PATCH_MIN_SECONDS:
+                    await self._write(uid, namespace, job, fields)
+                else:
+                    self._held[uid] = (namespace, job, fields)
+                    if uid not in self._flushes:
+                        self._flushes[uid] = asyncio.create_task(self._flush_later(uid))
+        except KubeError as error:
+            log.warning("report for %s/%s: %s", namespace, job, error)
+            return _error(502, f"the API server refused: {error}")
+        ack = TrainerReportAck(checkpoint_interval_seconds=status.checkpoint_interval, reason=decision.reason)
+        return web.json_response(text=ack.model_dump_json())
+
+
+def _status_of(obj: dict[str, Any]) -> TrainingJobStatus:
+    try:
+        return TrainingJobStatus.model_validate(obj.get("status") or {})
+    except ValidationError:
+        return TrainingJobStatus()
 
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-async def handle_report(request: web.Request) -> web.Response:
-    namespace, job = request.match_info["namespace"], request.match_info["job"]
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return _error(401, "a bearer token is required")
-    kube = request.app[KUBE]
-    try:
-        obj = await kube.get("TrainingJob", namespace, job)
-        # An unknown job and a wrong token look the same to a caller without the token.
-        if obj is None or not token_matches(namespace, job, obj, token.strip()):
-            return _error(401, f"no trainingjob {namespace}/{job} with that token")
-        try:
-            report = TrainerReport.model_validate_json(await request.read())
-        except ValidationError as error:
-            return _error(400, f"not a TrainerReport: {error.errors(include_url=False)}")
-        if (report.namespace, report.job) != (namespace, job):
-            return _error(400, f"report names {report.namespace}/{report.job}, the URL {namespace}/{job}")
-        try:
-            spec = TrainingJobSpec.model_validate(obj.get("spec") or {})
-        except ValidationError:
-            return _error(409, f"trainingjob {namespace}/{job} has an invalid spec")
-        uid = str(obj["metadata"]["uid"])
-        async with job_lock(uid):
-            try:
-                status = TrainingJobStatus.model_validate(obj.get("status") or {})
-            except ValidationError:
-                status = TrainingJobStatus()
-            overlay(uid, status)
-            before = status.model_dump(include=URGENT_FIELDS)
-            decision = apply_report(spec, status, report, datetime.now(UTC))
-            # Progress alone is written at most every PATCH_MIN_SECONDS per job (every rank
-            # reports); the reconciler writes what was held back on its next pass.
-            urgent = status.model_dump(include=URGENT_FIELDS) != before
-            if urgent or time.monotonic() - _last_patch.get(uid, -PATCH_MIN_SECONDS) >= PATCH_MIN_SECONDS:
-                await kube.patch_status(
-                    "TrainingJob",
-                    namespace,
-                    job,
-                    status.model_dump(mode="json", by_alias=True, include=set(REPORT_FIELDS)),
-                )
-                _last_patch[uid] = time.monotonic()
-            remember(uid, status)
-    except KubeError as error:
-        log.warning("report for %s/%s: %s", namespace, job, error)
-        return _error(502, f"the API server refused: {error}")
-    ack = TrainerReportAck(checkpoint_interval_seconds=status.checkpoint_interval, reason=decision.reason)
-    return web.json_response(text=ack.model_dump_json())
+ENDPOINT: web.AppKey[ReportEndpoint] = web.AppKey("endpoint", ReportEndpoint)
 
 
 def make_app(kube: Kube) -> web.Application:
+    endpoint = ReportEndpoint(kube)
     app = web.Application(client_max_size=1 << 20)
-    app[KUBE] = kube
-    app.router.add_post(report_path("{namespace}", "{job}"), handle_report)
+    app[ENDPOINT] = endpoint
+    app.router.add_post(report_path("{namespace}", "{job}"), endpoint.handle)
     return app
 
 
-async def start(kube: Kube, port: int = REPORT_PORT, host: str = "0.0.0.0") -> web.AppRunner:
+async def start(kube: Kube, port: int = REPORT_PORT, host: str = "0.0.0.0") -> ReportEndpoint:
     """Serve the endpoint on `host:port` (every interface: workers reach it through a Service)."""
-    runner = web.AppRunner(make_app(kube), access_log=None)
+    app = make_app(kube)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     log.info("trainer report endpoint on %s:%d", host, port)
-    return runner
+    endpoint = app[ENDPOINT]
+    endpoint.runner = runner
+    return endpoint
 
 
-async def stop(runner: web.AppRunner) -> None:
-    await runner.cleanup()
+async def stop(endpoint: ReportEndpoint) -> None:
+    await endpoint.close()

@@ -151,7 +151,21 @@ def test_spec_change_replans_and_prunes(kubectl: Kubectl, operator: LocalOperato
     assert kubectl.apply(pool).returncode == 0
     wait_for(lambda: deployment_names() == {"llama2-70b-chat-engine"}, what="decode and prefill pruned")
 
+    # A model the planner does not know runs on the fallback plan, saying which field to add.
     pool["spec"]["model"]["name"] = "no-such-model"
+    assert kubectl.apply(pool).returncode == 0
+    obj = wait_for(
+        lambda: (
+            (o := current(kubectl, "servingpool", "llama2-70b-chat", namespace))
+            and (c := condition(o, "Planned"))
+            and c["reason"] == "NoLatencyModel"
+            and o
+        ),
+        what="fallback explained",
+    )  # type: ignore[index]
+    assert "no-such-model" in condition(obj, "Planned")["message"]  # type: ignore[index]
+    # Weights that no node can hold are unplannable.
+    pool["spec"]["model"]["name"] = "acme/Giant-405B"
     assert kubectl.apply(pool).returncode == 0
     obj = wait_for(
         lambda: (
@@ -161,7 +175,7 @@ def test_spec_change_replans_and_prunes(kubectl: Kubectl, operator: LocalOperato
         ),
         what="unplannable explained",
     )  # type: ignore[index]
-    assert "no-such-model" in condition(obj)["message"]  # type: ignore[index]
+    assert "weights" in condition(obj)["message"]  # type: ignore[index]
     events = kubectl(
         "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=llama2-70b-chat"
     )

@@ -255,3 +255,29 @@ def test_in_cluster_reads_the_projected_token_file(tmp_path: Path) -> None:
     assert isinstance(connection.auth, TokenFile) and connection.auth.token() == "sa-token"
     with pytest.raises(ConfigError, match="not in a cluster"):
         in_cluster(tmp_path, {})
+
+
+async def test_kopf_logs_in_with_the_same_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kopf's own connection comes from `ampacity.kubeconfig` too (exec plugins included)."""
+    from controllers.settings import login
+
+    pki = Pki(tmp_path / "pki")
+    pki.create()
+    config = {
+        "current-context": "c",
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+        "clusters": [
+            {"name": "c", "cluster": {"server": "https://127.0.0.1:1", "certificate-authority": "pki/ca.crt"}}
+        ],
+        "users": [{"name": "u", "user": {"exec": exec_plugin(tmp_path, timedelta(hours=1))}}],
+    }
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    info = await login()
+    assert info.server == "https://127.0.0.1:1" and info.token == "token-1"
+    assert info.ca_data == pki.ca.cert.read_bytes()
+    assert info.expiration is not None and info.expiration > datetime.now(UTC)

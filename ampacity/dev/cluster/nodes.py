@@ -15,15 +15,12 @@ from ampacity.api.gpu import (
     RACK_LABEL,
     ROW_LABEL,
 )
+from ampacity.api.gpu_products import CATALOGUE
 
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 
-#: Short GPU type -> (NVIDIA GPU feature discovery product label, GPU memory in MiB).
-GPU_PRODUCTS = {
-    "h100": ("NVIDIA-H100-80GB-HBM3", 81559),
-    "a100": ("NVIDIA-A100-SXM4-80GB", 81920),
-    "h200": ("NVIDIA-H200", 143771),
-}
+#: Short GPU type -> (GPU Feature Discovery product label, GPU memory in MiB), from the one catalogue.
+GPU_PRODUCTS = {p.short_name: (p.product, p.memory_mib) for p in CATALOGUE if p.product.startswith("NVIDIA-")}
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -133,7 +133,7 @@ def _ready(decided: list[Pool]) -> Pool:
     """Per phase, the fewest instances among the decisions still loading: only those serve."""
     pool = decided[-1]
     if isinstance(pool, Colocated):
-        return Colocated(pool.tp, min(p.instances for p in decided if isinstance(p, Colocated)))
+        return replace(pool, instances=min(p.instances for p in decided if isinstance(p, Colocated)))
     disaggregated = [p for p in decided if isinstance(p, Disaggregated)]
     return Disaggregated(
         pool.prefill_tp,
@@ -175,17 +175,30 @@ def replay_replan(
     interval: float,
     config: replan.ReplanConfig,
     startup_windows: int = 1,
+    ceiling: Pool | None = None,
 ) -> Replay:
-    """The trace with `replan.decide` after every interval, starting from the planned pool."""
-    if config.slo is None:
+    """The trace with `replan.decide` after every interval.
+
+    With a `ceiling` (the static peak pool) the replay starts from it, as a freshly planned pool
+    does (the operator deploys the pool sized for the peak rate), and never holds more GPUs: on
+    steady traffic re-planning then costs at most what static peak provisioning does, where
+    starting from one unit and overshooting on latency misses cost more. Without one it starts
+    from the planned unit, unbounded.
+    """
+    slo = config.slo
+    if slo is None:
         raise ValueError("the replay needs the SLO in the config to count attainment")
-    decided: list[Pool] = [planned.pool]
+    if ceiling is not None:
+        config = replace(
+            config, max_gpus=ceiling.gpus if config.max_gpus is None else min(config.max_gpus, ceiling.gpus)
+        )
+    decided: list[Pool] = [ceiling if ceiling is not None else planned.pool]
     state = replan.ReplanState()
     reason = "initial plan"
     windows = []
     for w in range(_windows(workload, interval)):
         serving = _ready(decided[-(startup_windows + 1) :])
-        n, met, observed = _serve(serving, workload, w, interval, spec, hw, config.slo)
+        n, met, observed = _serve(serving, workload, w, interval, spec, hw, slo)
         windows.append(Window(w * interval, serving, decided[-1].gpus, n, met, observed, reason))
         decision = replan.decide(planned, decided[-1], observed, (w + 1) * interval, state, config, mix)
         decided.append(decision.pool)

@@ -132,3 +132,32 @@ async def test_reads_wait_for_the_first_list() -> None:
     kube.down = False
     assert [n["metadata"]["name"] for n in await asyncio.wait_for(reading, 5)] == ["n0"]
     await cache.close()
+
+
+async def test_listeners_hear_every_change_after_the_first_list() -> None:
+    """What an event-driven engine (the power rounds) subscribes to instead of a watch of its own."""
+    kube = FakeKube()
+    kube.add(node("n0"))
+    informer = Informer(kube, "Node")
+    heard: list[tuple[str, str]] = []
+    informer.listeners.append(lambda kind, obj: heard.append((kind, obj["metadata"]["name"])))
+
+    def broken(kind: str, obj: dict) -> None:
+        raise ValueError("a listener's bug")
+
+    informer.listeners.append(broken)  # must not stop the cache or the listeners after it
+    informer.start()
+    try:
+        await asyncio.wait_for(informer.synced.wait(), 5)
+        kube.add(node("n1"))
+        await kube.patch("Node", None, "n0", {"metadata": {"labels": {"x": "y"}}})
+        await kube.delete("Node", None, "n1")
+        await until(lambda: _heard(heard, 3), "three changes")
+        assert heard == [("ADDED", "n1"), ("MODIFIED", "n0"), ("DELETED", "n1")]
+        assert await informer.get(None, "n1") is None
+    finally:
+        await informer.close()
+
+
+async def _heard(heard: list[tuple[str, str]], count: int) -> bool:
+    return len(heard) >= count

@@ -15,6 +15,7 @@ from ampacity.api.trainingjob import CheckpointRecord
 from controllers.powerbudget.controller import label_selector
 from controllers.reconciler import Context, _reconcile_once
 from controllers.trainingjob.controller import worker_pod
+from tests.fakes import FakeKube
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -30,9 +31,9 @@ def context(resource: Resource, spec: dict[str, Any] | None = None) -> Context:
         body,
         resource.spec.model_validate(manifest["spec"]),
         resource.status(),
-        kube=None,
+        kube=FakeKube(),
         logger=None,
-    )  # type: ignore[arg-type]
+    )
 
 
 def test_workers_get_rank_world_size_and_rendezvous() -> None:
@@ -84,7 +85,7 @@ async def test_invalid_spec_sets_a_condition_instead_of_raising() -> None:
     async def never(_: Context) -> None:
         pytest.fail("reconcile ran on an invalid spec")
 
-    ctx = await _reconcile_once(POWER_BUDGET, never, body, kube=None, logger=None)  # type: ignore[arg-type]
+    ctx = await _reconcile_once(POWER_BUDGET, never, body, kube=FakeKube(), logger=None)
     ready = ctx.status.condition("Ready")
     assert ready.status == "False" and ready.reason == "InvalidSpec"
     assert "spec.limitWatts" in ready.message and "spec.nodeSelector" in ready.message

@@ -25,6 +25,7 @@ from ampacity.federated.client import FederatedClient
 from controllers.federatedround import controller as fr
 from controllers.federatedround.aggregator_client import AggregatorClient, AggregatorUnavailable
 from controllers.reconciler import Context
+from tests.fakes import FakeKube
 
 ADMIN = "admin-token"
 MODEL = {"w": np.zeros((2, 3), np.float32)}
@@ -58,7 +59,7 @@ def context(round_spec: FederatedRoundSpec, annotations: dict[str, str] | None =
             "spec": round_spec.to_api(),
         }
     )
-    return Context(FEDERATED_ROUND, body, round_spec, FederatedRoundStatus(), kube=None, logger=None)  # type: ignore[arg-type]
+    return Context(FEDERATED_ROUND, body, round_spec, FederatedRoundStatus(), kube=FakeKube(), logger=None)
 
 
 def clients(**speeds: float | None) -> dict[str, dict[str, Any]]:
@@ -359,6 +360,7 @@ def test_client_cli_registers_labels_and_speed() -> None:
 async def test_ended_round_does_nothing_once_nobody_can_deliver() -> None:
     ctx = context(spec())
     ctx.status.phase = RoundPhase.COMPLETED
-    ctx.kube = None  # type: ignore[assignment]  # any Kubernetes or aggregator call would fail
+    kube = ctx.kube = FakeKube()
     await fr.reconcile(ctx)
+    assert kube.calls == []  # no Kubernetes call at all
     assert ctx.status.phase == RoundPhase.COMPLETED

@@ -52,10 +52,10 @@ def test_min_gpus_is_respected() -> None:
 
 
 def test_unplannable_specs_say_why() -> None:
-    with pytest.raises(PlanningError, match="unknown model 'gpt-9'"):
-        plan_pool(spec(model__name="gpt-9"))
-    with pytest.raises(PlanningError, match="maxGpus is 2"):
-        plan_pool(spec(minGpus=0, maxGpus=2))
+    # An unknown model runs on the fallback plan (tests/unit/serving/test_pool_plan.py).
+    assert plan_pool(spec(model__name="gpt-9")).reason == "NoLatencyModel"
+    with pytest.raises(PlanningError, match="maxGpus is 1"):
+        plan_pool(spec(minGpus=0, maxGpus=1))
 
 
 @pytest.mark.parametrize("name", sorted(SOURCES))
@@ -85,3 +85,19 @@ def test_engines_prefer_nodes_that_cache_the_weights() -> None:
     weights = [t["weight"] for t in terms]
     assert order[:2] == ["warm-host", "warm-ssd"] and "a100" not in order
     assert weights[0] == 100 and weights == sorted(weights, reverse=True) and weights[-1] < weights[1]
+
+
+def test_gpu_type_selects_nodes_by_either_name() -> None:
+    from controllers.servingpool.controller import _affinity
+
+    for gpu_type in ("h200", "NVIDIA-H200"):
+        terms = _affinity(gpu_type, [])["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        values = {
+            t["matchExpressions"][0]["key"]: t["matchExpressions"][0]["values"]
+            for t in terms["nodeSelectorTerms"]
+        }
+        assert "h200" in values["ampacity.dev/gpu-type"]
+        assert "NVIDIA-H200" in values["nvidia.com/gpu.product"]
+    # A GPU outside the catalogue is matched as written.
+    terms = _affinity("acme-x1", [])["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert all(t["matchExpressions"][0]["values"] == ["acme-x1"] for t in terms["nodeSelectorTerms"])

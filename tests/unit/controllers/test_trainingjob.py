@@ -11,7 +11,7 @@ import pytest
 
 from ampacity.api import TRAINING_JOB
 from ampacity.api.trainingjob import CheckpointRecord, TrainingJobSpec, TrainingJobStatus
-from ampacity.kube import KubeError
+from controllers import tokens
 from controllers.reconciler import Context
 from controllers.trainingjob import reports
 from controllers.trainingjob.controller import (
@@ -30,6 +30,7 @@ from controllers.trainingjob.controller import (
     work_lost,
     worker_pod,
 )
+from tests.fakes import FakeKube
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -47,7 +48,7 @@ def spec(**workers: Any) -> TrainingJobSpec:
 
 def context(job_spec: TrainingJobSpec, status: TrainingJobStatus | None = None) -> Context:
     body = kopf.Body({"metadata": {"name": "llm", "namespace": "ns", "uid": "u-1", "generation": 1}})
-    return Context(TRAINING_JOB, body, job_spec, status or TrainingJobStatus(), kube=None, logger=None)  # type: ignore[arg-type]
+    return Context(TRAINING_JOB, body, job_spec, status or TrainingJobStatus(), kube=FakeKube(), logger=None)
 
 
 def node(name: str, gpus: int, **spec_: Any) -> dict[str, Any]:
@@ -165,10 +166,18 @@ def test_worker_env_carries_gang_report_and_retention_settings() -> None:
     assert container["volumeMounts"][0]["mountPath"] == "/var/run/ampacity/report"
 
 
-def test_token_secret_is_random_and_owned() -> None:
+def test_token_secret_is_per_job_unguessable_and_owned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Derived from the operator key and the job's uid: stable for the job (a restarted operator
+    derives it again), different for every other job and under every other key."""
+    monkeypatch.setenv(tokens.KEY_ENV, "operator-key")
     ctx = context(spec())
-    a, b = token_secret(ctx), token_secret(ctx)
-    assert a["data"]["token"] != b["data"]["token"]
+    token = reports.report_token("u-1")
+    a, b = token_secret(ctx, token), token_secret(ctx, reports.report_token("u-1"))
+    assert a["data"]["token"] == b["data"]["token"]
+    assert reports.report_token("u-2") != token
+    monkeypatch.setenv(tokens.KEY_ENV, "another-key")
+    assert reports.report_token("u-1") != token
+    assert len(base64.urlsafe_b64decode(token + "=")) == 32  # 256 bits
     assert a["metadata"]["name"] == "llm-report-token"
     assert a["metadata"]["ownerReferences"][0]["uid"] == "u-1"
     assert a["metadata"]["labels"]["ampacity.dev/trainingjob"] == "llm"
@@ -215,27 +224,26 @@ def test_revision_moves_with_what_a_running_worker_cannot_change() -> None:
     ] == spec_revision(base)
 
 
-async def test_a_lost_token_secret_is_replaced_never_read() -> None:
-    class Secrets:
-        def __init__(self) -> None:
-            self.data: dict[str, str] = {"llm-report-token": "old"}
-            self.calls: list[str] = []
-
-        async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
-            self.calls.append("create")
-            name = obj["metadata"]["name"]
-            if name in self.data:
-                raise KubeError(409, "exists")
-            self.data[name] = base64.b64decode(obj["data"]["token"]).decode()
-            return obj
-
-        async def delete(self, kind: str, namespace: str, name: str) -> None:
-            self.calls.append("delete")
-            self.data.pop(name, None)
-
-    kube = Secrets()
+async def test_a_lost_token_secret_is_replaced_never_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tokens.KEY_ENV, "operator-key")
+    kube = FakeKube()
+    old = base64.b64encode(b"old").decode()
+    kube.add(
+        {
+            "kind": "Secret",
+            "metadata": {"name": "llm-report-token", "namespace": "ns"},
+            "data": {"token": old},
+        }
+    )
     ctx = context(spec())
-    ctx.kube = kube  # type: ignore[assignment]
+    ctx.kube = kube
     digest = await issue_token(ctx)
-    assert kube.calls == ["create", "delete", "create"]
-    assert digest == reports.token_hash(kube.data["llm-report-token"]) != reports.token_hash("old")
+    assert [m for m, kind in kube.calls if kind == "Secret"] == ["create", "delete", "create"]
+    written = kube.stored("Secret", "ns", "llm-report-token")
+    assert written is not None
+    token = base64.b64decode(written["data"]["token"]).decode()
+    assert digest == reports.token_hash(token) != reports.token_hash("old")
+    # Once the status holds the hash, a pass writes nothing.
+    ctx.status.report_token_hash = digest
+    assert await issue_token(ctx) == digest
+    assert len([1 for _, kind in kube.calls if kind == "Secret"]) == 3

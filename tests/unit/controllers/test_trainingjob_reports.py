@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,9 @@ from ampacity.kube import KubeError
 from ampacity.training.retention import RetentionPolicy
 from ampacity.training.sdk.layout import retention_from_env
 from ampacity.training.sdk.report import CheckpointReport, Reporter, TrainerReport
+from controllers import tokens
 from controllers.trainingjob import reports
+from tests.fakes import merge_patch
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -121,29 +124,19 @@ def test_fixed_interval_is_as_declared() -> None:
     assert decision.reason.startswith("fixed")
 
 
-def test_overlay_keeps_what_reports_wrote_over_an_older_status() -> None:
-    newer = TrainingJobStatus()
-    reports.apply_report(spec(), newer, report(42, ckpt=40), NOW)
-    reports.remember("uid-x", newer)
-    older = TrainingJobStatus(restarts=3)
-    reports.overlay("uid-x", older)
-    assert older.current_step == 42 and older.latest_checkpoint == newer.latest_checkpoint
-    assert older.restarts == 3
-    reports.forget("uid-x")
-    fresh = TrainingJobStatus()
-    reports.overlay("uid-x", fresh)
-    assert fresh.current_step == 0
+# That a reconcile which read an older status never undoes what reports wrote (one writer per
+# status field) is tested against the fake API server, in test_reconcile_trainingjob.py.
 
 
 class FakeKube:
-    """Just enough of `Kube` for the endpoint: a TrainingJob and status patches (no Secrets)."""
+    """Just enough of `Kube` for the endpoint: a TrainingJob and its status patches (no Secrets)."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self) -> None:
         self.objects: dict[tuple[str, str], dict[str, Any]] = {
             ("TrainingJob", "llm"): {
                 "metadata": {"uid": "uid-endpoint"},
                 "spec": spec().to_api(),
-                "status": {"gang": 0, "reportTokenHash": reports.token_hash(token)},
+                "status": {"gang": 0},
             },
         }
         self.patches: list[dict[str, Any]] = []
@@ -158,11 +151,22 @@ class FakeKube:
         if status.get("currentStep") == 666:
             raise KubeError(409, "conflict")
         self.patches.append(status)
-        return {}
+        obj = self.objects[(kind, name)]
+        obj["status"] = merge_patch(obj["status"], status)  # as the API server keeps it
+        return obj
 
 
-async def test_endpoint_authenticates_records_and_acknowledges() -> None:
-    kube = FakeKube("s3cret")
+@pytest.fixture
+def token_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tokens.KEY_ENV, "operator-key")
+
+
+async def test_endpoint_authenticates_records_and_acknowledges(
+    token_key: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reports, "PATCH_MIN_SECONDS", 1.0)
+    kube = FakeKube()
+    secret = reports.report_token("uid-endpoint")
     path = reports.report_path("ns", "llm")
     async with TestClient(TestServer(reports.make_app(kube))) as client:  # type: ignore[arg-type]
         body = report(7, ckpt=7).model_dump_json()
@@ -172,7 +176,7 @@ async def test_endpoint_authenticates_records_and_acknowledges() -> None:
         wrong = await client.post(path, data=body, headers={**json_headers, "Authorization": "Bearer nope"})
         assert wrong.status == 401
         assert kube.patches == []
-        auth = {**json_headers, "Authorization": "Bearer s3cret"}
+        auth = {**json_headers, "Authorization": f"Bearer {secret}"}
         ok = await client.post(path, data=body, headers=auth)
         assert ok.status == 200
         ack = await ok.json()
@@ -194,26 +198,32 @@ async def test_endpoint_authenticates_records_and_acknowledges() -> None:
         assert mismatch.status == 400
         garbage = await client.post(path, data="{}", headers=auth)
         assert garbage.status == 400
-        # Progress alone, right after a write: held back for the reconciler, still acknowledged.
+        # Progress alone, right after a write: held back, still acknowledged ...
         patches = len(kube.patches)
         quiet = await client.post(path, data=report(8).model_dump_json(), headers=auth)
         assert quiet.status == 200 and len(kube.patches) == patches
+        # ... and written once the time is up, with nothing else arriving meanwhile.
+        for _ in range(100):
+            if len(kube.patches) > patches:
+                break
+            await asyncio.sleep(0.05)
+        assert kube.patches[-1]["currentStep"] == 8 and len(kube.patches) == patches + 1
         refused = await client.post(path, data=report(666, ckpt=666).model_dump_json(), headers=auth)
         assert refused.status == 502
-    reports.forget("uid-endpoint")
 
 
-def test_a_just_issued_token_is_good_before_the_status_has_its_hash() -> None:
+def test_a_job_token_is_good_from_the_start_and_only_for_that_job(token_key: None) -> None:
+    """The token is derived from the operator key and the job's uid: good before any status is
+    written, and a job recreated under the same name does not inherit the old job's token."""
     obj: dict[str, Any] = {"metadata": {"uid": "u-2"}, "status": {}}
-    assert not reports.token_matches("ns", "job", obj, "fresh")
-    reports.remember_token("ns", "job", "u-2", reports.token_hash("fresh"))
-    assert reports.token_matches("ns", "job", obj, "fresh")
-    assert not reports.token_matches("ns", "job", obj, "stale")
-    # A job recreated under the same name does not inherit the old job's token.
-    assert not reports.token_matches("ns", "job", {"metadata": {"uid": "u-3"}}, "fresh")
-    assert not reports.token_matches("ns", "job", obj, "")
-    reports.forget("u-2")
-    assert not reports.token_matches("ns", "job", obj, "fresh")
+    fresh = reports.report_token("u-2")
+    assert reports.token_matches(obj, fresh)
+    assert not reports.token_matches(obj, "stale")
+    assert not reports.token_matches({"metadata": {"uid": "u-3"}}, fresh)
+    assert not reports.token_matches(obj, "")
+    assert not reports.token_matches({"metadata": {}}, fresh)
+    # One scheme for every kind: a FederatedRound's admin token of the same uid is another token.
+    assert fresh != tokens.derive_token(tokens.AGGREGATOR_ADMIN, "u-2")
 
 
 @pytest.mark.parametrize("base", [None, "http://op:1/"])

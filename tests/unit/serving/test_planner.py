@@ -98,3 +98,38 @@ def test_replicas_for_rate_serves_the_rate(long_prompts: Workload, tight: Plan) 
     pool = replicas_for_rate(tight.best, rate)
     result = simulate(pool, long_prompts.at_rate(rate), SPEC, HW)
     assert steady_attainment(result, Slo(ttft=4.0, tpot=0.05)) >= 0.9
+
+
+@pytest.mark.usefixtures("traces_present")
+def test_a_plan_from_a_small_sample_serves_the_whole_trace() -> None:
+    # `serving bench --sample 50` used to size TP on the sample's longest prompt, then crash on the
+    # trace's 191k-token request. Planned for the trace's longest request, every pool holds it.
+    from ampacity.serving.cli import _planning_sample
+    from ampacity.serving.workload import load_trace
+
+    trace = load_trace("mooncake")
+    sample, longest = _planning_sample(trace, 50)
+    assert longest == (int(trace.prompts.max()), int((trace.prompts + trace.outputs).max()))
+    result = plan(SPEC, CLUSTER, Slo(ttft=10.0, tpot=0.1), sample, longest=longest)
+    longest_request = trace.head(int(np.argmax(trace.prompts)) + 1)
+    assert result.candidates
+    for candidate in result.candidates:
+        # Raises if an instance cannot hold the trace's longest request.
+        done = simulate(candidate.pool, longest_request.at_rate(0.05), SPEC, HW)
+        assert np.all(done.completions == 1)
+
+
+@pytest.mark.usefixtures("traces_present")
+def test_planning_samples_keep_the_traces_burstiness() -> None:
+    from ampacity.serving.lengths import arrival_burstiness
+    from ampacity.serving.workload import load_trace
+
+    trace = load_trace("azure-conv")
+    thinned = trace.thin(2000)
+    warped = thinned.with_burstiness(arrival_burstiness(trace))
+    assert arrival_burstiness(thinned) < 0.6 * arrival_burstiness(trace)  # thinning smooths the gaps
+    assert arrival_burstiness(warped) == pytest.approx(arrival_burstiness(trace), rel=0.15)
+    # The rate over time survives: requests per 3-minute bin follow the thinned trace's.
+    bins = np.linspace(0, 1, 21)
+    counts = [np.histogram(w.arrivals / w.duration, bins)[0] for w in (thinned, warped)]
+    assert np.corrcoef(counts[0], counts[1])[0, 1] > 0.7

@@ -245,3 +245,22 @@ def test_a_latency_driven_size_holds_for_a_cooldown() -> None:
         assert _counts(decision) == (4, 1), now
         state = decision.state
     assert _counts(replan.decide(PLANNED, pool, _seen(2.0), 300.0, state, config, MIX)) == (1, 1)
+
+
+def test_on_steady_traffic_replanning_never_costs_more_than_static_peak() -> None:
+    # Steady Poisson traffic near the planned unit's rate: a latency trigger can overshoot here,
+    # and starting from one unit ramps; with the static peak pool as start and ceiling neither can
+    # cost GPU-hours over static peak provisioning.
+    spec, hw = model("llama2-70b"), gpu("h100")
+    planned = PoolPlan(Disaggregated(2, 1, 4, 1, 12.5e9), goodput=2.0, attainment=0.9)
+    trace = replay.bursty(_lengths(), [replay.Segment(600, 3.0)], burstiness=1.0, seed=3)
+    config = ReplanConfig(slo=SLO, cooldown_seconds=120.0)
+    ceiling = replay.static_peak(planned, trace, 30.0)
+    static = replay.replay_static(ceiling, trace, spec, hw, SLO, 30.0)
+    capped = replay.replay_replan(
+        planned, PlannedMix(500, 100), trace, spec, hw, 30.0, config, ceiling=ceiling
+    )
+    assert max(w.gpus for w in capped.windows) <= ceiling.gpus
+    assert capped.windows[0].serving == ceiling
+    assert capped.gpu_hours <= static.gpu_hours
+    assert capped.requests == static.requests == len(trace)

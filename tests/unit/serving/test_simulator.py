@@ -123,3 +123,16 @@ def test_a_lone_request_takes_exactly_its_passes(pool: Pool) -> None:
     steps = sum(decode.decode_time(1, prompt + k) for k in range(output - 1))
     assert result.ttft[0] == pytest.approx(prefill.prefill_time(prompt, prompt**2))
     assert result.tpot[0] * (output - 1) == pytest.approx(transfer + steps)
+
+
+def test_chunked_prefill_spreads_a_long_prompt_and_spares_the_running_decodes() -> None:
+    # A chat request decoding when an 8k-token prompt arrives: whole, the prompt's pass stalls
+    # the decode for the whole prefill; in 512-token chunks the decode gets a token every pass.
+    workload = Workload("pair", np.array([0.0, 0.5]), np.array([200, 8192]), np.array([400, 2]))
+    whole = simulate(Colocated(4, 1), workload, SPEC, HW)
+    chunked = simulate(Colocated(4, 1, chunk=512), workload, SPEC, HW)
+    assert np.all(chunked.completions == 1)
+    lm = LatencyModel(SPEC, HW, 4)
+    # The long prompt's first token: after all 16 chunks, later than one whole pass would give.
+    assert chunked.ttft[1] > whole.ttft[1] >= lm.prefill_time(8192, 8192**2)
+    assert chunked.tpot[0] < whole.tpot[0]

@@ -1,0 +1,152 @@
+"""The TrainingJob reconciler end to end against the fake API server: children, conditions, the
+status patch skipped when nothing changed, report fields left to the report endpoint, failures in words."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import kopf
+import pytest
+import yaml
+
+from ampacity.api import TRAINING_JOB
+from ampacity.kube import ApiUnavailable
+from controllers import tokens
+from controllers.reconciler import reconcile_object
+from controllers.trainingjob import reports
+from controllers.trainingjob.controller import reconcile
+from tests.fakes import FakeKube, Operator
+
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "trainingjob.yaml"
+
+
+def gpu_node(name: str, gpus: int) -> dict[str, Any]:
+    return {
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"nvidia.com/gpu.present": "true"}},
+        "status": {
+            "allocatable": {"nvidia.com/gpu": str(gpus)},
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
+
+
+def job(replicas: int = 4) -> dict[str, Any]:
+    manifest = yaml.safe_load(EXAMPLE.read_text())
+    manifest["metadata"]["namespace"] = "ns"
+    manifest["spec"]["workers"]["replicas"] = replicas
+    return manifest
+
+
+async def schedule(kube: FakeKube, node_of: dict[str, str]) -> None:
+    """What the scheduler and the kubelet would do: bind each worker, then run it."""
+    for name, node in node_of.items():
+        await kube.patch("Pod", "ns", name, {"spec": {"nodeName": node}})
+        await kube.patch_status("Pod", "ns", name, {"phase": "Running"})
+
+
+@pytest.fixture
+def kube(monkeypatch: pytest.MonkeyPatch) -> FakeKube:
+    monkeypatch.setenv(tokens.KEY_ENV, "operator-key")
+    kube = FakeKube()
+    kube.add(gpu_node("gpu-0", 2))
+    kube.add(gpu_node("gpu-1", 2))
+    return kube
+
+
+async def test_a_job_starts_as_one_gang_and_settles(kube: FakeKube) -> None:
+    kube.add(job())
+    async with Operator(kube) as op:
+        first = await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        assert first.error is None
+        workers = kube.of_kind("Pod")
+        assert [p["metadata"]["name"] for p in workers] == [f"gpt-pretrain-worker-{r}" for r in range(4)]
+        uid = kube.stored("TrainingJob", "ns", "gpt-pretrain")["metadata"]["uid"]  # type: ignore[index]
+        for child in [*workers, *kube.of_kind("Service"), *kube.of_kind("Secret")]:
+            assert child["metadata"]["ownerReferences"][0]["uid"] == uid
+        ready = op.condition("TrainingJob", "ns", "gpt-pretrain")
+        assert (ready["status"], ready["reason"], ready["message"]) == (
+            "False",
+            "GangStarting",
+            "0/4 workers running",
+        )
+        status = kube.stored("TrainingJob", "ns", "gpt-pretrain")["status"]  # type: ignore[index]
+        assert status["reportTokenHash"] == tokens.token_hash(reports.report_token(uid))
+        assert status["checkpointIntervalReason"].startswith("auto:")  # decided before any report
+
+        await schedule(kube, {f"gpt-pretrain-worker-{r}": f"gpu-{r // 2}" for r in range(4)})
+        running = await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        assert op.condition("TrainingJob", "ns", "gpt-pretrain")["reason"] == "GangRunning"
+        assert ("Normal", "GangRunning", "all 4 workers running") in running.events
+
+        # Nothing changed: no status patch, no Event, no write to any child.
+        writes = kube.count("apply") + kube.count("create") + kube.count("delete")
+        quiet = await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        assert quiet.patch is None and quiet.events == [] and quiet.error is None
+        assert kube.count("apply") + kube.count("create") + kube.count("delete") == writes
+        # The gang admission read Nodes and Pods from the cache, never by LIST.
+        assert kube.count("list", "Node") == 1
+
+
+async def test_a_gang_that_does_not_fit_waits_and_says_why(kube: FakeKube) -> None:
+    kube.add(job(replicas=6))
+    async with Operator(kube) as op:
+        await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        ready = op.condition("TrainingJob", "ns", "gpt-pretrain")
+        assert ready["reason"] == "InsufficientCapacity"
+        assert "6 worker(s) x 1 GPU need 6 GPUs" in ready["message"] and "have 4 free" in ready["message"]
+        assert kube.of_kind("Pod") == []  # never a partial gang
+
+
+async def test_a_reconcile_never_undoes_what_reports_wrote(kube: FakeKube) -> None:
+    """One writer per status field: the reconciler read a status older than a report's write."""
+    kube.add(job())
+    async with Operator(kube) as op:
+        await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        await schedule(kube, {f"gpt-pretrain-worker-{r}": f"gpu-{r // 2}" for r in range(4)})
+        await op.settle()
+        older = copy.deepcopy(kube.stored("TrainingJob", "ns", "gpt-pretrain"))
+        # The report endpoint records progress and a committed checkpoint meanwhile.
+        reported = {"currentStep": 42, "latestCheckpoint": {"step": 40, "time": "2026-01-01T00:00:00Z"}}
+        await kube.patch_status("TrainingJob", "ns", "gpt-pretrain", reported)
+        patch = kopf.Patch()
+        await reconcile_object(
+            TRAINING_JOB, reconcile, kopf.Body(older), patch, op.memo, logging.getLogger("t"), 0, _ignore
+        )
+        written = dict(patch["status"])
+        assert written["conditions"][0]["reason"] == "GangRunning"
+        assert not {"currentStep", "latestCheckpoint", "lastReportTime", "checkpointCost"} & set(written)
+        await kube.patch_status("TrainingJob", "ns", "gpt-pretrain", written)
+        status = kube.stored("TrainingJob", "ns", "gpt-pretrain")["status"]  # type: ignore[index]
+        assert status["currentStep"] == 42 and status["latestCheckpoint"]["step"] == 40
+
+
+def _ignore(*_: object, **__: object) -> None:
+    return None
+
+
+async def test_api_failures_and_bugs_are_conditions_in_words(kube: FakeKube) -> None:
+    kube.add(job())
+    async with Operator(kube) as op:
+        message = "PATCH services ns/gpt-pretrain: the API server did not answer within 10 s"
+        kube.fail("apply", ApiUnavailable(0, message), kind="Service")
+        failed = await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        assert isinstance(failed.error, kopf.TemporaryError) and failed.error.delay == 15
+        ready = op.condition("TrainingJob", "ns", "gpt-pretrain")
+        assert (ready["reason"], ready["message"]) == ("ApiUnavailable", f"{message}; retrying in 15 s")
+        assert ("Warning", "ApiUnavailable", f"{message}; retrying in 15 s") in failed.events
+
+        # A bug (here: an exception that is no API error) is worded too, and backs off further.
+        kube.fail("apply", AttributeError("'str' object has no attribute 'get'"), kind="Service")  # type: ignore[arg-type]
+        bug = await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain", retry=2)
+        ready = op.condition("TrainingJob", "ns", "gpt-pretrain")
+        assert ready["reason"] == "ReconcileError" and "object has no attribute" not in ready["message"]
+        assert ready["message"].endswith("retrying in 60 s") and "AttributeError" in ready["message"]
+        assert isinstance(bug.error, kopf.TemporaryError) and bug.error.delay == 60
+
+        # Recovered: the next pass goes on where it stopped.
+        await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        assert op.condition("TrainingJob", "ns", "gpt-pretrain")["reason"] == "GangStarting"
