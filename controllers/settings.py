@@ -16,6 +16,8 @@ from ampacity.kube import Kube
 from controllers.cache import ClusterCache
 from controllers.reconciler import CACHE_MEMO
 from controllers.trainingjob import reports
+from controllers.trainingjob.admission import ADMISSION_MEMO, GangAdmission
+from controllers.trainingjob.history import HISTORY_MEMO, ClusterFailureHistory
 
 #: Port of the Prometheus /metrics endpoint (probes are served by kopf's --liveness endpoint).
 METRICS_PORT = int(os.environ.get("AMPACITY_METRICS_PORT", "8080"))
@@ -40,6 +42,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     await cache.start()
     start_http_server(METRICS_PORT)
     memo["reports"] = await reports.start(memo["kube"], reports.REPORT_PORT)
+    # Gang admission decides across jobs: one waiting queue and one set of reservations.
+    memo[ADMISSION_MEMO] = GangAdmission()
+    # The failures the operator sees on every job move the failure-rate prior of each.
+    memo[HISTORY_MEMO] = ClusterFailureHistory()
 
 
 @kopf.on.login(id="ampacity-credentials")

@@ -1,4 +1,11 @@
-"""FederatedRound: one round of federated learning with computing-power-aware client assignment."""
+"""FederatedRound: a run of federated learning rounds with computing-power-aware client assignment.
+
+`rounds: N` runs N rounds on one long-lived aggregator, each starting from the model the previous
+one produced; `rounds: 1` (the default) is a single round. Why a field and not a FederatedRun kind:
+every round of a run shares the whole spec (selector, cohort, strategy, aggregation, aggregator),
+so a parent kind would either copy it into N children or hold it and leave the children empty; one
+object keeps one aggregator, one set of Secrets and one status with the per-round history.
+"""
 
 from __future__ import annotations
 
@@ -68,6 +75,16 @@ class AggregatorSpec(ApiModel):
             " emptyDir, which survives container restarts only."
         ),
     )
+    insecure_http: bool = Field(
+        default=False,
+        alias="insecureHTTP",
+        description=(
+            "Serve plain HTTP instead of HTTPS. Off by default: the aggregator serves TLS with a"
+            " certificate for its Service, issued from the operator's CA, and clients verify it against"
+            " ca.crt in the round's enrolment Secret. Turn on only where the traffic never leaves a"
+            " trusted network."
+        ),
+    )
 
 
 class FederatedRoundSpec(ApiModel):
@@ -83,6 +100,15 @@ class FederatedRoundSpec(ApiModel):
     )
     client_selector: dict[str, str] = Field(
         default_factory=dict, description="Labels a registered client must carry to be selected."
+    )
+    rounds: int = Field(
+        default=1,
+        ge=1,
+        le=100_000,
+        description=(
+            "Rounds to run, one after the other on the same aggregator; each starts from the model the"
+            " previous one produced."
+        ),
     )
     cohort_size: int = Field(ge=1, description="Clients selected for the round.")
     min_quorum: int = Field(ge=1, description="Updates needed for the round to aggregate.")
@@ -156,12 +182,44 @@ class RoundResult(ApiModel):
 
 #: Rejections kept in the status (the newest); the count is in rejectedUpdates.
 MAX_REJECTIONS = 10
+#: Rounds kept in status.history (the newest); completedRounds counts them all.
+MAX_HISTORY = 20
+
+
+class RoundProgress(ApiModel):
+    """One finished round of a run."""
+
+    round: int = Field(ge=1, description="Round number within the run, from 1.")
+    round_id: str = Field(description="Id of the round at the aggregator.")
+    phase: RoundPhase = Field(description="Completed or Failed.")
+    model_version: int | None = Field(default=None, ge=0, description="Global model version it produced.")
+    selected: int = Field(default=0, ge=0, description="Clients selected.")
+    participants: int = Field(default=0, ge=0, description="Clients whose update was aggregated on time.")
+    stragglers: list[str] = Field(
+        default_factory=list, description="Selected clients that delivered late or not at all."
+    )
+    rejected_updates: int = Field(
+        default=0, ge=0, description="Updates refused as malformed or unauthorised."
+    )
+    accuracy: float | None = Field(
+        default=None, ge=0, le=1, description="Mean of the accuracies the participants reported, if any."
+    )
+    completion_time: datetime | None = Field(default=None, description="When the round ended.")
+    message: str = Field(default="", description="How the round ended.")
 
 
 class FederatedRoundStatus(Status):
     """Observed state of a FederatedRound."""
 
-    phase: RoundPhase = Field(default=RoundPhase.PENDING, description="Lifecycle phase.")
+    phase: RoundPhase = Field(default=RoundPhase.PENDING, description="Lifecycle phase (of the run).")
+    current_round: int = Field(default=1, ge=1, description="The round in progress (or the last one).")
+    completed_rounds: int = Field(default=0, ge=0, description="Rounds that ended (completed or failed).")
+    history: list[RoundProgress] = Field(
+        default_factory=list, description=f"The newest {MAX_HISTORY} finished rounds of the run."
+    )
+    aggregator_removed: bool = Field(
+        default=False, description="The run ended and its aggregator Deployment and Service were removed."
+    )
     aggregator: str = Field(default="", description="URL of the round's aggregator service.")
     round_id: str = Field(default="", description="Id of the round at the aggregator.")
     selected_clients: list[str] = Field(default_factory=list, description="Clients selected for the round.")
@@ -192,10 +250,17 @@ FEDERATED_ROUND = Resource(
     spec=FederatedRoundSpec,
     status=FederatedRoundStatus,
     short_names=("fr",),
-    description="A round of federated learning: client selection, local training, robust aggregation.",
+    description="Rounds of federated learning: client selection, local training, robust aggregation.",
     printer_columns=(
         {"name": "Strategy", "type": "string", "jsonPath": ".spec.strategy", "description": "Strategy."},
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase."},
+        {
+            "name": "Round",
+            "type": "integer",
+            "jsonPath": ".status.currentRound",
+            "description": "The round in progress.",
+        },
+        {"name": "Rounds", "type": "integer", "jsonPath": ".spec.rounds", "description": "Rounds to run."},
         {"name": "Cohort", "type": "integer", "jsonPath": ".spec.cohortSize", "description": "Cohort size."},
         {
             "name": "Received",

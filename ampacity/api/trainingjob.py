@@ -44,12 +44,44 @@ class CheckpointStorage(ApiModel):
     persistent_volume_claim: str | None = Field(
         default=None, min_length=1, description="Name of a PVC mounted into every worker at /checkpoints."
     )
-    uri: str | None = Field(default=None, min_length=1, description="Object-store URI (s3://bucket/prefix).")
+    uri: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Checkpoint URI: s3://bucket/prefix, gs://bucket/prefix, or file:///path on storage "
+        "every worker mounts; workers read it as AMPACITY_CHECKPOINT_URI.",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Endpoint of an S3-compatible store (e.g. https://minio.storage:9000); unset for AWS S3. "
+        "Workers read it as AMPACITY_CHECKPOINT_ENDPOINT.",
+    )
+    credentials_secret: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Name of a Secret in the job's namespace whose keys become the workers' environment "
+        "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for s3://); the operator never reads it.",
+    )
 
     validations = (
         cel(
             "has(self.persistentVolumeClaim) != has(self.uri)",
             "checkpoint.storage needs exactly one of persistentVolumeClaim or uri",
+        ),
+        cel(
+            "!has(self.uri) || self.uri.matches('^(s3|gs|gcs|file)://.+')",
+            "checkpoint.storage.uri must start with s3://, gs://, gcs:// or file://",
+            ".uri",
+        ),
+        cel(
+            "!has(self.endpoint) || (has(self.uri) && self.uri.startsWith('s3://'))",
+            "checkpoint.storage.endpoint is for an s3:// uri",
+            ".endpoint",
+        ),
+        cel(
+            "!has(self.credentialsSecret) || has(self.uri)",
+            "checkpoint.storage.credentialsSecret is for an object-store uri",
+            ".credentialsSecret",
         ),
     )
 
@@ -121,6 +153,11 @@ class TrainingJobSpec(ApiModel):
     resume: bool = Field(
         default=True, description="Resume from the latest complete checkpoint when starting."
     )
+    priority: int = Field(
+        default=0,
+        description="Among gangs waiting for GPUs, created at the same time, the higher priority starts "
+        "first (waiting gangs are served oldest first).",
+    )
 
 
 class TrainingPhase(StrEnum):
@@ -183,6 +220,11 @@ class TrainingJobStatus(Status):
     checkpoint_cost: CheckpointCost | None = Field(
         default=None, description="Measured save stall and persist time the auto interval is derived from."
     )
+    queue_position: int | None = Field(
+        default=None,
+        ge=1,
+        description="While the gang waits for GPUs: its place among the waiting gangs (1 = next).",
+    )
     nodes: int = Field(default=0, ge=0, description="Nodes the running gang spans.")
     gang_start_time: datetime | None = Field(
         default=None, description="When every worker of the current gang was first seen running."
@@ -196,6 +238,17 @@ class TrainingJobStatus(Status):
         default=0,
         ge=0,
         description="Node-hours earlier gangs ran, the failure-rate exposure besides the current gang's.",
+    )
+    cluster_failures: int = Field(
+        default=0,
+        ge=0,
+        description="Gang failures the operator has seen on the cluster's other TrainingJobs; with "
+        "clusterExposureNodeHours it updates the failure-rate prior of the auto interval.",
+    )
+    cluster_exposure_node_hours: float = Field(
+        default=0,
+        ge=0,
+        description="Node-hours the cluster's other TrainingJobs have run, as the operator has seen them.",
     )
 
 
@@ -218,6 +271,12 @@ TRAINING_JOB = Resource(
             "description": "Step of the latest complete checkpoint.",
         },
         {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "description": "Restarts."},
+        {
+            "name": "Queue",
+            "type": "integer",
+            "jsonPath": ".status.queuePosition",
+            "description": "Place among the gangs waiting for GPUs.",
+        },
         ready_column(),
         reason_column(),
         age_column(),

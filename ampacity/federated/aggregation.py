@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -149,7 +150,19 @@ def unflatten(vector: npt.ArrayLike, like: Params) -> dict[str, npt.NDArray[np.g
     return out
 
 
-def validate_update(update: Params, reference: Params, max_norm: float | None = None) -> str | None:
+#: What `check_update` can find wrong with an update (metric labels, so a fixed set).
+PROBLEMS = ("wrong_names", "wrong_shape", "wrong_dtype", "non_finite", "norm_exceeded")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why an update cannot be aggregated: `kind` is one of PROBLEMS, `reason` says it in words."""
+
+    kind: str
+    reason: str
+
+
+def check_update(update: Params, reference: Params, max_norm: float | None = None) -> Problem | None:
     """Why `update` cannot be aggregated against the global model `reference`, or None if it can.
 
     Checks names, shape, dtype (exact: a float64 delta for a float32 model is a client bug, and
@@ -159,20 +172,31 @@ def validate_update(update: Params, reference: Params, max_norm: float | None = 
     missing = sorted(set(reference) - set(update))
     extra = sorted(set(update) - set(reference))
     if missing or extra:
-        return f"parameter names differ from the global model: missing {missing}, unexpected {extra}"
+        return Problem(
+            "wrong_names",
+            f"parameter names differ from the global model: missing {missing}, unexpected {extra}",
+        )
     squared = 0.0
     for key in sorted(reference):
         got, want = np.asarray(update[key]), np.asarray(reference[key])
         if got.shape != want.shape:
-            return f"parameter {key!r} has shape {list(got.shape)}, expected {list(want.shape)}"
+            return Problem(
+                "wrong_shape", f"parameter {key!r} has shape {list(got.shape)}, expected {list(want.shape)}"
+            )
         if got.dtype != want.dtype:
-            return f"parameter {key!r} has dtype {got.dtype}, expected {want.dtype}"
+            return Problem("wrong_dtype", f"parameter {key!r} has dtype {got.dtype}, expected {want.dtype}")
         if not np.issubdtype(got.dtype, np.floating):
-            return f"parameter {key!r} has non-float dtype {got.dtype}"
+            return Problem("wrong_dtype", f"parameter {key!r} has non-float dtype {got.dtype}")
         if not np.all(np.isfinite(got)):
-            return f"parameter {key!r} contains NaN or infinite values"
+            return Problem("non_finite", f"parameter {key!r} contains NaN or infinite values")
         squared += float(np.sum(np.square(got, dtype=np.float64)))
     norm = math.sqrt(squared)
     if max_norm is not None and norm > max_norm:
-        return f"update L2 norm {norm:.4g} exceeds the limit {max_norm:.4g}"
+        return Problem("norm_exceeded", f"update L2 norm {norm:.4g} exceeds the limit {max_norm:.4g}")
     return None
+
+
+def validate_update(update: Params, reference: Params, max_norm: float | None = None) -> str | None:
+    """`check_update`'s reason alone."""
+    problem = check_update(update, reference, max_norm)
+    return None if problem is None else problem.reason

@@ -1,9 +1,17 @@
 """The aggregator service: receives client updates over HTTP, aggregates them, writes the global model.
 
-One process serves one federation and at most one open round at a time. The FederatedRound
-controller opens and (at its deadline) closes rounds with the admin token; clients use their own
-bearer token to fetch their task and the global model and to upload an update: the model delta as an
-uncompressed-or-compressed `.npz` whose names, shapes and dtypes match the global model.
+One process serves one federation and at most one open round at a time. The wire contract is
+`ampacity.federated.wire`. Three credentials, each good for its own role only:
+
+- the *admin* token (the operator's): open and close rounds, install the model (PUT /v1/model),
+  list and revoke clients (DELETE /v1/clients/<id>), read the status;
+- the *enrolment* token (one per population): enrol a client (POST /v1/clients) with the SHA-256
+  of a token the client generated itself; nothing else;
+- a *client* token: fetch its own task and the global model, upload one update per assignment as
+  itself, refresh its own labels. It cannot touch the model, a round or another client's update.
+
+An update is the model delta as an `.npz` whose names, shapes and dtypes match the global model;
+anything else is refused with a reason and counted by kind (`ampacity_fl_rejected_updates_total`).
 
 Durability. Every accepted update is written to `state_dir` (temp file, fsync, rename, fsync of the
 directory) *before* it is acknowledged, and all round state lives in one `state.json` replaced the
@@ -33,8 +41,8 @@ import json
 import logging
 import math
 import os
-import re
 import secrets
+import ssl
 import tempfile
 import time
 import zipfile
@@ -55,85 +63,76 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from ampacity.federated import aggregation, scheduler
-from ampacity.federated.aggregation import Rule
+from ampacity.federated import aggregation, scheduler, tls
+from ampacity.federated.wire import (
+    ACCURACY_HEADER,
+    BASE_VERSION_HEADER,
+    CLIENT_HEADER,
+    ELAPSED_HEADER,
+    ROUND_HEADER,
+    STEPS_HEADER,
+    VERSION_HEADER,
+    WEIGHT_HEADER,
+    AggregateResult,
+    AggregatorStatus,
+    ClientInfo,
+    EnrolRequest,
+    EnrolResponse,
+    Rejection,
+    RoundRecord,
+    RoundSpec,
+    Task,
+    UpdateReport,
+    UploadAck,
+)
 
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, npt.NDArray[np.generic]]
 
-CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-ROUND_HEADER = "X-Ampacity-Round"
-BASE_VERSION_HEADER = "X-Ampacity-Base-Version"
-WEIGHT_HEADER = "X-Ampacity-Weight"
-VERSION_HEADER = "X-Ampacity-Model-Version"
-ELAPSED_HEADER = "X-Ampacity-Elapsed-Seconds"
-STEPS_HEADER = "X-Ampacity-Local-Steps"
+#: Why an update was refused: the `reason` label of `ampacity_fl_rejected_updates_total`.
+REJECTION_KINDS = (
+    "unauthorized",  # no valid client token, or a revoked one
+    "wrong_client",  # the upload names another client than the token's
+    "not_selected",  # the client is not in the round
+    "duplicate",  # a second update for one assignment
+    "unknown_round",
+    "bad_headers",
+    "too_large",
+    "not_npz",
+    "bad_weight",
+    "bad_base_version",
+    "invalid",  # any other refusal
+    *aggregation.PROBLEMS,
+)
 
 
 @dataclass(frozen=True)
 class AggregatorConfig:
-    """How one aggregator process runs."""
+    """How one aggregator process runs.
+
+    `enrolment_token` lets clients enrol themselves (None: only the admin enrols clients).
+    `parent_ca` (PEM file) verifies the parent aggregator's certificate (default: the system CAs).
+    """
 
     state_dir: Path
     admin_token: str
+    enrolment_token: str | None = None
     max_update_bytes: int = 64 * 1024 * 1024
     max_weight: float = 1e9
     parent_url: str | None = None
     parent_token: str | None = None
+    parent_ca: Path | None = None
     deadline_poll_s: float = 0.2
-
-
-class ClientSpec(BaseModel):
-    """A selected client's assignment within a round."""
-
-    local_steps: int = Field(default=1, ge=1)
-
-
-class RoundSpec(BaseModel):
-    """What the controller sends to open a round."""
-
-    round_id: str = Field(pattern=CLIENT_ID.pattern)
-    clients: dict[str, ClientSpec] = Field(min_length=1)
-    rule: Rule = Rule.MEAN
-    byzantine: int = Field(default=0, ge=0)
-    trim_fraction: float = Field(default=0.0, ge=0, lt=0.5)
-    min_quorum: int = Field(default=1, ge=1)
-    deadline_seconds: float | None = Field(default=None, gt=0)
-    max_norm: float | None = Field(default=None, gt=0)
-    close_when_complete: bool = True
-    staleness_exponent: float = Field(default=scheduler.DEFAULT_STALENESS_EXPONENT, gt=0)
-
-
-class Rejection(BaseModel):
-    client_id: str
-    reason: str
-
-
-class RoundRecord(BaseModel):
-    """A round as persisted: its spec, progress and outcome."""
-
-    spec: RoundSpec
-    opened_unix_s: float
-    deadline_unix_s: float | None
-    base_version: int
-    phase: Literal["Training", "Aggregating", "Completed", "Failed"] = "Training"
-    accepted: list[str] = Field(default_factory=list)
-    rejected: list[Rejection] = Field(default_factory=list)
-    late: list[str] = Field(default_factory=list)
-    # What each delivering client measured (elapsed_s, local_steps): the controller's input to the
-    # FedCompass speed estimator (`speed.observe`).
-    reports: dict[str, dict[str, float]] = Field(default_factory=dict)
-    result: dict[str, Any] = Field(default_factory=dict)
-    message: str = ""
 
 
 class RegisteredClient(BaseModel):
     token_sha256: str
     labels: dict[str, str] = Field(default_factory=dict)
     seconds_per_step: float | None = None
+    revoked: bool = False
 
 
 class State(BaseModel):
@@ -148,12 +147,13 @@ class State(BaseModel):
 
 
 class UpdateError(Exception):
-    """An upload refused with an HTTP status and a reason for the client."""
+    """A request refused with an HTTP status, a reason for the client and, for uploads, its kind."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, kind: str = "invalid") -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.kind = kind
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -187,6 +187,10 @@ def encode_arrays(arrays: Mapping[str, npt.NDArray[Any]], meta: dict[str, Any] |
     return buf.getvalue()
 
 
+class PayloadTooLarge(ValueError):
+    """An `.npz` whose members inflate past the size limit."""
+
+
 def decode_arrays(data: bytes, max_bytes: int | None = None) -> tuple[Arrays, dict[str, Any]]:
     """Parse `.npz` bytes without pickles, refusing members that inflate past `max_bytes`.
 
@@ -198,7 +202,7 @@ def decode_arrays(data: bytes, max_bytes: int | None = None) -> tuple[Arrays, di
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             inflated = sum(info.file_size for info in archive.infolist())
         if max_bytes is not None and inflated > max_bytes:
-            raise ValueError(f"payload inflates to {inflated} bytes, more than the limit {max_bytes}")
+            raise PayloadTooLarge(f"payload inflates to {inflated} bytes, more than the limit {max_bytes}")
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
     except ValueError:
@@ -220,8 +224,17 @@ def _sha256(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _error(status: int, reason: str) -> web.Response:
-    return web.json_response({"error": reason}, status=status)
+def _error(status: int, reason: str, kind: str | None = None) -> web.Response:
+    body: dict[str, str] = {"error": reason}
+    if kind is not None:
+        body["kind"] = kind
+    return web.json_response(body, status=status)
+
+
+def _json(model: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(
+        text=model.model_dump_json(exclude_none=False), status=status, content_type="application/json"
+    )
 
 
 class Metrics:
@@ -238,6 +251,18 @@ class Metrics:
         self.model_version = Gauge(
             "ampacity_fl_global_model_version", "Version of the current global model.", registry=registry
         )
+        self.rejected = Counter(
+            "ampacity_fl_rejected_updates",
+            "Client updates refused, by why (a REJECTION_KINDS value).",
+            ["reason"],
+            registry=registry,
+        )
+        self.enrolments = Counter(
+            "ampacity_fl_enrolments",
+            "Enrolment requests by outcome: created, existing (same identity again) or refused.",
+            ["result"],
+            registry=registry,
+        )
         self.aggregation_seconds = Histogram(
             "ampacity_fl_aggregation_seconds", "Time to aggregate and persist a round.", registry=registry
         )
@@ -245,6 +270,14 @@ class Metrics:
             self.updates.labels(result=result)
         for phase in ("completed", "failed"):
             self.rounds.labels(phase=phase)
+        for kind in REJECTION_KINDS:
+            self.rejected.labels(reason=kind)
+        for outcome in ("created", "existing", "refused"):
+            self.enrolments.labels(result=outcome)
+
+    def reject(self, kind: str) -> None:
+        self.updates.labels(result="rejected").inc()
+        self.rejected.labels(reason=kind).inc()
 
 
 class AggregatorService:
@@ -339,26 +372,78 @@ class AggregatorService:
     def is_admin(self, token: str) -> bool:
         return bool(token) and hmac.compare_digest(token, self.config.admin_token)
 
+    def is_enrolment(self, token: str) -> bool:
+        wanted = self.config.enrolment_token
+        return bool(token) and wanted is not None and hmac.compare_digest(token, wanted)
+
     def client_for(self, token: str) -> str | None:
+        """The enrolled, unrevoked client this bearer token belongs to."""
         if not token:
             return None
-        digest = _sha256(token)
-        for client_id, client in self.state.clients.items():
-            if hmac.compare_digest(digest, client.token_sha256):
-                return client_id
-        return None
+        # A dict lookup keyed by the token's digest: the attacker controls the token, not the digest.
+        client_id = self._by_digest.get(_sha256(token))
+        if client_id is None or self.state.clients[client_id].revoked:
+            return None
+        return client_id
 
-    async def register(self, client_id: str, labels: dict[str, str], seconds_per_step: float | None) -> str:
-        """Register (or re-register, rotating the token) a client; returns its bearer token."""
-        if not CLIENT_ID.match(client_id):
-            raise UpdateError(400, f"invalid client id {client_id!r}: use letters, digits, '.', '_', '-'")
-        token = secrets.token_urlsafe(32)
+    @property
+    def _by_digest(self) -> dict[str, str]:
+        return {c.token_sha256: cid for cid, c in self.state.clients.items()}
+
+    async def enrol(
+        self, request: EnrolRequest, caller: Literal["admin", "enrolment", "client"], as_client: str | None
+    ) -> EnrolResponse:
+        """Enrol a client, or recognise one enrolling again; raises UpdateError when refused.
+
+        A client proves who it is by the token whose SHA-256 it enrolled with: enrolling again with
+        the same one (or with that token as the bearer) keeps the identity and refreshes the labels
+        and speed. Another credential for a taken id is refused, so an enrolment token cannot take
+        over an enrolled client. Only the admin may re-key a client or enrol a revoked one again.
+        """
+        cid = request.client_id
+        if caller == "client" and as_client != cid:
+            raise UpdateError(403, f"this credential belongs to client {as_client!r}, not {cid!r}")
         async with self.lock:
-            self.state.clients[client_id] = RegisteredClient(
-                token_sha256=_sha256(token), labels=labels, seconds_per_step=seconds_per_step
+            existing = self.state.clients.get(cid)
+            same = existing is not None and (
+                caller == "client"
+                or (
+                    request.token_sha256 is not None
+                    and hmac.compare_digest(request.token_sha256, existing.token_sha256)
+                )
+            )
+            if existing is not None and existing.revoked and caller != "admin":
+                raise UpdateError(403, f"client {cid!r} was revoked; ask the federation's operator")
+            if existing is not None and not same and caller != "admin":
+                raise UpdateError(
+                    409, f"client id {cid!r} is enrolled with another credential; pick another id"
+                )
+            token: str | None = None
+            digest = request.token_sha256
+            if existing is not None and same:
+                digest = existing.token_sha256
+            elif digest is None:
+                if caller != "admin":
+                    raise UpdateError(400, "token_sha256 is required: the SHA-256 of the token you generated")
+                token = secrets.token_urlsafe(32)
+                digest = _sha256(token)
+            owner = self._by_digest.get(digest)
+            if owner is not None and owner != cid:
+                raise UpdateError(409, "that token is already another client's; generate a fresh one")
+            self.state.clients[cid] = RegisteredClient(
+                token_sha256=digest, labels=request.labels, seconds_per_step=request.seconds_per_step
             )
             await self._save_state()
-        return token
+        return EnrolResponse(client_id=cid, created=not (existing is not None and same), token=token)
+
+    async def revoke(self, client_id: str) -> None:
+        """Refuse the client's token from now on; its updates already accepted stay in the round."""
+        async with self.lock:
+            client = self.state.clients.get(client_id)
+            if client is None:
+                raise UpdateError(404, f"no client {client_id!r}")
+            client.revoked = True
+            await self._save_state()
 
     async def set_model(self, arrays: Arrays, version: int | None) -> int:
         async with self.lock:
@@ -385,6 +470,9 @@ class AggregatorService:
             unknown = sorted(set(spec.clients) - set(self.state.clients))
             if unknown:
                 raise UpdateError(400, f"clients not registered: {unknown}")
+            revoked = sorted(c for c in spec.clients if self.state.clients[c].revoked)
+            if revoked:
+                raise UpdateError(400, f"clients revoked: {revoked}")
             now = time.time()
             deadline = None if spec.deadline_seconds is None else now + spec.deadline_seconds
             record = RoundRecord(
@@ -408,8 +496,8 @@ class AggregatorService:
         base_version: int,
         weight: float,
         body: bytes,
-        extra: dict[str, float],
-    ) -> dict[str, Any]:
+        report: UpdateReport,
+    ) -> UploadAck:
         """Validate, persist, then acknowledge one update; raises UpdateError with the reason."""
         self.metrics.received_bytes.inc(len(body))
         async with self.lock:
@@ -422,19 +510,25 @@ class AggregatorService:
                 None,
             )
             if record is None:
-                raise UpdateError(409, f"round {round_id!r} is neither the current nor the previous round")
+                raise UpdateError(
+                    409, f"round {round_id!r} is neither the current nor the previous round", "unknown_round"
+                )
             if client_id not in record.spec.clients:
-                raise UpdateError(403, f"client {client_id!r} was not selected for round {round_id!r}")
+                raise UpdateError(
+                    403, f"client {client_id!r} was not selected for round {round_id!r}", "not_selected"
+                )
             if client_id in record.accepted or client_id in record.late:
-                raise UpdateError(409, f"client {client_id!r} already delivered an update for {round_id!r}")
+                raise UpdateError(
+                    409, f"client {client_id!r} already delivered an update for {round_id!r}", "duplicate"
+                )
             try:
                 arrays = self._check(record, weight, base_version, body)
             except UpdateError as exc:
                 # Recorded on the round (status.rejectedUpdates) so that the controller sees it.
-                record.rejected.append(Rejection(client_id=client_id, reason=exc.reason))
+                record.rejected.append(Rejection(client_id=client_id, reason=exc.reason, kind=exc.kind))
                 await self._save_state()
                 raise
-            meta = {"weight": weight, "base_version": base_version, **extra}
+            meta = {"weight": weight, "base_version": base_version}
             past_deadline = record.deadline_unix_s is not None and time.time() > record.deadline_unix_s
             if record is not self.state.round or record.phase != "Training" or past_deadline:
                 key = f"{round_id}.{client_id}"
@@ -443,36 +537,44 @@ class AggregatorService:
                 )
                 self.late[key] = (arrays, meta)
                 record.late.append(client_id)
-                record.reports[client_id] = extra
+                record.reports[client_id] = report
                 await self._save_state()
                 self.metrics.updates.labels(result="late").inc()
-                return {"status": "late", "round_id": round_id, "message": "buffered for the next round"}
+                return UploadAck(status="late", round_id=round_id, message="buffered for the next round")
             path = self._round_dir(round_id) / f"{client_id}.npz"
             await asyncio.to_thread(atomic_write, path, encode_arrays(arrays, meta))
             self.updates[client_id] = (arrays, meta)
             record.accepted.append(client_id)
-            record.reports[client_id] = extra
+            record.reports[client_id] = report
             await self._save_state()
             self.metrics.updates.labels(result="accepted").inc()
             complete = record.spec.close_when_complete and set(record.accepted) == set(record.spec.clients)
         if complete:
             self._spawn(self.close_round(round_id, "all selected clients delivered"))
-        return {"status": "accepted", "round_id": round_id, "received": len(record.accepted)}
+        return UploadAck(status="accepted", round_id=round_id, received=len(record.accepted))
 
     def _check(self, record: RoundRecord, weight: float, base_version: int, body: bytes) -> Arrays:
         """The update's arrays, or UpdateError with why they cannot be aggregated."""
         if not (math.isfinite(weight) and 0 < weight <= self.config.max_weight):
-            raise UpdateError(400, f"weight must be in (0, {self.config.max_weight:g}], got {weight}")
+            raise UpdateError(
+                400, f"weight must be in (0, {self.config.max_weight:g}], got {weight}", "bad_weight"
+            )
         if base_version > self.state.version or base_version < 0:
-            raise UpdateError(400, f"base version {base_version} is not a version this aggregator served")
+            raise UpdateError(
+                400,
+                f"base version {base_version} is not a version this aggregator served",
+                "bad_base_version",
+            )
         try:
             arrays, _ = decode_arrays(body, self.config.max_update_bytes)
+        except PayloadTooLarge as exc:
+            raise UpdateError(413, str(exc), "too_large") from exc
         except ValueError as exc:
-            raise UpdateError(400, str(exc)) from exc
+            raise UpdateError(400, str(exc), "not_npz") from exc
         assert self.model is not None
-        reason = aggregation.validate_update(arrays, self.model, record.spec.max_norm)
-        if reason is not None:
-            raise UpdateError(422, reason)
+        problem = aggregation.check_update(arrays, self.model, record.spec.max_norm)
+        if problem is not None:
+            raise UpdateError(422, problem.reason, problem.kind)
         return arrays
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
@@ -517,7 +619,7 @@ class AggregatorService:
                     complete()
                     await self._save_state()
                 else:
-                    await self._install_model(new_model, int(result["version"]), complete)
+                    await self._install_model(new_model, result.version, complete)
                 self.metrics.rounds.labels(phase="completed").inc()
                 # Only now, with the aggregate committed, are the buffered late updates spent.
                 for key in spent:
@@ -527,7 +629,7 @@ class AggregatorService:
             await asyncio.to_thread(_remove_tree, self._round_dir(round_id))
             return record
 
-    async def _aggregate(self, record: RoundRecord) -> tuple[dict[str, Any], Arrays | None]:
+    async def _aggregate(self, record: RoundRecord) -> tuple[AggregateResult, Arrays | None]:
         """The round's result, and the new global model (None when forwarded to a parent)."""
         spec = record.spec
         if not scheduler.quorum_met(len(self.updates), spec.min_quorum):
@@ -545,17 +647,17 @@ class AggregatorService:
         reduced = aggregation.aggregate(spec.rule, vectors, weights, spec.byzantine, spec.trim_fraction)
         delta = aggregation.unflatten(reduced, self.model)
         total_weight = float(sum(float(meta["weight"]) for _, _, meta in entries + stale))
-        result: dict[str, Any] = {
-            "accepted": len(entries),
-            "late_included": len(stale),
-            "rule": spec.rule.value,
-            "update_norm": float(np.linalg.norm(reduced)),
-            "weight": total_weight,
-        }
+        result = AggregateResult(
+            accepted=len(entries),
+            late_included=len(stale),
+            rule=spec.rule.value,
+            update_norm=float(np.linalg.norm(reduced)),
+            weight=total_weight,
+            version=self.state.version,
+        )
         if self.config.parent_url is not None:
             await self._forward(spec.round_id, delta, total_weight)
-            result["forwarded_to"] = self.config.parent_url
-            result["version"] = self.state.version
+            result.forwarded_to = self.config.parent_url
             return result, None
         new_model: Arrays = {
             k: (np.asarray(self.model[k], dtype=np.float64) + np.asarray(delta[k], dtype=np.float64)).astype(
@@ -563,13 +665,20 @@ class AggregatorService:
             )
             for k in self.model
         }
-        result["version"] = self.state.version + 1
-        result["model_file"] = _model_name(self.state.version + 1)
+        result.version = self.state.version + 1
+        result.model_file = _model_name(self.state.version + 1)
         return result, new_model
+
+    def _parent_http(self) -> httpx.AsyncClient:
+        assert self.config.parent_url is not None
+        verify: ssl.SSLContext | bool = (
+            tls.client_context(self.config.parent_ca) if self.config.parent_ca is not None else True
+        )
+        return httpx.AsyncClient(base_url=self.config.parent_url, timeout=60, verify=verify)
 
     async def _fetch_parent_model(self) -> tuple[Arrays, int]:
         assert self.config.parent_url is not None
-        async with httpx.AsyncClient(base_url=self.config.parent_url, timeout=60) as http:
+        async with self._parent_http() as http:
             resp = await http.get(
                 "/v1/model", headers={"Authorization": f"Bearer {self.config.parent_token}"}
             )
@@ -585,7 +694,7 @@ class AggregatorService:
             BASE_VERSION_HEADER: str(self.state.version),
             WEIGHT_HEADER: repr(weight),
         }
-        async with httpx.AsyncClient(base_url=self.config.parent_url, timeout=60) as http:
+        async with self._parent_http() as http:
             resp = await http.post("/v1/updates", content=encode_arrays(delta), headers=headers)
         if resp.status_code >= 400:
             raise UpdateError(502, f"parent refused the partial aggregate: {resp.status_code} {resp.text}")
@@ -601,27 +710,35 @@ class AggregatorService:
         ):
             await self.close_round(record.spec.round_id, "deadline reached")
 
-    def status(self) -> dict[str, Any]:
-        record = self.state.round
-        return {
-            "version": self.state.version,
-            "clients": sorted(self.state.clients),
-            "round": None if record is None else record.model_dump(mode="json"),
-            "late_buffered": sorted(self.late),
-        }
+    def status(self) -> AggregatorStatus:
+        return AggregatorStatus(
+            version=self.state.version,
+            clients=sorted(self.state.clients),
+            round=self.state.round,
+            late_buffered=sorted(self.late),
+        )
 
-    def task_for(self, client_id: str) -> dict[str, Any] | None:
+    def task_for(self, client_id: str) -> Task | None:
         record = self.state.round
         if record is None or record.phase != "Training" or client_id not in record.spec.clients:
             return None
         if client_id in record.accepted or client_id in record.late:
             return None
-        return {
-            "round_id": record.spec.round_id,
-            "model_version": self.state.version,
-            "local_steps": record.spec.clients[client_id].local_steps,
-            "deadline_unix_s": record.deadline_unix_s,
-        }
+        return Task(
+            round_id=record.spec.round_id,
+            model_version=self.state.version,
+            local_steps=record.spec.clients[client_id].local_steps,
+            deadline_unix_s=record.deadline_unix_s,
+        )
+
+
+def _first_error(exc: ValidationError) -> str:
+    """A pydantic error in words: the field's dotted path and what is wrong with it."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    return f"{where}: {first['msg']}" + (
+        f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    )
 
 
 def _model_name(version: int) -> str:
@@ -670,8 +787,8 @@ def create_app(config: AggregatorConfig, registry: CollectorRegistry) -> web.App
         except UpdateError as exc:
             return _error(exc.status, exc.reason)
         except web.HTTPRequestEntityTooLarge:
-            service.metrics.updates.labels(result="rejected").inc()
-            return _error(413, f"payload larger than {config.max_update_bytes} bytes")
+            service.metrics.reject("too_large")
+            return _error(413, f"payload larger than {config.max_update_bytes} bytes", "too_large")
 
     app.middlewares.append(errors)
 
@@ -681,37 +798,58 @@ def create_app(config: AggregatorConfig, registry: CollectorRegistry) -> web.App
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def register(request: web.Request) -> web.Response:
-        body = await json_body(request)
-        labels = body.get("labels") or {}
-        speed = body.get("seconds_per_step")
-        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
-            raise UpdateError(400, "labels must be an object of strings")
-        if speed is not None and not (isinstance(speed, int | float) and speed > 0):
-            raise UpdateError(400, "seconds_per_step must be a positive number")
-        client_id = str(body.get("client_id", ""))
-        token = await service.register(client_id, labels, None if speed is None else float(speed))
-        return web.json_response({"client_id": client_id, "token": token}, status=201)
+    async def enrol(request: web.Request) -> web.Response:
+        # Admin, the population's enrolment token, or an enrolled client refreshing itself.
+        token = _bearer(request)
+        as_client = service.client_for(token)
+        caller: Literal["admin", "enrolment", "client"]
+        if service.is_admin(token):
+            caller = "admin"
+        elif as_client is not None:
+            caller = "client"
+        elif service.is_enrolment(token):
+            caller = "enrolment"
+        else:
+            service.metrics.enrolments.labels(result="refused").inc()
+            return _error(401, "an enrolment token, a client token or the admin token is required")
+        try:
+            enrolment = EnrolRequest.model_validate(await json_body(request))
+        except ValidationError as exc:
+            service.metrics.enrolments.labels(result="refused").inc()
+            raise UpdateError(400, f"invalid enrolment: {_first_error(exc)}") from exc
+        try:
+            answer = await service.enrol(enrolment, caller, as_client)
+        except UpdateError:
+            service.metrics.enrolments.labels(result="refused").inc()
+            raise
+        service.metrics.enrolments.labels(result="created" if answer.created else "existing").inc()
+        return _json(answer, 201 if answer.created else 200)
 
     async def list_clients(_: web.Request) -> web.Response:
-        return web.json_response(
-            {cid: c.model_dump(exclude={"token_sha256"}) for cid, c in service.state.clients.items()}
-        )
+        clients = {
+            cid: ClientInfo(labels=c.labels, seconds_per_step=c.seconds_per_step, revoked=c.revoked)
+            for cid, c in service.state.clients.items()
+        }
+        return web.json_response({cid: info.model_dump(mode="json") for cid, info in clients.items()})
+
+    async def revoke_client(request: web.Request) -> web.Response:
+        await service.revoke(request.match_info["client_id"])
+        return web.Response(status=204)
 
     async def open_round(request: web.Request) -> web.Response:
         try:
             spec = RoundSpec.model_validate(await json_body(request))
-        except ValueError as exc:
-            raise UpdateError(400, f"invalid round spec: {exc}") from exc
+        except ValidationError as exc:
+            raise UpdateError(400, f"invalid round spec: {_first_error(exc)}") from exc
         record = await service.open_round(spec)
-        return web.json_response(record.model_dump(mode="json"), status=201)
+        return _json(record, 201)
 
     async def close_round(request: web.Request) -> web.Response:
         record = await service.close_round(request.match_info["round_id"], "closed by the controller")
-        return web.json_response(record.model_dump(mode="json"))
+        return _json(record)
 
     async def status(_: web.Request) -> web.Response:
-        return web.json_response(service.status())
+        return _json(service.status())
 
     async def put_model(request: web.Request) -> web.Response:
         raw_version = request.headers.get(VERSION_HEADER)
@@ -742,41 +880,57 @@ def create_app(config: AggregatorConfig, registry: CollectorRegistry) -> web.App
     async def get_task(request: web.Request) -> web.Response:
         client_id = service.client_for(_bearer(request))
         if client_id is None:
-            return _error(401, "unknown client token")
+            return _error(401, "unknown or revoked client token")
         task = service.task_for(client_id)
-        return web.Response(status=204) if task is None else web.json_response(task)
+        return web.Response(status=204) if task is None else _json(task)
 
     async def post_update(request: web.Request) -> web.Response:
         # Every upload ends up counted once: accepted, late, or rejected (any refusal, 401 to 422).
         client_id = service.client_for(_bearer(request))
         if client_id is None:
-            service.metrics.updates.labels(result="rejected").inc()
-            return _error(401, "unknown client token")
+            service.metrics.reject("unauthorized")
+            return _error(401, "unknown or revoked client token", "unauthorized")
         try:
+            named = request.headers.get(CLIENT_HEADER)
+            if named is not None and named != client_id:
+                raise UpdateError(
+                    403, f"this credential belongs to client {client_id!r}, not {named!r}", "wrong_client"
+                )
             if request.content_length is not None and request.content_length > config.max_update_bytes:
-                raise UpdateError(413, f"payload larger than {config.max_update_bytes} bytes")
+                raise UpdateError(413, f"payload larger than {config.max_update_bytes} bytes", "too_large")
             try:
                 round_id = request.headers[ROUND_HEADER]
                 base_version = int(request.headers[BASE_VERSION_HEADER])
                 weight = float(request.headers.get(WEIGHT_HEADER, "1"))
             except (KeyError, ValueError) as exc:
                 raise UpdateError(
-                    400, f"headers {ROUND_HEADER} and {BASE_VERSION_HEADER} (integer) are required: {exc}"
+                    400,
+                    f"headers {ROUND_HEADER} and {BASE_VERSION_HEADER} (integer) are required: {exc}",
+                    "bad_headers",
                 ) from exc
             body = await request.read()
             if len(body) > config.max_update_bytes:
-                raise UpdateError(413, f"payload larger than {config.max_update_bytes} bytes")
-            extra: dict[str, float] = {}
-            for header, key in ((ELAPSED_HEADER, "elapsed_s"), (STEPS_HEADER, "local_steps")):
+                raise UpdateError(413, f"payload larger than {config.max_update_bytes} bytes", "too_large")
+            measured: dict[str, float] = {}
+            for header, key in (
+                (ELAPSED_HEADER, "elapsed_s"),
+                (STEPS_HEADER, "local_steps"),
+                (ACCURACY_HEADER, "accuracy"),
+            ):
                 if header in request.headers:
                     with contextlib.suppress(ValueError):
-                        extra[key] = float(request.headers[header])
-            result = await service.submit(client_id, round_id, base_version, weight, body, extra)
+                        value = float(request.headers[header])
+                        if math.isfinite(value):
+                            measured[key] = value
+            if not 0 <= measured.get("accuracy", 0) <= 1:
+                del measured["accuracy"]
+            report = UpdateReport.model_validate(measured)
+            ack = await service.submit(client_id, round_id, base_version, weight, body, report)
         except UpdateError as exc:
-            service.metrics.updates.labels(result="rejected").inc()
-            log.info("update from %s refused: %s", client_id, exc.reason)
-            return _error(exc.status, exc.reason)
-        return web.json_response(result, status=202)
+            service.metrics.reject(exc.kind)
+            log.info("update from %s refused (%s): %s", client_id, exc.kind, exc.reason)
+            return _error(exc.status, exc.reason, exc.kind)
+        return _json(ack, 202)
 
     async def deadline_watch(app: web.Application) -> AsyncIterator[None]:
         async def loop() -> None:
@@ -799,8 +953,9 @@ def create_app(config: AggregatorConfig, registry: CollectorRegistry) -> web.App
     app.cleanup_ctx.append(deadline_watch)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
-    app.router.add_post("/v1/clients", admin(register))
+    app.router.add_post("/v1/clients", enrol)
     app.router.add_get("/v1/clients", admin(list_clients))
+    app.router.add_delete("/v1/clients/{client_id}", admin(revoke_client))
     app.router.add_post("/v1/rounds", admin(open_round))
     app.router.add_post("/v1/rounds/{round_id}/close", admin(close_round))
     app.router.add_get("/v1/status", admin(status))
@@ -812,9 +967,13 @@ def create_app(config: AggregatorConfig, registry: CollectorRegistry) -> web.App
 
 
 def run(
-    config: AggregatorConfig, host: str = "0.0.0.0", port: int = 8470, initial_model: Path | None = None
+    config: AggregatorConfig,
+    host: str = "0.0.0.0",
+    port: int = 8470,
+    initial_model: Path | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
-    """Serve until interrupted; `initial_model` (.npz) seeds an empty state directory.
+    """Serve (HTTPS with `ssl_context`) until interrupted; `initial_model` seeds an empty state directory.
 
     A missing `initial_model` is not fatal: the service starts without a model and refuses to open
     a round (409, "no global model") until one is PUT, so its controller can say what is missing
@@ -827,4 +986,4 @@ def run(
             service.seed_model(decode_arrays(initial_model.read_bytes())[0])
         else:
             log.warning("initial model %s not found; waiting for PUT /v1/model", initial_model)
-    web.run_app(app, host=host, port=port)
+    web.run_app(app, host=host, port=port, ssl_context=ssl_context)

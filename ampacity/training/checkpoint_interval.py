@@ -121,6 +121,19 @@ class FailureRatePrior:
         rate = trace.node_failure_rate_per_hour()
         return cls(rate, weight, source or f"{len(trace.faults)} faults on {trace.cluster_nodes} nodes")
 
+    def with_history(self, failures: int, exposure_node_hours: float, source: str = "") -> FailureRatePrior:
+        """This prior updated by a cluster's own history: `failures` gang failures the operator saw
+        over `exposure_node_hours` of its jobs' node-hours (the gamma posterior, which serves every
+        job of that cluster as its prior). Their failures count at full weight: it is this fleet."""
+        if failures < 0 or exposure_node_hours < 0:
+            raise ValueError("failures and exposure must be >= 0")
+        if failures == 0 and exposure_node_hours == 0:
+            return self
+        weight = self.weight + failures
+        rate = weight / (self.weight / self.rate_per_node_hour + exposure_node_hours)
+        history = source or f"{failures} failures in {exposure_node_hours:.0f} node-h on this cluster"
+        return FailureRatePrior(rate, weight, f"{self.source} + {history}")
+
 
 @dataclass(frozen=True)
 class FailureRateEstimate:

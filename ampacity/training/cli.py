@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ampacity.training.checkpoint_interval import FailureRatePrior, auto_interval
 from ampacity.training.eval.bench import bench_checkpoint_stall
 from ampacity.training.eval.simulation import JobConfig, compare_policies
 from ampacity.training.failure_trace import load_failure_trace
+
+if TYPE_CHECKING:
+    from ampacity.training.eval.torch_bench import PersistBenchmark
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -51,6 +56,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bench.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=_bench)
+
+    torch_bench = commands.add_parser(
+        "bench-torch-checkpoint",
+        help="PyTorch: DCP async save stall vs torch.save; persist to disk and to a local S3 server",
+    )
+    torch_bench.add_argument("--size-gb", type=float, default=1.0, help="state size for the stall (GiB)")
+    torch_bench.add_argument("--tensors", type=int, default=16)
+    torch_bench.add_argument("--repeats", type=int, default=5)
+    torch_bench.add_argument(
+        "--persist-size-gb", type=float, default=0.5, help="state size for persist (GiB)"
+    )
+    torch_bench.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
+    torch_bench.set_defaults(func=_bench_torch)
 
 
 def _sim(args: argparse.Namespace) -> int:
@@ -141,3 +159,67 @@ def _bench(args: argparse.Namespace) -> int:
         f"median async stall {result.async_median:.3f} s: {result.ratio:.1f}x lower"
     )
     return 0
+
+
+def _bench_torch(args: argparse.Namespace) -> int:
+    # torch, and moto (a dev dependency) for the local S3 server, only for this command.
+    from ampacity.training.eval.torch_bench import bench_persist, bench_torch_stall
+
+    with tempfile.TemporaryDirectory(prefix="ampacity-torch-bench-", dir=args.dir) as tmp:
+        stall = bench_torch_stall(Path(tmp), size_gb=args.size_gb, tensors=args.tensors, repeats=args.repeats)
+        print(
+            f"state {stall.size_bytes / 2**30:.2f} GiB in {stall.tensors} tensors, {args.repeats} saves each"
+        )
+        print("torch.save + fsync s: " + " ".join(f"{s:.3f}" for s in stall.sync_stall_seconds))
+        print("DCP async stall s:    " + " ".join(f"{s:.3f}" for s in stall.async_stall_seconds))
+        print("DCP async persist s:  " + " ".join(f"{s:.3f}" for s in stall.async_persist_seconds))
+        print(f"median stall ratio: {stall.ratio:.1f}x lower")
+        disk = bench_persist(f"file://{tmp}/persist", {}, size_gb=args.persist_size_gb)
+    s3 = _bench_local_s3(args.persist_size_gb)
+    for result in (disk, s3):
+        print(
+            f"persist to {result.uri.split(':')[0]}: {result.bytes_per_second / 2**20:.0f} MiB/s "
+            f"(median of {' '.join(f'{t:.2f}' for t in result.persist_seconds)} s for "
+            f"{result.size_bytes / 2**20:.0f} MiB)"
+        )
+    return 0
+
+
+def _bench_local_s3(size_gb: float) -> PersistBenchmark:
+    """Persist to moto's S3 server in a process of its own on 127.0.0.1 (as a store is another host)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import boto3  # type: ignore[import-untyped]
+
+    from ampacity.training.eval.torch_bench import bench_persist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            os.environ.setdefault(key, "bench")
+        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        client = boto3.client("s3", endpoint_url=endpoint)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.create_bucket(Bucket="bench")
+                break
+            except Exception:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        return bench_persist("s3://bench/persist", {"endpoint_url": endpoint}, size_gb=size_gb)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -1,8 +1,10 @@
 """Node fault trace of a production LLM training cluster, as a failure-rate prior.
 
 The trace is stepfun-ai/InfiniteHBD-Trace (Apache-2.0): `fault_start` / `fault_end`
-events of the nodes of a 400-server training cluster over days 0-200, `event_time` in
-days. Only nodes that failed at least once appear in it (169 of them), so the cluster
+events of the nodes of a 400-server training cluster, `event_time` in days from the start
+of the observation (the published file covers days 0-200). The span is read from the
+events (`observed_span_days`), so a longer or shorter trace is neither cut nor padded.
+Only nodes that failed at least once appear in it (169 of them), so the cluster
 size is a parameter (400 per the source) and the missing nodes are fault-free.
 
 A training job is gang-scheduled: a fault on any of its nodes stops the whole job, so
@@ -13,6 +15,7 @@ exponential model its MTBF is 1 / (N * per-node rate).
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,8 +28,6 @@ from ampacity.data import trace_path
 
 #: Servers in the cluster the InfiniteHBD trace was recorded on (per its README).
 INFINITEHBD_CLUSTER_NODES = 400
-#: The trace covers days 0 to 200.
-INFINITEHBD_SPAN_DAYS = (0.0, 200.0)
 HOURS_PER_DAY = 24.0
 
 
@@ -95,18 +96,28 @@ class FailureTrace:
         return np.sort(np.asarray(times, dtype=np.float64))
 
 
+def observed_span_days(event_times: Sequence[float]) -> tuple[float, float]:
+    """The observation window of a trace: from its origin (day 0, or the first event if earlier)
+    to the end of the day of its last event (a fault or a repair)."""
+    if not event_times:
+        raise ValueError("a trace without events has no span")
+    return (min(0.0, math.floor(min(event_times))), float(math.ceil(max(event_times))))
+
+
 def load_failure_trace(
     path: Path | None = None,
     *,
     cluster_nodes: int = INFINITEHBD_CLUSTER_NODES,
-    span_days: tuple[float, float] = INFINITEHBD_SPAN_DAYS,
+    span_days: tuple[float, float] | None = None,
 ) -> FailureTrace:
     """Read the InfiniteHBD fault trace, pairing each `fault_start` with its `fault_end`.
 
     Starts and ends are paired first-in first-out per (node, description). Every fault
-    counts, hardware or not: any of them takes a node out of a running gang.
+    counts, hardware or not: any of them takes a node out of a running gang. The span is
+    the trace's own (`observed_span_days`) unless given.
     """
     events: list[dict[str, Any]] = json.loads((path or infinitehbd_path()).read_text())
+    span = span_days or observed_span_days([float(e["event_time"]) for e in events])
     events.sort(key=lambda e: float(e["event_time"]))
     pending: dict[tuple[str, str], deque[int]] = defaultdict(deque)
     starts: list[dict[str, Any]] = []
@@ -131,4 +142,4 @@ def load_failure_trace(
     )
     if len({f.node_id for f in faults}) > cluster_nodes:
         raise ValueError(f"the trace names more than {cluster_nodes} nodes")
-    return FailureTrace(faults, cluster_nodes, span_days)
+    return FailureTrace(faults, cluster_nodes, span)

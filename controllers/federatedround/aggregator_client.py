@@ -1,5 +1,8 @@
 """The FederatedRound controller's HTTP client for a round's aggregator service (admin API only).
 
+Bodies are the typed models of `ampacity.federated.wire`, the same the aggregator parses: an answer
+that does not fit them is `AggregatorUnavailable` (the aggregator is not the one we speak to).
+
 Two failure kinds, because the controller reacts to them differently: `AggregatorUnavailable` (it
 could not be reached, timed out or answered 5xx: try again on the next reconcile) and
 `AggregatorRefused` (it answered 4xx: the request itself is wrong, with the aggregator's reason).
@@ -7,10 +10,17 @@ could not be reached, timed out or answered 5xx: try again on the next reconcile
 
 from __future__ import annotations
 
+import ssl
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from ampacity.federated.wire import AggregatorStatus, ClientInfo, RoundRecord, RoundSpec
+
+Model = TypeVar("Model", bound=BaseModel)
+CLIENTS = TypeAdapter(dict[str, ClientInfo])
 
 #: Per-request limit: a reconcile must not hang on an aggregator that accepts connections but stalls.
 TIMEOUT_S = 5.0
@@ -38,13 +48,18 @@ class AggregatorClient:
         admin_token: str,
         timeout_s: float = TIMEOUT_S,
         transport: httpx.AsyncBaseTransport | None = None,
+        verify: ssl.SSLContext | bool = True,
+        server_name: str | None = None,
     ) -> None:
         self.base_url = base_url
+        # The TLS name to verify when the URL's host is not the certificate's (a port-forward).
+        self._extensions = {"sni_hostname": server_name} if server_name else {}
         self._http = httpx.AsyncClient(
             base_url=base_url,
             timeout=timeout_s,
             headers={"Authorization": f"Bearer {admin_token}"},
             transport=transport,
+            verify=verify,
         )
 
     async def __aenter__(self) -> AggregatorClient:
@@ -55,9 +70,9 @@ class AggregatorClient:
     ) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+    async def _request(self, method: str, path: str, **kwargs: Any) -> bytes:
         try:
-            response = await self._http.request(method, path, **kwargs)
+            response = await self._http.request(method, path, extensions=self._extensions, **kwargs)
         except httpx.HTTPError as error:
             raise AggregatorUnavailable(
                 f"{method} {self.base_url}{path}: {type(error).__name__}: {error}"
@@ -70,29 +85,41 @@ class AggregatorClient:
             except (ValueError, AttributeError):
                 reason = response.text
             raise AggregatorRefused(response.status_code, reason)
+        return response.content
+
+    async def _typed(self, model: type[Model], method: str, path: str, **kwargs: Any) -> Model:
+        content = await self._request(method, path, **kwargs)
         try:
-            return response.json()
-        except ValueError as error:
+            return model.model_validate_json(content)
+        except ValidationError as error:
             raise AggregatorUnavailable(
-                f"{method} {path}: answer is not JSON: {response.text[:200]}"
+                f"{method} {path}: answer does not fit the wire contract: {error}"
             ) from error
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> AggregatorStatus:
         """GET /v1/status: model version, registered client ids, the current round record."""
-        body: dict[str, Any] = await self._request("GET", "/v1/status")
-        return body
+        return await self._typed(AggregatorStatus, "GET", "/v1/status")
 
-    async def clients(self) -> dict[str, dict[str, Any]]:
-        """GET /v1/clients: client id -> {labels, seconds_per_step}."""
-        body: dict[str, dict[str, Any]] = await self._request("GET", "/v1/clients")
-        return body
+    async def clients(self) -> dict[str, ClientInfo]:
+        """GET /v1/clients: client id -> labels, speed, revoked."""
+        content = await self._request("GET", "/v1/clients")
+        try:
+            return CLIENTS.validate_json(content)
+        except ValidationError as error:
+            raise AggregatorUnavailable(
+                f"GET /v1/clients: answer does not fit the wire contract: {error}"
+            ) from error
 
-    async def open_round(self, round_spec: dict[str, Any]) -> dict[str, Any]:
+    async def open_round(self, round_spec: RoundSpec) -> RoundRecord:
         """POST /v1/rounds: open a round; returns its record."""
-        body: dict[str, Any] = await self._request("POST", "/v1/rounds", json=round_spec)
-        return body
+        return await self._typed(
+            RoundRecord,
+            "POST",
+            "/v1/rounds",
+            content=round_spec.model_dump_json(),
+            headers={"Content-Type": "application/json"},
+        )
 
-    async def close_round(self, round_id: str) -> dict[str, Any]:
+    async def close_round(self, round_id: str) -> RoundRecord:
         """POST /v1/rounds/{id}/close: aggregate now with whatever arrived."""
-        body: dict[str, Any] = await self._request("POST", f"/v1/rounds/{round_id}/close")
-        return body
+        return await self._typed(RoundRecord, "POST", f"/v1/rounds/{round_id}/close")

@@ -1,10 +1,20 @@
 """FederatedRound reconciler: run the round's aggregator, select the cohort, open the round, follow it.
 
 Each FederatedRound gets an aggregator (`ampacity federated aggregator` in the operator's image) as a
-Deployment and Service, with an admin token (derived from the operator key, `controllers.tokens`)
-in the Secret `<round>-aggregator-admin`. Clients register with the aggregator (POST /v1/clients,
-with labels and their measured seconds per step). On every reconcile the controller reads the
-aggregator's state with the admin token and:
+Deployment and Service, and three Secrets the operator creates and never reads back (RBAC: create,
+not get; a 409 means the Secret is there already):
+
+- `<round>-aggregator-admin`: the admin token (derived from the operator key, `controllers.tokens`),
+  mounted only into the aggregator; the operator recomputes it.
+- `<round>-aggregator-enrolment`: the population's enrolment token and the CA certificate, for the
+  clients: the token can only enrol a client (POST /v1/clients with the SHA-256 of the client's own
+  token); it can neither open or close a round nor replace the model.
+- `<round>-aggregator-tls`: the aggregator's key and a certificate for its Service names, issued
+  from the operator's CA (AMPACITY_FL_CA_CERT_FILE / AMPACITY_FL_CA_KEY_FILE, mounted from the
+  chart's CA Secret). No CA and no `spec.aggregator.insecureHTTP: true`: the round waits with
+  `TLSUnavailable` rather than falling back to plain HTTP.
+
+On every reconcile the controller reads the aggregator's state with the admin token and:
 
 - Pending/Selecting: waits until `cohortSize` registered clients match `clientSelector`, selects the
   cohort (`scheduler.select_cohort`: uniform, reproducible), assigns each client its local steps
@@ -37,25 +47,32 @@ import base64
 import hashlib
 import math
 import os
+import ssl
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 from ampacity.api import FEDERATED_ROUND
 from ampacity.api.federatedround import (
+    MAX_HISTORY,
     MAX_REJECTIONS,
     ClientAssignment,
     FederatedRoundSpec,
     FederatedRoundStatus,
     RoundPhase,
+    RoundProgress,
     RoundResult,
     Strategy,
     UpdateRejection,
 )
 from ampacity.api.meta import LABEL_PREFIX
-from ampacity.federated import scheduler, speed
+from ampacity.federated import scheduler, speed, tls
+from ampacity.federated.aggregation import Rule
+from ampacity.federated.wire import ClientAssignment as WireAssignment
+from ampacity.federated.wire import ClientInfo, RoundRecord, RoundSpec
 from ampacity.kube import KubeError
 from controllers import metrics
 from controllers.federatedround.aggregator_client import (
@@ -73,6 +90,13 @@ STATE_DIR = "/state"
 ADMIN_TOKEN_KEY = "token"
 #: The environment variable the aggregator reads its admin token from (`ampacity.federated.cli`).
 ADMIN_TOKEN_ENV = "AMPACITY_FL_ADMIN_TOKEN"
+#: The environment variable the aggregator reads the population's enrolment token from.
+ENROLMENT_TOKEN_ENV = "AMPACITY_FL_ENROLMENT_TOKEN"
+CA_KEY = "ca.crt"
+TLS_DIR = "/tls"
+#: The operator's CA for aggregator certificates (PEM files; the chart mounts them).
+CA_CERT_FILE_ENV = "AMPACITY_FL_CA_CERT_FILE"
+CA_KEY_FILE_ENV = "AMPACITY_FL_CA_KEY_FILE"
 URL_OVERRIDE_ENV = "AMPACITY_AGGREGATOR_URL_OVERRIDE"
 PORT_ANNOTATION = f"{LABEL_PREFIX}/aggregator-port"
 #: The round is polled this often (AMPACITY_FEDERATED_POLL_SECONDS, default 5): phases change within
@@ -106,6 +130,20 @@ def admin_secret_name(round_name: str) -> str:
     return f"{round_name}-aggregator-admin"
 
 
+def enrolment_secret_name(round_name: str) -> str:
+    return f"{round_name}-aggregator-enrolment"
+
+
+def tls_secret_name(round_name: str) -> str:
+    return f"{round_name}-aggregator-tls"
+
+
+def service_names(round_name: str, namespace: str) -> list[str]:
+    """The DNS names the aggregator's certificate is issued for."""
+    svc = aggregator_name(round_name)
+    return [f"{svc}.{namespace}.svc", f"{svc}.{namespace}.svc.cluster.local", f"{svc}.{namespace}", svc]
+
+
 def model_path(model: str) -> str | None:
     """The local path of a `file://` model URI (read by the aggregator at start), else None."""
     parsed = urlparse(model)
@@ -126,6 +164,13 @@ def aggregator_deployment(ctx: Context, spec: FederatedRoundSpec) -> dict[str, A
     initial = model_path(spec.model)
     if initial is not None:
         args.append(f"--initial-model={initial}")
+    insecure = spec.aggregator.insecure_http
+    mounts: list[dict[str, Any]] = [{"name": "state", "mountPath": STATE_DIR}]
+    if insecure:
+        args.append("--insecure-http")
+    else:
+        args += [f"--tls-cert={TLS_DIR}/tls.crt", f"--tls-key={TLS_DIR}/tls.key"]
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
     container = {
         "name": "aggregator",
         "image": OPERATOR_IMAGE,
@@ -134,11 +179,24 @@ def aggregator_deployment(ctx: Context, spec: FederatedRoundSpec) -> dict[str, A
             {
                 "name": ADMIN_TOKEN_ENV,
                 "valueFrom": {"secretKeyRef": {"name": admin_secret_name(ctx.name), "key": ADMIN_TOKEN_KEY}},
-            }
+            },
+            {
+                "name": ENROLMENT_TOKEN_ENV,
+                "valueFrom": {
+                    "secretKeyRef": {"name": enrolment_secret_name(ctx.name), "key": ADMIN_TOKEN_KEY}
+                },
+            },
         ],
-        "ports": [{"name": "http", "containerPort": AGGREGATOR_PORT}],
-        "volumeMounts": [{"name": "state", "mountPath": STATE_DIR}],
-        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
+        "ports": [{"name": port_name(insecure), "containerPort": AGGREGATOR_PORT}],
+        "volumeMounts": mounts,
+        "readinessProbe": {
+            "httpGet": {
+                "path": "/healthz",
+                "port": port_name(insecure),
+                "scheme": "HTTP" if insecure else "HTTPS",
+            },
+            "periodSeconds": 5,
+        },
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
@@ -151,6 +209,9 @@ def aggregator_deployment(ctx: Context, spec: FederatedRoundSpec) -> dict[str, A
         if claim
         else {"name": "state", "emptyDir": {}}
     )
+    volumes = [volume]
+    if not insecure:
+        volumes.append({"name": "tls", "secret": {"secretName": tls_secret_name(ctx.name)}})
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -164,7 +225,7 @@ def aggregator_deployment(ctx: Context, spec: FederatedRoundSpec) -> dict[str, A
                 "metadata": {"labels": labels},
                 "spec": {
                     "containers": [container],
-                    "volumes": [volume],
+                    "volumes": volumes,
                     "securityContext": {
                         "runAsNonRoot": True,
                         "runAsUser": 65532,
@@ -177,14 +238,20 @@ def aggregator_deployment(ctx: Context, spec: FederatedRoundSpec) -> dict[str, A
     }
 
 
-def aggregator_service(ctx: Context) -> dict[str, Any]:
+def port_name(insecure_http: bool) -> str:
+    """The aggregator's port is named for its scheme (the chart's PodMonitor scrapes either)."""
+    return "http" if insecure_http else "https"
+
+
+def aggregator_service(ctx: Context, spec: FederatedRoundSpec) -> dict[str, Any]:
+    name = port_name(spec.aggregator.insecure_http)
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": ctx.child_metadata(aggregator_name(ctx.name), "aggregator"),
         "spec": {
             "selector": ctx.child_labels("aggregator"),
-            "ports": [{"name": "http", "port": AGGREGATOR_PORT, "targetPort": "http"}],
+            "ports": [{"name": name, "port": AGGREGATOR_PORT, "targetPort": name}],
         },
     }
 
@@ -199,15 +266,48 @@ def admin_secret(ctx: Context, token: str) -> dict[str, Any]:
     }
 
 
-def service_url(round_name: str, namespace: str) -> str:
+def enrolment_secret(ctx: Context, token: str, ca_cert_pem: bytes | None) -> dict[str, Any]:
+    data = {ADMIN_TOKEN_KEY: base64.b64encode(token.encode()).decode()}
+    if ca_cert_pem is not None:
+        data[CA_KEY] = base64.b64encode(ca_cert_pem).decode()
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": ctx.child_metadata(enrolment_secret_name(ctx.name), "enrolment"),
+        "type": "Opaque",
+        "data": data,
+    }
+
+
+def tls_secret(ctx: Context, issued: tls.KeyPair, ca_cert_pem: bytes) -> dict[str, Any]:
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": ctx.child_metadata(tls_secret_name(ctx.name), "aggregator"),
+        "type": "kubernetes.io/tls",
+        "data": {"tls.crt": b64(issued.cert_pem), "tls.key": b64(issued.key_pem), CA_KEY: b64(ca_cert_pem)},
+    }
+
+
+def service_url(round_name: str, namespace: str, insecure_http: bool = False) -> str:
     """The aggregator's URL inside the cluster: what clients and the status show."""
-    return f"http://{aggregator_name(round_name)}.{namespace}.svc:{AGGREGATOR_PORT}"
+    scheme = "http" if insecure_http else "https"
+    return f"{scheme}://{aggregator_name(round_name)}.{namespace}.svc:{AGGREGATOR_PORT}"
 
 
-def operator_url(round_name: str, namespace: str, annotations: dict[str, str], override: str | None) -> str:
+def operator_url(
+    round_name: str,
+    namespace: str,
+    annotations: dict[str, str],
+    override: str | None,
+    insecure_http: bool = False,
+) -> str:
     """The URL the operator itself uses: the Service, or the override template (see the module doc)."""
     if not override:
-        return service_url(round_name, namespace)
+        return service_url(round_name, namespace, insecure_http)
     port = annotations.get(PORT_ANNOTATION, "").strip() or str(AGGREGATOR_PORT)
     if not port.isdigit():
         raise ValueError(f"annotation {PORT_ANNOTATION} must be a port number, got {port!r}")
@@ -226,9 +326,55 @@ def operator_url(round_name: str, namespace: str, annotations: dict[str, str], o
 # -- decisions (pure) -----------------------------------------------------------------------------
 
 
-def round_id(name: str, uid: str) -> str:
-    """The round's id at the aggregator: unique even when a round of the same name is recreated."""
-    return f"{name}-{uid.replace('-', '')[:8]}" if uid else name
+def round_id(name: str, uid: str, index: int = 1) -> str:
+    """The id of the run's `index`-th round at the aggregator: unique even for a recreated object."""
+    base = f"{name}-{uid.replace('-', '')[:8]}" if uid else name
+    return base if index == 1 else f"{base}-{index}"
+
+
+def round_progress(index: int, record: RoundRecord, view: RoundView, now: datetime) -> RoundProgress:
+    """What the run's status keeps of one finished round."""
+    reported = [
+        r.accuracy for c, r in record.reports.items() if c in record.accepted and r.accuracy is not None
+    ]
+    return RoundProgress(
+        round=index,
+        round_id=record.spec.round_id,
+        phase=view.phase,
+        model_version=view.result.model_version if view.result is not None else None,
+        selected=len(view.selected),
+        participants=view.received,
+        stragglers=list(view.missing) + [c for c in view.selected if c in record.late],
+        rejected_updates=view.rejected,
+        accuracy=sum(reported) / len(reported) if reported else None,
+        completion_time=now,
+        message=view.message,
+    )
+
+
+def record_round(status: FederatedRoundStatus, progress: RoundProgress) -> None:
+    """Add a finished round to the history once (a re-read of the same record changes nothing)."""
+    if any(h.round == progress.round for h in status.history):
+        return
+    status.history = [*status.history, progress][-MAX_HISTORY:]
+    status.completed_rounds = max(status.completed_rounds, progress.round)
+
+
+def start_next_round(ctx: Context, status: FederatedRoundStatus, rounds: int) -> None:
+    """Move the run on to its next round: the per-round fields start empty, the result stays."""
+    finished = status.history[-1] if status.history else None
+    status.current_round += 1
+    status.phase = RoundPhase.SELECTING
+    status.round_id = ""
+    status.selected_clients = []
+    status.assignments = []
+    status.received_updates = status.late_updates = status.rejected_updates = 0
+    status.rejections = []
+    status.start_time = status.deadline_time = status.completion_time = None
+    how = f"round {finished.round} {finished.phase.lower()}" if finished else "next round"
+    ctx.set_ready(
+        False, "NextRound", f"{how}; selecting clients for round {status.current_round} of {rounds}"
+    )
 
 
 def selection_seed(namespace: str, name: str) -> int:
@@ -236,20 +382,20 @@ def selection_seed(namespace: str, name: str) -> int:
 
 
 def speed_estimates(
-    clients: dict[str, dict[str, Any]], last_round: dict[str, Any] | None
+    clients: dict[str, ClientInfo], last_round: RoundRecord | None
 ) -> dict[str, speed.SpeedEstimate]:
     """Each client's seconds per step: its registered benchmark, then what it measured last round."""
     estimates: dict[str, speed.SpeedEstimate] = {}
     for client_id, info in clients.items():
-        registered = info.get("seconds_per_step")
-        if isinstance(registered, int | float) and 0 < registered < math.inf:
+        registered = info.seconds_per_step
+        if registered is not None and 0 < registered < math.inf:
             estimates[client_id] = speed.SpeedEstimate(client_id, float(registered))
-    reports = (last_round or {}).get("reports") or {}
+    reports = last_round.reports if last_round is not None else {}
     for client_id, report in reports.items():
         if client_id not in clients:
             continue
-        elapsed, steps = report.get("elapsed_s"), report.get("local_steps")
-        if not (isinstance(elapsed, int | float) and isinstance(steps, int | float)):
+        elapsed, steps = report.elapsed_s, report.local_steps
+        if elapsed is None or steps is None:
             continue
         if 0 < elapsed < math.inf and 1 <= steps < math.inf:
             estimates[client_id] = speed.observe(estimates.get(client_id), client_id, elapsed, int(steps))
@@ -262,7 +408,7 @@ class RoundPlan:
 
     selected: tuple[str, ...]
     assignments: tuple[ClientAssignment, ...]
-    body: dict[str, Any]
+    body: RoundSpec
 
 
 @dataclass(frozen=True)
@@ -276,14 +422,16 @@ class Waiting:
 def plan_round(
     spec: FederatedRoundSpec,
     rid: str,
-    clients: dict[str, dict[str, Any]],
-    last_round: dict[str, Any] | None,
+    clients: dict[str, ClientInfo],
+    last_round: RoundRecord | None,
     round_index: int,
     seed: int,
 ) -> RoundPlan | Waiting:
-    """Select the cohort and assign local steps, or say what is missing."""
+    """Select the cohort and assign local steps, or say what is missing (revoked clients never count)."""
     infos = [
-        scheduler.ClientInfo(cid, dict(info.get("labels") or {})) for cid, info in sorted(clients.items())
+        scheduler.ClientInfo(cid, dict(info.labels))
+        for cid, info in sorted(clients.items())
+        if not info.revoked
     ]
     selected = scheduler.select_cohort(infos, spec.cohort_size, round_index, seed, spec.client_selector)
     if len(selected) < spec.cohort_size:
@@ -318,17 +466,17 @@ def plan_round(
                 seconds_per_step=estimates[a.client_id].seconds_per_step if a.client_id in estimates else 0,
             )
         )
-    body = {
-        "round_id": rid,
-        "clients": {a.client: {"local_steps": a.local_steps} for a in assignments},
-        "rule": spec.aggregation.rule,
-        "byzantine": spec.aggregation.byzantine_clients,
-        "trim_fraction": spec.aggregation.trim_fraction,
-        "min_quorum": spec.min_quorum,
-        "deadline_seconds": spec.deadline,
-        "max_norm": spec.aggregation.max_update_norm,
-        "close_when_complete": True,
-    }
+    body = RoundSpec(
+        round_id=rid,
+        clients={a.client: WireAssignment(local_steps=a.local_steps) for a in assignments},
+        rule=Rule(spec.aggregation.rule),
+        byzantine=spec.aggregation.byzantine_clients,
+        trim_fraction=spec.aggregation.trim_fraction,
+        min_quorum=spec.min_quorum,
+        deadline_seconds=spec.deadline,
+        max_norm=spec.aggregation.max_update_norm,
+        close_when_complete=True,
+    )
     return RoundPlan(tuple(sorted(selected)), tuple(assignments), body)
 
 
@@ -350,53 +498,48 @@ class RoundView:
     missing: tuple[str, ...] = field(default=())
 
 
-def _time(unix_s: Any) -> datetime | None:
-    return datetime.fromtimestamp(float(unix_s), UTC) if isinstance(unix_s, int | float) else None
+def _time(unix_s: float | None) -> datetime | None:
+    return None if unix_s is None else datetime.fromtimestamp(unix_s, UTC)
 
 
-def view_round(record: dict[str, Any]) -> RoundView:
+def view_round(record: RoundRecord) -> RoundView:
     """Map the aggregator's round record (GET /v1/status `round`) onto the FederatedRound's terms."""
-    spec = record.get("spec") or {}
-    selected = tuple(sorted(spec.get("clients") or {}))
-    accepted, late = list(record.get("accepted") or []), list(record.get("late") or [])
-    rejected = [r for r in record.get("rejected") or [] if isinstance(r, dict)]
-    phase = AGGREGATOR_PHASES.get(str(record.get("phase")), RoundPhase.TRAINING)
+    selected = tuple(sorted(record.spec.clients))
+    accepted, late = record.accepted, record.late
+    phase = AGGREGATOR_PHASES[record.phase]
     result = None
-    raw = record.get("result") or {}
-    if phase == RoundPhase.COMPLETED and "version" in raw:
+    raw = record.result
+    if phase == RoundPhase.COMPLETED and raw is not None:
         result = RoundResult(
-            model_version=int(raw["version"]),
-            updates=int(raw.get("accepted", len(accepted))),
-            late_included=int(raw.get("late_included", 0)),
-            rule=str(raw.get("rule", "")),
-            update_norm=float(raw.get("update_norm", 0.0)),
-            total_weight=float(raw.get("weight", 0.0)),
+            model_version=raw.version,
+            updates=raw.accepted,
+            late_included=raw.late_included,
+            rule=raw.rule,
+            update_norm=raw.update_norm,
+            total_weight=raw.weight,
         )
     return RoundView(
         phase=phase,
         selected=selected,
         received=len(accepted),
         late=len(late),
-        rejected=len(rejected),
+        rejected=len(record.rejected),
         rejections=tuple(
-            UpdateRejection(client=str(r.get("client_id", "")), reason=str(r.get("reason", "")))
-            for r in rejected[-MAX_REJECTIONS:]
+            UpdateRejection(client=r.client_id, reason=r.reason) for r in record.rejected[-MAX_REJECTIONS:]
         ),
-        start_time=_time(record.get("opened_unix_s")),
-        deadline_time=_time(record.get("deadline_unix_s")),
-        deadline_unix_s=record.get("deadline_unix_s"),
-        message=str(record.get("message") or ""),
+        start_time=_time(record.opened_unix_s),
+        deadline_time=_time(record.deadline_unix_s),
+        deadline_unix_s=record.deadline_unix_s,
+        message=record.message,
         result=result,
         missing=tuple(c for c in selected if c not in accepted and c not in late),
     )
 
 
-def adopted_assignments(record: dict[str, Any]) -> list[ClientAssignment]:
+def adopted_assignments(record: RoundRecord) -> list[ClientAssignment]:
     """The assignments of a round found open at the aggregator (speeds are not recorded there)."""
-    clients = (record.get("spec") or {}).get("clients") or {}
     return [
-        ClientAssignment(client=c, local_steps=max(1, int((clients[c] or {}).get("local_steps", 1))))
-        for c in sorted(clients)
+        ClientAssignment(client=c, local_steps=a.local_steps) for c, a in sorted(record.spec.clients.items())
     ]
 
 
@@ -469,25 +612,81 @@ def admin_token(ctx: Context) -> str:
     return derive_token("aggregator-admin", str(ctx.body.metadata.uid))
 
 
-async def ensure_admin_secret(ctx: Context) -> str:
-    """Write the admin token into the round's Secret unless it is there already; return the token."""
-    token = admin_token(ctx)
+def enrolment_token(ctx: Context) -> str:
+    """The population's enrolment token: lets a client enrol, nothing else."""
+    return derive_token("aggregator-enrolment", str(ctx.body.metadata.uid))
+
+
+class OperatorCAError(RuntimeError):
+    """The operator's CA for aggregator certificates is not configured or cannot be read."""
+
+
+def operator_ca() -> tls.KeyPair:
+    """The CA the operator issues aggregator certificates from (files the chart mounts)."""
+    cert_file, key_file = os.environ.get(CA_CERT_FILE_ENV), os.environ.get(CA_KEY_FILE_ENV)
+    if not cert_file or not key_file:
+        raise OperatorCAError(
+            f"the operator has no CA for aggregator certificates ({CA_CERT_FILE_ENV} and {CA_KEY_FILE_ENV}"
+            " unset); install the chart with its federated CA, or set spec.aggregator.insecureHTTP: true"
+            " to serve plain HTTP on purpose"
+        )
     try:
-        await ctx.kube.create(admin_secret(ctx, token))
+        return tls.KeyPair(Path(cert_file).read_bytes(), Path(key_file).read_bytes())
+    except OSError as error:
+        raise OperatorCAError(f"cannot read the operator's CA: {error}") from error
+
+
+def operator_verify(insecure_http: bool) -> ssl.SSLContext | bool:
+    """How the operator verifies its aggregators: against its own CA certificate."""
+    if insecure_http:
+        return True  # unused for http:// URLs
+    cert_file = os.environ.get(CA_CERT_FILE_ENV)
+    if not cert_file:
+        raise OperatorCAError(f"{CA_CERT_FILE_ENV} is unset: the operator cannot verify its aggregators")
+    try:
+        return tls.client_context(Path(cert_file))
+    except (OSError, ssl.SSLError) as error:
+        raise OperatorCAError(f"cannot load the operator's CA certificate {cert_file}: {error}") from error
+
+
+async def create_once(ctx: Context, manifest: dict[str, Any]) -> None:
+    """Create a Secret unless it is there already; the operator never reads Secrets back."""
+    try:
+        await ctx.kube.create(manifest)
     except KubeError as error:
         if error.status != 409:
             raise
+
+
+async def ensure_secrets(ctx: Context, spec: FederatedRoundSpec) -> str:
+    """The admin, enrolment and (unless insecureHTTP) TLS Secrets; returns the admin token.
+
+    The TLS key is generated here and written once: the 409 of a second create means the aggregator
+    already has its key, and a new one is never sent (nor the old one read).
+    """
+    ca = None if spec.aggregator.insecure_http else operator_ca()
+    token = admin_token(ctx)
+    await create_once(ctx, admin_secret(ctx, token))
+    await create_once(ctx, enrolment_secret(ctx, enrolment_token(ctx), None if ca is None else ca.cert_pem))
+    if ca is not None:
+        issued = tls.issue_server_cert(ca, service_names(ctx.name, ctx.namespace))
+        await create_once(ctx, tls_secret(ctx, issued, ca.cert_pem))
     return token
 
 
-async def follow(ctx: Context, agg: AggregatorClient, rid: str) -> None:
-    """One step of the round's lifecycle against its aggregator."""
+async def follow(ctx: Context, agg: AggregatorClient, uid: str) -> None:
+    """One step of the run's lifecycle against its aggregator.
+
+    A round that ends moves the run to the next one in its own step (the status is written before
+    the next round is opened), so an operator restart in between neither skips nor repeats a round.
+    """
     spec: FederatedRoundSpec = ctx.spec
     status: FederatedRoundStatus = ctx.status
     now = datetime.now(UTC)
+    rid = round_id(ctx.name, uid, status.current_round)
     state = await agg.status()
-    record = state.get("round")
-    if isinstance(record, dict) and (record.get("spec") or {}).get("round_id") == rid:
+    record = state.round
+    if record is not None and record.spec.round_id == rid:
         if not status.assignments:
             # Opened by an operator that stopped before it could record the round: adopt it.
             status.round_id = rid
@@ -497,6 +696,10 @@ async def follow(ctx: Context, agg: AggregatorClient, rid: str) -> None:
             record = await agg.close_round(rid)
             view = view_round(record)
         apply_view(ctx, status, view, status.aggregator, now)
+        if view.phase in TERMINAL:
+            record_round(status, round_progress(status.current_round, record, view, now))
+            if status.current_round < spec.rounds:
+                start_next_round(ctx, status, spec.rounds)
         return
     if status.phase in TERMINAL:
         return  # the aggregator has moved on to another round; keep what was recorded
@@ -510,8 +713,8 @@ async def follow(ctx: Context, agg: AggregatorClient, rid: str) -> None:
             " are gone: set spec.aggregator.stateVolumeClaim to keep them across rescheduling",
         )
         return
-    if isinstance(record, dict) and record.get("phase") in ("Training", "Aggregating"):
-        other = (record.get("spec") or {}).get("round_id")
+    if record is not None and record.phase in ("Training", "Aggregating"):
+        other = record.spec.round_id
         status.phase = RoundPhase.PENDING
         ctx.set_ready(False, "AggregatorBusy", f"the aggregator is still running round {other}")
         return
@@ -519,8 +722,8 @@ async def follow(ctx: Context, agg: AggregatorClient, rid: str) -> None:
         spec,
         rid,
         await agg.clients(),
-        record if isinstance(record, dict) else None,
-        int(state.get("version", 0)),
+        record,
+        state.version,
         selection_seed(ctx.namespace, ctx.name),
     )
     if isinstance(plan, Waiting):
@@ -553,6 +756,27 @@ async def follow(ctx: Context, agg: AggregatorClient, rid: str) -> None:
     apply_view(ctx, status, view_round(opened), status.aggregator, now)
 
 
+async def remove_aggregator(ctx: Context, spec: FederatedRoundSpec, status: FederatedRoundStatus) -> None:
+    """Once the run ended and no late update can come, delete its aggregator (not its state volume).
+
+    Only where a stateVolumeClaim holds the final model: on an emptyDir the aggregator holds the only
+    copy, so it stays and serves status.result.
+    """
+    claim = spec.aggregator.state_volume_claim
+    if status.aggregator_removed or not claim or status.result_metrics is None:
+        return
+    for kind in ("Deployment", "Service"):
+        await ctx.kube.delete(kind, ctx.namespace, aggregator_name(ctx.name))
+    status.aggregator_removed = True
+    version = status.result_metrics.model_version
+    status.result = f"file://{STATE_DIR}/models/global-v{version}.npz"
+    ctx.event(
+        "AggregatorRemoved",
+        f"the run ended; its aggregator is removed, the model (version {version}) stays on the"
+        f" volume claim {claim} as {status.result}",
+    )
+
+
 async def reconcile(ctx: Context) -> None:
     spec: FederatedRoundSpec = ctx.spec
     status: FederatedRoundStatus = ctx.status
@@ -561,25 +785,45 @@ async def reconcile(ctx: Context) -> None:
     available = True
     if ended:
         if not follow_after_end(status, spec, now):
+            await remove_aggregator(ctx, spec, status)
             return
         token = admin_token(ctx)
     else:
-        token = await ensure_admin_secret(ctx)
+        if not spec.aggregator.insecure_http:
+            try:
+                operator_ca()  # before the Deployment: without its certificate it could never start
+            except OperatorCAError as error:
+                ctx.set_ready(False, "TLSUnavailable", str(error))
+                return
         deployment = await ctx.apply(aggregator_deployment(ctx, spec))
-        await ctx.apply(aggregator_service(ctx))
+        await ctx.apply(aggregator_service(ctx, spec))
         available = deployment.get("status", {}).get("availableReplicas", 0) >= 1
-    status.aggregator = service_url(ctx.name, ctx.namespace)
+        # Three creates that answer 409 once the Secrets exist: only while the aggregator is not up
+        # or a round is being set up, not on every poll of a running round.
+        if not available or status.phase in (RoundPhase.PENDING, RoundPhase.SELECTING):
+            await ensure_secrets(ctx, spec)
+        token = admin_token(ctx)
+    insecure = spec.aggregator.insecure_http
+    status.aggregator = service_url(ctx.name, ctx.namespace, insecure)
     metrics.FEDERATED_ROUND_RECEIVED.labels(ctx.namespace, ctx.name).set(status.received_updates)
     annotations = dict(ctx.body.metadata.annotations or {})
     try:
-        url = operator_url(ctx.name, ctx.namespace, annotations, os.environ.get(URL_OVERRIDE_ENV))
+        url = operator_url(ctx.name, ctx.namespace, annotations, os.environ.get(URL_OVERRIDE_ENV), insecure)
     except ValueError as error:
         if not ended:
             ctx.set_ready(False, "InvalidAggregatorURL", str(error))
         return
     try:
-        async with AggregatorClient(url, token) as agg:
-            await follow(ctx, agg, round_id(ctx.name, str(ctx.body.metadata.uid or "")))
+        verify = operator_verify(insecure)
+    except OperatorCAError as error:
+        if not ended:
+            ctx.set_ready(False, "TLSUnavailable", str(error))
+        return
+    try:
+        # The certificate names the Service: through an override URL the TLS name is still the Service's.
+        server_name = f"{aggregator_name(ctx.name)}.{ctx.namespace}.svc"
+        async with AggregatorClient(url, token, verify=verify, server_name=server_name) as agg:
+            await follow(ctx, agg, str(ctx.body.metadata.uid or ""))
     except AggregatorRefused as error:
         # 401 most likely: the aggregator runs with another admin token than the round's Secret.
         if not ended:

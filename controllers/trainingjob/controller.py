@@ -33,15 +33,18 @@ from typing import Any
 import kopf
 
 from ampacity.api import TRAINING_JOB
-from ampacity.api.gpu import GPU_RESOURCE, pod_gpus
+from ampacity.api.gpu import GPU_RESOURCE
 from ampacity.api.meta import LABEL_PREFIX
 from ampacity.api.trainingjob import IntervalPolicy, TrainingJobSpec, TrainingJobStatus, TrainingPhase
 from ampacity.training.accounting import lost_gpu_seconds
+from ampacity.training.admission import GangRequest, Waiting, decide_admission
+from ampacity.training.rendezvous import RENDEZVOUS_PORT, master_address, rendezvous_env, worker_name
 from controllers import metrics, tokens
 from controllers.reconciler import Context, controller
 from controllers.trainingjob import reports
+from controllers.trainingjob.admission import Reservation, gang_admission
+from controllers.trainingjob.history import cluster_history
 
-RENDEZVOUS_PORT = 29500
 GANG_LABEL = f"{LABEL_PREFIX}/gang"
 RANK_LABEL = f"{LABEL_PREFIX}/rank"
 WORLD_SIZE_LABEL = f"{LABEL_PREFIX}/world-size"
@@ -50,10 +53,6 @@ CHECKPOINT_MOUNT = "/checkpoints"
 TOKEN_MOUNT = "/var/run/ampacity/report"
 
 Object = dict[str, Any]
-
-
-def worker_name(job: str, rank: int) -> str:
-    return f"{job}-worker-{rank}"
 
 
 def spec_revision(spec: TrainingJobSpec) -> str:
@@ -72,10 +71,15 @@ def spec_revision(spec: TrainingJobSpec) -> str:
     return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def worker_pod(ctx: Context, spec: TrainingJobSpec, rank: int, world_size: int, gang: int) -> Object:
-    """Worker `rank` of gang number `gang`, with the rendezvous, checkpoint and report environment."""
+def worker_pod(
+    ctx: Context, spec: TrainingJobSpec, rank: int, world_size: int, gang: int, node: str = ""
+) -> Object:
+    """Worker `rank` of gang number `gang`, with the rendezvous, checkpoint and report environment,
+    pinned to `node` when admission reserved one for it."""
     template = copy.deepcopy(spec.template)
     pod_spec: dict[str, Any] = template.get("spec", {})
+    if node:
+        pin_to_node(pod_spec, node)
     name = worker_name(ctx.name, rank)
     metadata = ctx.child_metadata(name, "worker")
     metadata["labels"] |= {
@@ -88,11 +92,14 @@ def worker_pod(ctx: Context, spec: TrainingJobSpec, rank: int, world_size: int, 
     storage = spec.checkpoint.storage
     retention = spec.checkpoint.retention
     status: TrainingJobStatus = ctx.status
+    rendezvous = rendezvous_env(
+        rank=rank,
+        world_size=world_size,
+        gpus_per_worker=spec.workers.gpus_per_worker,
+        master_addr=master_address(ctx.name),
+    )
     env = [
-        {"name": "WORLD_SIZE", "value": str(world_size)},
-        {"name": "RANK", "value": str(rank)},
-        {"name": "MASTER_ADDR", "value": f"{worker_name(ctx.name, 0)}.{ctx.name}"},
-        {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        *({"name": k, "value": v} for k, v in rendezvous.items()),
         {"name": "AMPACITY_CHECKPOINT_URI", "value": storage.uri or f"file://{CHECKPOINT_MOUNT}"},
         {"name": "AMPACITY_RESUME", "value": "true" if spec.resume else "false"},
         {"name": "AMPACITY_ATTEMPT", "value": str(gang)},
@@ -103,6 +110,8 @@ def worker_pod(ctx: Context, spec: TrainingJobSpec, rank: int, world_size: int, 
         {"name": "AMPACITY_RETENTION_KEEP_LAST", "value": str(retention.keep_last)},
         {"name": "AMPACITY_RETENTION_KEEP_EVERY", "value": str(retention.keep_every)},
     ]
+    if storage.endpoint:
+        env.append({"name": "AMPACITY_CHECKPOINT_ENDPOINT", "value": storage.endpoint})
     if status.checkpoint_interval is not None:
         env.append(
             {"name": "AMPACITY_CHECKPOINT_INTERVAL_SECONDS", "value": f"{status.checkpoint_interval:g}"}
@@ -114,6 +123,14 @@ def worker_pod(ctx: Context, spec: TrainingJobSpec, rank: int, world_size: int, 
     containers = pod_spec.setdefault("containers", [])
     for index, container in enumerate(containers):
         container["env"] = [e for e in container.get("env", []) if e.get("name") not in names] + env
+        if storage.credentials_secret:
+            # The store's own client reads its credentials from the environment; the kubelet
+            # injects them from the job's Secret, which the operator never reads.
+            container.setdefault("envFrom", []).append({"secretRef": {"name": storage.credentials_secret}})
+        if index == 0:
+            ports = container.setdefault("ports", [])
+            if all(p.get("containerPort") != RENDEZVOUS_PORT for p in ports):
+                ports.append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT})
         if index == 0 and spec.workers.gpus_per_worker:
             limits = container.setdefault("resources", {}).setdefault("limits", {})
             limits[GPU_RESOURCE] = str(spec.workers.gpus_per_worker)
@@ -182,77 +199,79 @@ async def issue_token(ctx: Context) -> str:
 # --- gang admission ------------------------------------------------------------------------------
 
 
-def _tolerated(taint: Mapping[str, Any], tolerations: Iterable[Mapping[str, Any]]) -> bool:
-    if taint.get("effect") == "PreferNoSchedule":
-        return True
-    for toleration in tolerations:
-        if toleration.get("effect") and toleration["effect"] != taint.get("effect"):
-            continue
-        if toleration.get("operator") == "Exists" and not toleration.get("key"):
-            return True
-        if toleration.get("key") != taint.get("key"):
-            continue
-        if toleration.get("operator") == "Exists" or toleration.get("value") == taint.get("value"):
-            return True
-    return False
-
-
-def node_matches(node: Mapping[str, Any], pod_spec: Mapping[str, Any]) -> bool:
-    """Whether a worker could be placed on `node`: schedulable, nodeSelector, taints tolerated.
-
-    Node affinity is not evaluated; the scheduler still has the last word.
-    """
-    if node.get("spec", {}).get("unschedulable"):
-        return False
-    labels = node.get("metadata", {}).get("labels", {})
-    if any(labels.get(k) != v for k, v in pod_spec.get("nodeSelector", {}).items()):
-        return False
-    tolerations = pod_spec.get("tolerations", [])
-    return all(_tolerated(t, tolerations) for t in node.get("spec", {}).get("taints", []))
-
-
-def free_gpus(nodes: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-    """Allocatable GPUs minus what the pods bound to each node hold (finished pods hold none)."""
-    free = {
-        node["metadata"]["name"]: int(node.get("status", {}).get("allocatable", {}).get(GPU_RESOURCE, 0))
-        for node in nodes
-    }
-    for pod in pods:
-        node_name = pod.get("spec", {}).get("nodeName")
-        if node_name in free and pod.get("status", {}).get("phase") not in ("Succeeded", "Failed"):
-            free[node_name] -= pod_gpus(pod)
-    return free
-
-
-def first_fit(free: Mapping[str, int], workers: int, gpus_per_worker: int) -> bool:
-    """Whether `workers` workers of `gpus_per_worker` GPUs each fit, placed first-fit."""
-    if gpus_per_worker <= 0:
-        return True
-    left = dict(free)
-    for _ in range(workers):
-        node = next((n for n, gpus in left.items() if gpus >= gpus_per_worker), None)
-        if node is None:
-            return False
-        left[node] -= gpus_per_worker
-    return True
-
-
-async def gang_fits(ctx: Context, spec: TrainingJobSpec, workers: int) -> tuple[bool, str]:
-    """Whether `workers` more workers fit on the matching nodes now; and what capacity there is."""
-    gpus = spec.workers.gpus_per_worker
-    if gpus <= 0 or workers <= 0:
-        return True, ""
-    pod_spec = spec.template.get("spec", {})
-    nodes = [n for n in await ctx.cache.nodes() if node_matches(n, pod_spec)]
-    free = free_gpus(nodes, await ctx.cache.pods())  # the bound, unfinished pods: those holding GPUs
-    usable = {n: g for n, g in free.items() if g > 0}
-    fits = first_fit(free, workers, gpus)
-    capacity = (
-        f"{workers} worker(s) x {gpus} GPU need {workers * gpus} GPUs, at most {gpus} on one node; "
-        f"{len(nodes)} matching node(s) have {sum(usable.values())} free "
-        f"({', '.join(f'{n}: {g}' for n, g in sorted(usable.items())) or 'none'})"
+def pin_to_node(pod_spec: dict[str, Any], node: str) -> None:
+    """Require the node admission reserved for this worker (ANDed into every node affinity term)."""
+    required = (
+        pod_spec.setdefault("affinity", {})
+        .setdefault("nodeAffinity", {})
+        .setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
     )
-    return fits, capacity
+    terms = required.setdefault("nodeSelectorTerms", [])
+    if not terms:
+        terms.append({})
+    for term in terms:
+        term.setdefault("matchFields", []).append(
+            {"key": "metadata.name", "operator": "In", "values": [node]}
+        )
+
+
+def gang_request(ctx: Context, spec: TrainingJobSpec, workers: int) -> GangRequest:
+    created = ctx.body.metadata.get("creationTimestamp")
+    return GangRequest(
+        key=f"{ctx.namespace}/{ctx.name}",
+        created=datetime.fromisoformat(created.replace("Z", "+00:00")) if created else datetime.now(UTC),
+        priority=spec.priority,
+        workers=workers,
+        gpus_per_worker=spec.workers.gpus_per_worker,
+        pod_spec=spec.template.get("spec", {}),
+    )
+
+
+async def admit(ctx: Context, spec: TrainingJobSpec, ranks: list[int]) -> dict[int, str] | Waiting:
+    """The node of each of `ranks` if this gang is admitted now (its reservation), else where it waits.
+
+    Under the operator-wide lock: decide over the cache's nodes and bound pods and the
+    reservations of gangs admitted before, and reserve every gang the decision admits.
+    """
+    admission = gang_admission(ctx.memo)
+    key = f"{ctx.namespace}/{ctx.name}"
+    names = {rank: worker_name(ctx.name, rank) for rank in ranks}
+    async with admission.lock:
+        if key not in admission.reservations:
+            admission.waiting[key] = (gang_request(ctx, spec, len(ranks)), list(names.values()))
+            bound = await ctx.cache.pods()
+            decision = decide_admission(
+                await ctx.cache.nodes(),
+                bound,
+                admission.reserved(bound),
+                [request for request, _ in admission.waiting.values()],
+            )
+            for admitted in decision.admitted.values():
+                request, pods = admission.waiting.pop(admitted.key)
+                admission.reservations[admitted.key] = Reservation(
+                    {
+                        pod: (node, request.gpus_per_worker)
+                        for pod, node in zip(pods, admitted.nodes, strict=True)
+                    }
+                )
+            if key not in admission.reservations:
+                return decision.waiting[key]
+        reserved = admission.reservations[key].pods
+        return {rank: reserved[name][0] for rank, name in names.items() if name in reserved}
+
+
+def unbound_too_long(pods: Iterable[Mapping[str, Any]], now: datetime) -> list[str]:
+    """Workers still not bound to a node BIND_TIMEOUT_SECONDS after they were created."""
+    late = []
+    for pod in pods:
+        if pod.get("spec", {}).get("nodeName") or _terminating(pod):
+            continue
+        created = pod["metadata"].get("creationTimestamp")
+        if created and (now - datetime.fromisoformat(created.replace("Z", "+00:00"))).total_seconds() > (
+            BIND_TIMEOUT_SECONDS
+        ):
+            late.append(pod["metadata"]["name"])
+    return sorted(late)
 
 
 # --- accounting ----------------------------------------------------------------------------------
@@ -358,9 +377,16 @@ async def _reconcile(ctx: Context, now: datetime) -> None:
     spec: TrainingJobSpec = ctx.spec
     status: TrainingJobStatus = ctx.status
     status.selector = ctx.selector()
+    others_failed, others_ran = cluster_history(ctx.memo).record(
+        f"{ctx.namespace}/{ctx.name}", status.restarts, reports.exposure_node_hours(status, now)
+    )
+    # Two significant figures: the prior barely moves below that, and the status is not
+    # rewritten every pass while the other gangs run.
+    status.cluster_failures, status.cluster_exposure_node_hours = others_failed, float(f"{others_ran:.2g}")
     if interval_stale(spec, status):
         reports.set_interval(spec, status, now)
     if status.phase in (TrainingPhase.SUCCEEDED, TrainingPhase.FAILED):
+        gang_admission(ctx.memo).forget(f"{ctx.namespace}/{ctx.name}")
         return
     world_size = spec.workers.replicas
     await ctx.apply(rendezvous_service(ctx))
@@ -396,6 +422,16 @@ async def _reconcile(ctx: Context, now: datetime) -> None:
         return
     if created and len(live) < world_size:
         await _restart_gang(ctx, spec, current, f"{world_size - len(live)} worker(s) disappeared", now)
+        return
+    late = unbound_too_long(live, now) if created else []
+    if late:
+        # Admission's reservation did not hold (something else took the GPUs): give the GPUs
+        # of the bound workers back and queue again; not a failure of the job.
+        await _stop_gang(ctx, current, now)
+        status.phase = TrainingPhase.PENDING if status.restarts == 0 else TrainingPhase.RESTARTING
+        message = f"{len(late)} worker(s) not scheduled within {BIND_TIMEOUT_SECONDS:g}s ({', '.join(late)})"
+        ctx.set_ready(False, "GangUnschedulable", f"{message}; the gang waits for admission again")
+        ctx.event("GangUnschedulable", message, warning=True)
         return
     if created and all(_phase(p) == "Succeeded" for p in live):
         status.phase = TrainingPhase.SUCCEEDED
@@ -448,17 +484,24 @@ async def _start_gang(
         return False
     existing = {p["metadata"]["name"] for p in current}
     missing = [r for r in range(world_size) if worker_name(ctx.name, r) not in existing]
-    fits, capacity = await gang_fits(ctx, spec, len(missing))
-    if not fits:
+    placement = await admit(ctx, spec, missing)
+    if isinstance(placement, Waiting) or len(placement) < len(missing):
+        if not isinstance(placement, Waiting):
+            # A reservation for other workers than these (an earlier gang's): decide again.
+            gang_admission(ctx.memo).forget(f"{ctx.namespace}/{ctx.name}")
+            placement = Waiting(f"{ctx.namespace}/{ctx.name}", None, "admission is being decided again")
         status.phase = waiting
         status.replicas = 0
-        ctx.set_ready(False, "InsufficientCapacity", f"gang not started: {capacity}")
+        status.queue_position = placement.position
+        place = f"number {placement.position} in line" if placement.position else "not in line"
+        ctx.set_ready(False, "InsufficientCapacity", f"gang not started, {place}: {placement.reason}")
         return False
+    status.queue_position = None
     if not current:
         # A new gang: its progress starts where it resumes.
         status.current_step = resume_step(spec, status)
     for rank in missing:
-        await ctx.kube.apply(worker_pod(ctx, spec, rank, world_size, status.gang))
+        await ctx.kube.apply(worker_pod(ctx, spec, rank, world_size, status.gang, node=placement[rank]))
     status.replicas = world_size
     status.restart_not_before = None
     return True
@@ -466,6 +509,7 @@ async def _start_gang(
 
 async def _stop_gang(ctx: Context, pods: list[Object], now: datetime) -> None:
     status: TrainingJobStatus = ctx.status
+    gang_admission(ctx.memo).forget(f"{ctx.namespace}/{ctx.name}")
     for pod in pods:
         if not _terminating(pod):
             await ctx.kube.delete("Pod", ctx.namespace, pod["metadata"]["name"])
@@ -517,6 +561,9 @@ async def _restart_gang(
     )
 
 
+#: An admitted gang whose workers are not all bound this long after creation gives its GPUs back.
+BIND_TIMEOUT_SECONDS = 120.0
+
 #: A worker failure is noticed within this many seconds (the gang's pods are not watched).
 REFRESH_SECONDS = 5.0
 
@@ -530,3 +577,4 @@ def _forget_reports(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     endpoint = memo.get("reports")
     if isinstance(endpoint, reports.ReportEndpoint):
         endpoint.forget(str(body.metadata.uid), str(body.metadata.namespace), str(body.metadata.name))
+    gang_admission(memo).forget(f"{body.metadata.namespace}/{body.metadata.name}")

@@ -131,7 +131,8 @@ def decide_interval(spec: TrainingJobSpec, status: TrainingJobStatus, now: datet
         stall_seconds=cost.stall_seconds,
         persist_seconds=cost.persist_seconds,
         nodes=max(1, status.nodes),
-        prior=failure_prior(),
+        # The trace's fleet rate, moved by what this cluster's other jobs went through.
+        prior=failure_prior().with_history(status.cluster_failures, status.cluster_exposure_node_hours),
         observed_failures=status.restarts,
         exposure_node_hours=exposure_node_hours(status, now),
     )

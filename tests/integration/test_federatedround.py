@@ -1,9 +1,11 @@
 """FederatedRound against the real control plane, a real aggregator process and real client processes.
 
-kwok runs no containers, so the round's aggregator Deployment never runs code here: each test starts
-the same `ampacity federated aggregator` command locally with the admin token the operator put in the
-round's Secret, and the operator reaches it through AMPACITY_AGGREGATOR_URL_OVERRIDE and the round's
-`ampacity.dev/aggregator-port` annotation (see controllers/federatedround/controller.py).
+kwok runs no containers, so the round's aggregator Deployment never runs code here: each test plays
+the kubelet, starting the same `ampacity federated aggregator` command locally with what the operator
+put in the round's Secrets (admin token, TLS key and certificate, enrolment token), and the operator
+reaches it over HTTPS through AMPACITY_AGGREGATOR_URL_OVERRIDE and the round's
+`ampacity.dev/aggregator-port` annotation (see controllers/federatedround/controller.py), verifying
+it against its CA with the Service's name. Clients enrol with the enrolment token only.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ampacity.dev.cluster.kubectl import Kubectl, condition
 from ampacity.dev.cluster.local_operator import LocalOperator
 from ampacity.dev.cluster.localcluster import free_port
 from ampacity.dev.cluster.polling import wait_for
+from ampacity.federated import tls
 from ampacity.federated.aggregator import (
     BASE_VERSION_HEADER,
     ROUND_HEADER,
@@ -35,18 +38,36 @@ from ampacity.federated.aggregator import (
 )
 from ampacity.federated.client import FederatedClient
 from ampacity.federated.eval import evaluation
-from controllers.federatedround.controller import POLL_INTERVAL_ENV, PORT_ANNOTATION, URL_OVERRIDE_ENV
+from controllers.federatedround.controller import (
+    CA_CERT_FILE_ENV,
+    CA_KEY_FILE_ENV,
+    POLL_INTERVAL_ENV,
+    PORT_ANNOTATION,
+    URL_OVERRIDE_ENV,
+)
 
-OVERRIDE = "http://127.0.0.1:{port}"
+OVERRIDE = "https://127.0.0.1:{port}"
+EXAMPLES = Path(__file__).parents[2] / "examples"
 SELECTOR = {"federated.ampacity.dev/population": "digits"}
 LABEL = "federated.ampacity.dev/population=digits"
 ROUND = "digits"
+#: The name on the aggregator's certificate (the Service's); the tests reach it at 127.0.0.1.
+SERVER_NAME = f"{ROUND}-aggregator"
 
 
 @pytest.fixture(scope="module")
-def fl_operator(operator: LocalOperator) -> Iterator[LocalOperator]:
-    """The session's operator, restarted with the aggregator URL override and a 1 s round poll."""
-    wanted = {URL_OVERRIDE_ENV: OVERRIDE, POLL_INTERVAL_ENV: "1"}
+def fl_operator(operator: LocalOperator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalOperator]:
+    """The session's operator, restarted with its CA, the aggregator URL override and a 1 s round poll."""
+    ca_dir = tmp_path_factory.mktemp("operator-ca")
+    ca = tls.new_ca("operator's federated CA")
+    (ca_dir / "ca.crt").write_bytes(ca.cert_pem)
+    (ca_dir / "ca.key").write_bytes(ca.key_pem)
+    wanted = {
+        URL_OVERRIDE_ENV: OVERRIDE,
+        POLL_INTERVAL_ENV: "1",
+        CA_CERT_FILE_ENV: str(ca_dir / "ca.crt"),
+        CA_KEY_FILE_ENV: str(ca_dir / "ca.key"),
+    }
     if any(operator.env.get(k) != v for k, v in wanted.items()):
         operator.env.update(wanted)
         operator.stop()
@@ -68,6 +89,7 @@ class Processes:
         with (self.logs / f"{name}.log").open("ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "ampacity.cli", "federated", *args],
+                cwd=EXAMPLES.parent,
                 env={**os.environ, **env},
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -95,11 +117,21 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 
 
 class Aggregator:
-    """`ampacity federated aggregator` on 127.0.0.1, restartable on the same state directory."""
+    """`ampacity federated aggregator` on 127.0.0.1 over HTTPS, restartable on the same state directory.
 
-    def __init__(self, processes: Processes, state_dir: Path, port: int, token: str) -> None:
-        self.processes, self.state_dir, self.port, self.token = processes, state_dir, port, token
-        self.url = f"http://127.0.0.1:{port}"
+    `secrets` is what the pod would mount: the admin token, the enrolment token, the TLS Secret's files.
+    """
+
+    def __init__(self, processes: Processes, state_dir: Path, port: int, secrets: dict[str, str]) -> None:
+        self.processes, self.state_dir, self.port = processes, state_dir, port
+        self.token, self.enrolment_token = secrets["admin"], secrets["enrolment"]
+        self.tls_dir = state_dir.parent / "tls"
+        self.tls_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("tls.crt", "tls.key", "ca.crt"):
+            (self.tls_dir / name).write_text(secrets[name])
+        self.ca_file = self.tls_dir / "ca.crt"
+        self.verify = tls.client_context(self.ca_file)
+        self.url = f"https://127.0.0.1:{port}"
         self.initial_model = state_dir.parent / "initial-model.npz"
         atomic_write(self.initial_model, encode_arrays(evaluation.model_params(evaluation.initial_model())))
         self.process: subprocess.Popen[bytes] | None = None
@@ -112,8 +144,11 @@ class Aggregator:
             f"--state-dir={self.state_dir}",
             f"--initial-model={self.initial_model}",
             "--deadline-poll-seconds=0.1",
+            f"--tls-cert={self.tls_dir / 'tls.crt'}",
+            f"--tls-key={self.tls_dir / 'tls.key'}",
         ]
-        self.process = self.processes.start("aggregator", args, {"AMPACITY_FL_ADMIN_TOKEN": self.token})
+        env = {"AMPACITY_FL_ADMIN_TOKEN": self.token, "AMPACITY_FL_ENROLMENT_TOKEN": self.enrolment_token}
+        self.process = self.processes.start("aggregator", args, env)
         wait_for(self._healthy, timeout=30, what="aggregator healthy")
 
     def _healthy(self) -> bool:
@@ -121,8 +156,10 @@ class Aggregator:
         if self.process.poll() is not None:
             raise RuntimeError(f"aggregator exited: {self.processes.log('aggregator')}")
         try:
-            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
+            return self.admin("GET", "/healthz").status_code == 200
+        except httpx.TransportError as error:
+            if "CERTIFICATE" in str(error):
+                raise
             return False
 
     def kill(self) -> None:
@@ -133,7 +170,17 @@ class Aggregator:
 
     def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.token}"}
-        return httpx.request(method, f"{self.url}{path}", headers=headers, timeout=10, **kwargs)
+        with httpx.Client(verify=self.verify, timeout=10) as http:
+            return http.request(
+                method,
+                f"{self.url}{path}",
+                headers=headers,
+                extensions={"sni_hostname": SERVER_NAME},
+                **kwargs,
+            )
+
+    def client(self, token: str) -> FederatedClient:
+        return FederatedClient(self.url, token, ca_file=self.ca_file, server_name=SERVER_NAME)
 
     def status(self) -> dict[str, Any]:
         body: dict[str, Any] = self.admin("GET", "/v1/status").json()
@@ -176,12 +223,20 @@ def start_round(
     }
     result = kubectl.apply(manifest)
     assert result.returncode == 0, result.stderr
-    secret = wait_for(
-        lambda: kubectl.get("secret", f"{ROUND}-aggregator-admin", namespace), timeout=30, what="admin Secret"
-    )
-    assert secret["metadata"]["ownerReferences"][0]["name"] == ROUND
-    token = base64.b64decode(secret["data"]["token"]).decode()
-    aggregator = Aggregator(processes, tmp_path / "state", port, token)
+
+    def secret(suffix: str) -> dict[str, str]:
+        found = wait_for(
+            lambda: kubectl.get("secret", f"{ROUND}-aggregator-{suffix}", namespace),
+            timeout=30,
+            what=f"{suffix} Secret",
+        )
+        assert found["metadata"]["ownerReferences"][0]["name"] == ROUND
+        return {k: base64.b64decode(v).decode() for k, v in found["data"].items()}
+
+    issued = secret("tls")
+    secrets = {"admin": secret("admin")["token"], "enrolment": secret("enrolment")["token"], **issued}
+    assert secret("enrolment")["ca.crt"] == issued["ca.crt"]
+    aggregator = Aggregator(processes, tmp_path / "state", port, secrets)
     aggregator.start()
     return aggregator
 
@@ -194,19 +249,34 @@ def start_client(
     *extra: str,
     token: str | None = None,
 ) -> subprocess.Popen[bytes]:
-    args = [
-        "client",
+    args = ["client", f"--shard={shard}", "--shards=4", *client_args(aggregator, client_id), *extra]
+    return processes.start(client_id, args, client_env(aggregator, token))
+
+
+def client_args(aggregator: Aggregator, client_id: str) -> list[str]:
+    return [
         f"--url={aggregator.url}",
+        f"--ca-file={aggregator.ca_file}",
+        f"--server-name={SERVER_NAME}",
         f"--client-id={client_id}",
-        f"--shard={shard}",
-        "--shards=4",
         f"--label={LABEL}",
         "--poll-seconds=0.2",
         "--timeout-seconds=60",
-        *extra,
     ]
-    env = {"AMPACITY_FL_CLIENT_TOKEN": token} if token else {"AMPACITY_FL_ADMIN_TOKEN": aggregator.token}
-    return processes.start(client_id, args, env)
+
+
+def client_env(aggregator: Aggregator, token: str | None = None) -> dict[str, str]:
+    """A client holds the enrolment token, never the admin token (and its own, if given one)."""
+    env = {"AMPACITY_FL_ENROLMENT_TOKEN": aggregator.enrolment_token}
+    return {**env, "AMPACITY_FL_CLIENT_TOKEN": token} if token else env
+
+
+def wait_enrolled(aggregator: Aggregator, count: int) -> None:
+    """Until `count` clients enrolled: a client process's start (numpy, the data, one timed step)
+    takes seconds, much longer on a loaded machine; the round's own timing starts after it."""
+    wait_for(
+        lambda: len(aggregator.status()["clients"]) >= count, timeout=180, what=f"{count} clients enrolled"
+    )
 
 
 def round_status(kubectl: Kubectl, namespace: str) -> dict[str, Any]:
@@ -222,7 +292,13 @@ def wait_phase(kubectl: Kubectl, namespace: str, phase: str, timeout: float = 45
             raise AssertionError(f"round failed: {condition({'status': status})}")
         return status if status.get("phase") == phase else None
 
-    return wait_for(check, timeout=timeout, what=f"FederatedRound {phase}")
+    try:
+        return wait_for(check, timeout=timeout, what=f"FederatedRound {phase}")
+    except TimeoutError as error:
+        status = round_status(kubectl, namespace)
+        raise AssertionError(
+            f"{error}; phase {status.get('phase')}: {condition({'status': status})}"
+        ) from error
 
 
 def events(kubectl: Kubectl, namespace: str) -> str:
@@ -242,6 +318,7 @@ def test_round_with_real_clients_completes(
         start_client(processes, aggregator, "phone-1", 1, "--step-delay-seconds=0.1"),
         start_client(processes, aggregator, "phone-2", 2, "--step-delay-seconds=0.15"),
     ]
+    wait_enrolled(aggregator, 4)  # with the outsider
 
     status = wait_phase(kubectl, namespace, "Completed")
     assert status["selectedClients"] == ["phone-0", "phone-1", "phone-2"]
@@ -258,7 +335,7 @@ def test_round_with_real_clients_completes(
     assert (status["receivedUpdates"], status["lateUpdates"], status["rejectedUpdates"]) == (3, 0, 0)
     assert status["resultMetrics"]["modelVersion"] == 1 and status["resultMetrics"]["updates"] == 3
     assert status["resultMetrics"]["updateNorm"] > 0
-    assert status["result"] == f"http://{ROUND}-aggregator.{namespace}.svc:8443/v1/model?version=1"
+    assert status["result"] == f"https://{ROUND}-aggregator.{namespace}.svc:8443/v1/model?version=1"
     assert status["startTime"] and status["deadlineTime"] and status["completionTime"]
     ready = condition({"status": status})
     assert ready is not None and ready["status"] == "True" and ready["reason"] == "RoundCompleted"
@@ -279,6 +356,8 @@ def test_round_with_real_clients_completes(
         ("Deployment", f"{ROUND}-aggregator"),
         ("Service", f"{ROUND}-aggregator"),
         ("Secret", f"{ROUND}-aggregator-admin"),
+        ("Secret", f"{ROUND}-aggregator-enrolment"),
+        ("Secret", f"{ROUND}-aggregator-tls"),
     }
 
 
@@ -299,6 +378,7 @@ def test_straggler_past_the_deadline_does_not_block_the_round(
     fast = [start_client(processes, aggregator, f"phone-{i}", i) for i in range(3)]
     # fedavg gives everyone Q_max = 2 steps: 2 x 3 s after it got its task lands after the 5 s deadline.
     straggler = start_client(processes, aggregator, "slowpoke", 3, "--step-delay-seconds=3")
+    wait_enrolled(aggregator, 4)
 
     status = wait_phase(kubectl, namespace, "Completed", timeout=45)
     assert "slowpoke" in status["selectedClients"]
@@ -337,11 +417,16 @@ def test_malformed_update_is_rejected_and_does_not_touch_the_aggregate(
     wait_phase(kubectl, namespace, "Training")
     base = aggregator.model(version=0)
 
-    with FederatedClient(aggregator.url, tokens["mallory"]) as mallory:
+    with aggregator.client(tokens["mallory"]) as mallory:
         task = mallory.fetch_task()
         assert task is not None
         headers = {ROUND_HEADER: task.round_id, BASE_VERSION_HEADER: "0", WEIGHT_HEADER: "1"}
-        garbage = mallory.http.post("/v1/updates", content=b"\x00not an npz\xff" * 64, headers=headers)
+        garbage = mallory.http.post(
+            "/v1/updates",
+            content=b"\x00not an npz\xff" * 64,
+            headers=headers,
+            extensions={"sni_hostname": SERVER_NAME},
+        )
         assert garbage.status_code == 400
         assert "not a valid .npz archive" in garbage.json()["error"]
         poisoned = {k: np.full(v.shape, np.nan, v.dtype) for k, v in base.items()}
@@ -355,7 +440,7 @@ def test_malformed_update_is_rejected_and_does_not_touch_the_aggregate(
     }
     weights = {"good-0": 10.0, "good-1": 20.0, "good-2": 30.0}
     for cid, weight in weights.items():
-        with FederatedClient(aggregator.url, tokens[cid]) as client:
+        with aggregator.client(tokens[cid]) as client:
             task = client.fetch_task()
             assert task is not None
             assert client.upload(task, deltas[cid], weight).accepted
@@ -390,6 +475,7 @@ def test_aggregator_restart_mid_round_keeps_received_updates(
     )
     late_token = aggregator.register("phone-2", dict(SELECTOR))
     early = [start_client(processes, aggregator, f"phone-{i}", i) for i in range(2)]
+    wait_enrolled(aggregator, 3)  # with phone-2, enrolled above
     assert [c.wait(timeout=45) for c in early] == [0, 0]
     before = aggregator.status()["round"]
     assert sorted(before["accepted"]) == ["phone-0", "phone-1"] and before["phase"] == "Training"
@@ -438,3 +524,87 @@ def test_api_server_rejects_a_rule_the_quorum_cannot_support(
     assert "krum and multiKrum need minQuorum > 2 * byzantineClients + 2" in result.stderr
     manifest["spec"]["minQuorum"] = 5
     assert kubectl.apply(manifest).returncode == 0
+
+
+def test_five_round_run_with_a_flower_client_survives_an_aggregator_kill(
+    kubectl: Kubectl, fl_operator: LocalOperator, namespace: str, processes: Processes, tmp_path: Path
+) -> None:
+    rounds = 5
+    aggregator = start_round(
+        kubectl,
+        processes,
+        namespace,
+        tmp_path,
+        rounds=rounds,
+        strategy="fedavg",
+        localSteps={"min": 5, "max": 5},
+        # The final model stays on the claim, so the aggregator is removed once the run ends.
+        aggregator={"stateVolumeClaim": "fl-state"},
+    )
+    many = [f"--tasks={rounds}", "--timeout-seconds=480"]
+    clients = [
+        start_client(processes, aggregator, "phone-0", 0, *many),
+        # The slow one keeps each round open for about 2 s: time to kill the aggregator mid-round.
+        start_client(processes, aggregator, "phone-1", 1, "--step-delay-seconds=0.4", *many),
+        processes.start(
+            "flower-0",
+            [
+                "flower-client",
+                "--client=examples/flower_digits.py:make_client",
+                "--client-arg=shard=2",
+                "--client-arg=shards=4",
+                *client_args(aggregator, "flower-0"),
+                *many,
+            ],
+            client_env(aggregator),
+        ),
+    ]
+
+    # Mid-run: round 3 open at the aggregator with at least one acknowledged update.
+    def mid_round() -> dict[str, Any] | None:
+        record = aggregator.status()["round"]
+        third = record and record["spec"]["round_id"].endswith("-3") and record["phase"] == "Training"
+        return record if third and record["accepted"] else None
+
+    wait_enrolled(aggregator, 3)
+    before = wait_for(mid_round, timeout=240, what="round 3 open with an accepted update")
+    table = kubectl("get", "federatedround", ROUND, "-n", namespace)
+    assert "ROUND" in table.splitlines()[0] and "ROUNDS" in table.splitlines()[0]
+    aggregator.kill()
+    aggregator.start()
+    after = aggregator.status()["round"]
+    assert after["spec"]["round_id"] == before["spec"]["round_id"]
+    assert set(before["accepted"]) <= set(after["accepted"]), "an acknowledged update was lost"
+
+    status = wait_phase(kubectl, namespace, "Completed", timeout=300)
+    assert [c.wait(timeout=60) for c in clients] == [0, 0, 0], [
+        processes.log(n) for n in ("phone-0", "phone-1", "flower-0")
+    ]
+    assert status["currentRound"] == rounds and status["completedRounds"] == rounds
+    history = status["history"]
+    assert [h["round"] for h in history] == [1, 2, 3, 4, 5]
+    assert [h["modelVersion"] for h in history] == [1, 2, 3, 4, 5]
+    assert all(h["phase"] == "Completed" and h["participants"] == 3 and not h["stragglers"] for h in history)
+    assert all(h["rejectedUpdates"] == 0 for h in history)
+    # Both kinds of client report held-out accuracy; the model gets better over the run.
+    assert all(0 < h["accuracy"] <= 1 for h in history)
+    data = evaluation.load_federated_digits(4, 0.5, 0)
+    before = evaluation.accuracy(evaluation.initial_model(), data.test_x, data.test_y)
+    final = evaluation.accuracy(
+        evaluation.params_vector(aggregator.model(version=rounds)), data.test_x, data.test_y
+    )
+    assert final > before, (before, final)
+    assert "'status': 'accepted'" in processes.log("flower-0")
+
+    # The run ended: its aggregator Deployment and Service are gone, the model is named on the claim.
+    removed = wait_for(
+        lambda: (s := round_status(kubectl, namespace)).get("aggregatorRemoved") and s,
+        timeout=30,
+        what="cleanup",
+    )
+    assert removed["result"] == f"file:///state/models/global-v{rounds}.npz"
+    left = kubectl.json(
+        "get", "deployments,services", "-n", namespace, "-l", f"ampacity.dev/federatedround={ROUND}"
+    )
+    assert left["items"] == []
+    assert "AggregatorRemoved" in events(kubectl, namespace)

@@ -260,6 +260,8 @@ def start_federated_round(run: Processes, kubectl: Kubectl, namespace: str, work
             "strategy": "fedavg",
             "localSteps": {"min": 1, "max": 3},
             "aggregation": {"rule": "mean"},
+            # This test is about metrics, not TLS (test_federatedround.py covers it): plain HTTP, asked for.
+            "aggregator": {"insecureHTTP": True},
         },
     }
     assert kubectl.apply(round_).returncode == 0
@@ -269,7 +271,12 @@ def start_federated_round(run: Processes, kubectl: Kubectl, namespace: str, work
     model = workdir / "global-model.npz"
     cli = [sys.executable, "-m", "ampacity.cli", "federated"]
     subprocess.run([*cli, "init-model", f"--out={model}"], check=True, capture_output=True, timeout=120)
-    env = {"AMPACITY_FL_ADMIN_TOKEN": token}
+    enrolment = wait_for(
+        lambda: secret_value(kubectl, "e2e-round-aggregator-enrolment", namespace),
+        timeout=60,
+        what="enrolment token",
+    )
+    env = {"AMPACITY_FL_ADMIN_TOKEN": token, "AMPACITY_FL_ENROLMENT_TOKEN": enrolment}
     run.start(
         "aggregator",
         [
@@ -279,6 +286,7 @@ def start_federated_round(run: Processes, kubectl: Kubectl, namespace: str, work
             f"--port={port}",
             f"--state-dir={workdir / 'aggregator'}",
             f"--initial-model={model}",
+            "--insecure-http",
         ],
         env,
     )
@@ -298,7 +306,7 @@ def start_federated_round(run: Processes, kubectl: Kubectl, namespace: str, work
                 "--tasks=1",
                 "--timeout-seconds=240",
             ],
-            env,
+            {"AMPACITY_FL_ENROLMENT_TOKEN": enrolment},
         )
 
 

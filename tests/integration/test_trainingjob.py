@@ -176,6 +176,9 @@ def test_gang_starts_together_with_its_environment(
     for env in envs.values():
         assert env["WORLD_SIZE"] == "4"
         assert env["MASTER_ADDR"] == "llm-worker-0.llm"
+        # torchrun's own variables: a bare `torchrun train.py` joins the same 4-pod group.
+        assert (env["PET_NNODES"], env["PET_NPROC_PER_NODE"]) == ("4", "1")
+        assert env["PET_MASTER_ADDR"] == "llm-worker-0.llm" and env["PET_NODE_RANK"] == env["RANK"]
         assert env["AMPACITY_ATTEMPT"] == "0"
         assert env["AMPACITY_JOB_NAME"] == "llm"
         assert env["AMPACITY_REPORT_URL"].endswith(report_path(namespace, "llm"))
@@ -388,3 +391,111 @@ def test_lost_node_restarts_the_gang(kubectl: Kubectl, operator: LocalOperator, 
 def job_status(kubectl: Kubectl, name: str, namespace: str) -> dict[str, Any] | None:
     obj = kubectl.get("trainingjob", name, namespace)
     return obj if reconciled(obj) else None
+
+
+def test_concurrent_gangs_beyond_capacity_never_deadlock_or_overcommit(
+    kubectl: Kubectl, operator: LocalOperator, namespace: str
+) -> None:
+    """Ten jobs asking for 76 GPUs at once on four 8-GPU nodes of this test's own (32 GPUs)."""
+    pool = {"ampacity.dev/test-pool": namespace}
+    nodes = [gpu_node(f"gang-{namespace}-{i}", 200 + i, GpuNodeShape()) for i in range(4)]
+    for node in nodes:
+        node["metadata"]["labels"] |= pool
+        # Tainted: other tests' pods stay off these nodes, and admission must honour the toleration.
+        node["spec"]["taints"] = [
+            {"key": "ampacity.dev/test-pool", "value": namespace, "effect": "NoSchedule"}
+        ]
+        kubectl("create", "-f", "-", stdin=json.dumps(node))
+    names = {n["metadata"]["name"] for n in nodes}
+    shapes = [(2, 4), (1, 8), (3, 4), (2, 8), (1, 4), (4, 2), (2, 4), (1, 8), (3, 2), (2, 4)]
+    assert sum(w * g for w, g in shapes) > 32
+
+    def settled(done: set[str]) -> set[str] | None:
+        """The jobs now running, once every job not `done` runs its whole gang (every pod bound) or
+        waits with its place in a line that is in creation order; None while that does not hold.
+        GPUs are never over-committed, checked on every look."""
+        pods = [
+            p
+            for p in kubectl.json("get", "pods", "-n", namespace)["items"]
+            if not p["metadata"].get("deletionTimestamp")
+        ]
+        used: dict[str, int] = {}
+        for p in pods:
+            if node := p["spec"].get("nodeName"):
+                gpus = int(p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+                used[node] = used.get(node, 0) + gpus
+        assert set(used) <= names and all(gpus <= 8 for gpus in used.values()), used
+        running_jobs, line = set(), []
+        for i in range(len(shapes)):
+            if f"j{i}" in done:
+                continue
+            obj = kubectl.get("trainingjob", f"j{i}", namespace)
+            if not reconciled(obj):
+                return None
+            assert obj is not None
+            status, ready = obj["status"], condition(obj)
+            gang = [p for p in pods if p["metadata"]["labels"].get(SELECTOR) == f"j{i}"]
+            if status.get("phase") == "Running":
+                if len(gang) != shapes[i][0] or not all(p["spec"].get("nodeName") for p in gang):
+                    return None
+                running_jobs.add(f"j{i}")
+            elif ready and ready["reason"] == "InsufficientCapacity" and status.get("queuePosition"):
+                line.append((status["queuePosition"], i))
+            else:
+                return None
+        if any(p["metadata"]["labels"].get(SELECTOR) in done for p in pods):
+            return None  # the finished jobs' pods are still going
+        # All priority 0: the line is in creation order, numbered from 1.
+        if sorted(line) != [(n + 1, i) for n, i in enumerate(sorted(i for _, i in line))]:
+            return None
+        return running_jobs
+
+    try:
+        for i, (workers, gpus) in enumerate(shapes):
+            job_manifest = manifest(f"j{i}", namespace, workers, gpus=gpus)
+            template = job_manifest["spec"]["template"]["spec"]
+            template["nodeSelector"] = pool
+            template["tolerations"] = [{"key": "ampacity.dev/test-pool", "operator": "Exists"}]
+            assert kubectl.apply(job_manifest).returncode == 0
+        ran: set[str] = set()
+        for _ in range(len(shapes)):
+            running_now = wait_for(
+                lambda done=frozenset(ran): settled(set(done)),  # type: ignore[misc]
+                timeout=180,
+                what="every job running its whole gang or waiting in line, in order",
+            )
+            if not ran:
+                assert len(running_now) < len(shapes)  # demand exceeds capacity: some wait
+            ran |= running_now
+            if len(ran) == len(shapes):
+                break
+            # The running jobs finish (deleted here): the waiting ones move up and start in order.
+            for name in sorted(running_now):
+                kubectl.run(
+                    "delete", "trainingjob", name, "-n", namespace, "--ignore-not-found", "--wait=false"
+                )
+        assert len(ran) == len(shapes)
+    finally:
+        for node in nodes:
+            kubectl.run("delete", "node", node["metadata"]["name"], "--ignore-not-found")
+
+
+@pytest.mark.parametrize(
+    ("storage", "message"),
+    [
+        ({"uri": "minio://b/p"}, "checkpoint.storage.uri must start with s3://, gs://, gcs:// or file://"),
+        ({"uri": "gs://b/p", "endpoint": "https://x"}, "checkpoint.storage.endpoint is for an s3:// uri"),
+        (
+            {"persistentVolumeClaim": "ckpt", "credentialsSecret": "s3"},
+            "checkpoint.storage.credentialsSecret is for an object-store uri",
+        ),
+    ],
+)
+def test_bad_checkpoint_storage_is_refused_with_a_clear_message(
+    kubectl: Kubectl, crds: None, namespace: str, storage: dict[str, str], message: str
+) -> None:
+    job_manifest = manifest("bad", namespace, 1)
+    job_manifest["spec"]["checkpoint"]["storage"] = storage
+    result = kubectl.apply(job_manifest)
+    assert result.returncode != 0 and message in result.stderr
+    assert kubectl.get("trainingjob", "bad", namespace) is None

@@ -17,6 +17,14 @@ Strategies: synchronous FedAvg (every round waits for the slowest client), FedCo
 groups from `scheduler`, late updates with staleness weights), FedAsync (Xie et al., 2019: mix every
 update in as it lands) and FedBuff (Nguyen et al., 2022: apply every K updates).
 
+One server step for all asynchronous strategies (`server_rate`, eta): every update moves the model
+by eta x its client's data share x its staleness weight x its delta, whenever the strategy applies
+it (FedAsync: on arrival; FedBuff: every K; FedCompass: with its arrival group). That is APPFL's
+scaling for all three (`alpha * staleness_fn(tau) * weight`, weight = 1/num_clients or the sample
+share, in its FedAsync, FedBuff and FedCompass aggregators), and at eta = 1 one update weighs what
+it weighs in a FedAvg round. The first version of this study gave FedBuff the mean of its K deltas
+at rate 1, i.e. N/K = 4 times the step FedCompass got, and compared the two at unequal steps.
+
 Byzantine study: a fraction of clients send their honest delta flipped and scaled (a sign-flip
 attack), under synchronous FedAvg, once per aggregation rule.
 """
@@ -24,8 +32,9 @@ attack), under synchronous FedAvg, once per aggregation rule.
 from __future__ import annotations
 
 import heapq
+import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -56,8 +65,8 @@ class SimConfig:
     learning_rate: float = 0.05
     lateness: float = 1.2
     staleness_exponent: float = 0.5
-    fedasync_mixing: float = 0.5
     fedbuff_size: int = 5
+    server_rate: float = 1.0
     target_accuracy: float = 0.93
     max_time_s: float = 100_000.0
     byzantine_fraction: float = 0.2
@@ -243,7 +252,8 @@ def run_fedavg(
             deltas.append(-cfg.attack_scale * delta if c in attackers else delta)
         rec.local_steps += cfg.clients * cfg.q_max
         now += max(_trip(cfg, float(speeds[c]), cfg.q_max, clock_rng) for c in range(cfg.clients))
-        theta = theta + aggregation.aggregate(rule, deltas, data.sizes.tolist(), len(attackers))
+        step = aggregation.aggregate(rule, deltas, data.sizes.tolist(), len(attackers))
+        theta = theta + cfg.server_rate * step
         done += 1
         rec.record(now, theta)
         if rounds is None and rec.reached is not None:
@@ -318,7 +328,8 @@ def run_fedcompass(data: FederatedData, cfg: SimConfig) -> RunResult:
             # FedCompass weighs each update by its client's share of all data times the staleness
             # weight, so a group moves the model in proportion to the data it represents.
             step = sum(
-                (float(data.sizes[c]) / total)
+                cfg.server_rate
+                * (float(data.sizes[c]) / total)
                 * scheduler.staleness_weight(version - base, cfg.staleness_exponent)
                 * delta
                 for delta, base, c in contributions
@@ -366,9 +377,10 @@ def run_fedcompass(data: FederatedData, cfg: SimConfig) -> RunResult:
 def run_async(data: FederatedData, cfg: SimConfig, buffer_size: int) -> RunResult:
     """FedAsync (`buffer_size == 1`) or FedBuff: clients loop on Q_max steps, no waiting.
 
-    FedAsync mixes each arriving model in as x <- (1 - a s) x + a s x_client; FedBuff adds the mean
-    of every `buffer_size` staleness-weighted deltas.
+    FedAsync mixes each arriving model in as x <- (1 - a) x + a x_client with a = eta x share x s;
+    FedBuff adds the sum of every `buffer_size` updates, each eta x share x s x delta.
     """
+    total = float(data.sizes.sum())
     clock_rng, rngs = _rngs(cfg, 3)
     speeds = client_speeds(cfg.clients, cfg.speed_spread, clock_rng)
     theta = initial_model()
@@ -393,16 +405,20 @@ def run_async(data: FederatedData, cfg: SimConfig, buffer_size: int) -> RunResul
         if now > cfg.max_time_s:
             break
         base_theta, delta, base = trips.pop(c)
-        weight = scheduler.staleness_weight(version - base, cfg.staleness_exponent)
+        weight = (
+            cfg.server_rate
+            * (float(data.sizes[c]) / total)
+            * scheduler.staleness_weight(version - base, cfg.staleness_exponent)
+        )
         if buffer_size == 1:
-            mix = cfg.fedasync_mixing * weight
+            mix = min(1.0, weight)
             theta = (1.0 - mix) * theta + mix * (base_theta + delta)
             version += 1
             rec.record(now, theta)
         else:
             buffer.append(weight * delta)
             if len(buffer) == buffer_size:
-                theta = theta + aggregation.weighted_mean(buffer)
+                theta = theta + np.sum(buffer, axis=0)
                 buffer = []
                 version += 1
                 rec.record(now, theta)
@@ -475,4 +491,80 @@ def report(cfg: SimConfig) -> str:
     clean_mean = study[0][1]
     for rule, clean, attacked in study:
         lines.append(f"| {rule.value} | {clean:.3f} | {attacked:.3f} | {100 * (clean_mean - attacked):.1f} |")
+    return "\n".join(lines)
+
+
+#: The server rates `ampacity federated compare` sweeps by default: FedAvg's scale (1), and 4 =
+#: N/K, the step the first version of this study gave FedBuff alone.
+COMPARE_RATES = (1.0, 2.0, 4.0)
+COMPARED = ("fedavg", "fedbuff", "fedcompass")
+
+
+def compare_at_rates(
+    cfg: SimConfig, seeds: tuple[int, ...], rates: tuple[float, ...] = COMPARE_RATES
+) -> dict[tuple[int, float], dict[str, float | None]]:
+    """Time to target per (seed, server rate): FedAvg at rate 1 and at the rate, FedBuff, FedCompass."""
+    out: dict[tuple[int, float], dict[str, float | None]] = {}
+    for seed in seeds:
+        data = load_federated_digits(cfg.clients, cfg.dirichlet_alpha, seed)
+        fedavg = run_fedavg(data, replace(cfg, seed=seed, server_rate=1.0)).time_to_target_s
+        for rate in rates:
+            at = replace(cfg, seed=seed, server_rate=rate)
+            out[(seed, rate)] = {
+                "fedavg": fedavg,
+                "fedavg_at_rate": fedavg if rate == 1.0 else run_fedavg(data, at).time_to_target_s,
+                "fedbuff": run_async(data, at, cfg.fedbuff_size).time_to_target_s,
+                "fedcompass": run_fedcompass(data, at).time_to_target_s,
+            }
+            print(f"seed {seed} rate {rate:g}: {out[(seed, rate)]}", file=sys.stderr, flush=True)
+    return out
+
+
+def compare_report(cfg: SimConfig, seeds: tuple[int, ...], rates: tuple[float, ...] = COMPARE_RATES) -> str:
+    """The comparison as Markdown: one table per server rate, medians and speedups below each."""
+    results = compare_at_rates(cfg, seeds, rates)
+
+    def fmt(t: float | None) -> str:
+        return "not reached" if t is None else f"{t:,.0f}"
+
+    lines = [
+        f"Time to {cfg.target_accuracy:.0%} test accuracy (simulated s), {cfg.clients} clients,"
+        f" Dirichlet {cfg.dirichlet_alpha}, speed spread {cfg.speed_spread:g}x, Q in [{cfg.q_min},"
+        f" {cfg.q_max}], FedBuff K={cfg.fedbuff_size}, staleness (1+tau)^-{cfg.staleness_exponent:g}",
+    ]
+    for rate in rates:
+        lines += [
+            "",
+            f"Server rate {rate:g} (every async update moves the model by {rate:g} x data share x"
+            " staleness weight x delta):",
+            "",
+            f"| seed | fedavg (rate 1) | fedavg (rate {rate:g}) | fedbuff | fedcompass"
+            " | fedcompass / fedbuff time | speedup vs fedavg (rate 1) | speedup vs fedavg (same rate) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        ratios: dict[str, list[float]] = {"buff": [], "avg": [], "avg_same": []}
+        for seed in seeds:
+            r = results[(seed, rate)]
+            avg, avg_same, buff, compass = r["fedavg"], r["fedavg_at_rate"], r["fedbuff"], r["fedcompass"]
+            cells = []
+            for key, num, den in (
+                ("buff", compass, buff),
+                ("avg", avg, compass),
+                ("avg_same", avg_same, compass),
+            ):
+                value = num / den if num and den else None
+                if value is not None:
+                    ratios[key].append(value)
+                cells.append("-" if value is None else f"{value:.2f}")
+            times = " | ".join(fmt(t) for t in (avg, avg_same, buff, compass))
+            lines.append(f"| {seed} | {times} | {' | '.join(cells)} |")
+        if all(ratios.values()):
+            lines += [
+                "",
+                f"Medians: fedcompass/fedbuff time {float(np.median(ratios['buff'])):.2f} (below 1:"
+                f" fedcompass first, on {sum(x < 1 for x in ratios['buff'])} of {len(ratios['buff'])}"
+                " seeds); speedup"
+                f" over fedavg at rate 1 {float(np.median(ratios['avg'])):.2f}x, over fedavg at the same rate"
+                f" {float(np.median(ratios['avg_same'])):.2f}x.",
+            ]
     return "\n".join(lines)

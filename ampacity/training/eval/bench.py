@@ -58,7 +58,7 @@ def bench_checkpoint_stall(
         for step in range(repeats):
             result = save_checkpoint(directory / "sync", step, state)
             sync_stalls.append(result.stall_seconds)
-            delete_checkpoint(result.path)
+            delete_checkpoint(Path(result.path))
             async_stalls.append(checkpointer.save(step, state))
             # Training would go on here and change the state while the persist runs.
             state["layer000.weight"] += 1.0
@@ -66,7 +66,7 @@ def bench_checkpoint_stall(
             if done is None:
                 raise RuntimeError("the asynchronous save left no result")
             persists.append(done.persist_seconds)
-            delete_checkpoint(done.path)
+            delete_checkpoint(Path(done.path))
     return StallBenchmark(
         size_bytes=sum(a.nbytes for a in state.values()),
         arrays=arrays,

@@ -60,7 +60,7 @@ class SaveResult:
     """One rank's save: what the reporter sends and the controller records."""
 
     step: int
-    path: Path
+    path: Path | str  # the step directory, or its URI in object storage
     size_bytes: int  # what this rank wrote
     stall_seconds: float  # training blocked
     persist_seconds: float  # background write, fsync and commit

@@ -44,6 +44,8 @@ def round_manifest(port: int) -> dict[str, Any]:
             "deadline": "10m",
             "strategy": "fedavg",
             "localSteps": {"min": 1, "max": 3},
+            # TLS has its own tests (tests/unit/federated/test_tls.py); this one is about the loop.
+            "aggregator": {"insecureHTTP": True},
         },
     }
 
@@ -83,6 +85,7 @@ async def test_a_round_gets_its_aggregator_opens_and_settles(aggregator: str) ->
             "r1-aggregator",
             "r1-aggregator",
             "r1-aggregator-admin",
+            "r1-aggregator-enrolment",
         ]
         assert all(c["metadata"]["ownerReferences"][0]["uid"] == UID for c in children)
         secret = kube.stored("Secret", "ns", "r1-aggregator-admin")

@@ -10,26 +10,25 @@ import kopf
 import pytest
 
 from ampacity.api import TRAINING_JOB
-from ampacity.api.trainingjob import CheckpointRecord, TrainingJobSpec, TrainingJobStatus
+from ampacity.api.trainingjob import CheckpointCost, CheckpointRecord, TrainingJobSpec, TrainingJobStatus
 from controllers import tokens
 from controllers.reconciler import Context
 from controllers.trainingjob import reports
+from controllers.trainingjob.admission import GangAdmission, Reservation
 from controllers.trainingjob.controller import (
     broken_workers,
     close_exposure,
-    first_fit,
-    free_gpus,
     interval_stale,
     issue_token,
-    node_matches,
     node_ready,
-    pod_gpus,
     resume_step,
     spec_revision,
     token_secret,
+    unbound_too_long,
     work_lost,
     worker_pod,
 )
+from controllers.trainingjob.history import ClusterFailureHistory
 from tests.fakes import FakeKube
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -67,43 +66,6 @@ def pod(node_name: str | None, gpus: int, phase: str = "Running") -> dict[str, A
         },
         "status": {"phase": phase},
     }
-
-
-def test_pod_gpus_reads_limits_or_requests_and_sums_containers() -> None:
-    assert pod_gpus(pod("n", 3)) == 3
-    both = {"spec": {"containers": [{"resources": {"requests": {"nvidia.com/gpu": "2"}}}] * 2}}
-    assert pod_gpus(both) == 4
-    assert pod_gpus({"spec": {}}) == 0
-
-
-def test_free_gpus_subtract_bound_unfinished_pods() -> None:
-    nodes = [node("a", 8), node("b", 8)]
-    pods = [pod("a", 4), pod("a", 2, "Succeeded"), pod("b", 8, "Failed"), pod(None, 8), pod("c", 1)]
-    assert free_gpus(nodes, pods) == {"a": 4, "b": 8}
-
-
-def test_first_fit_never_admits_part_of_a_gang() -> None:
-    free = {"a": 8, "b": 8, "c": 8, "d": 8}
-    assert first_fit(free, 4, 8)
-    assert not first_fit(free, 6, 8)
-    # 3 + 3 + 3 GPUs free: three 2-GPU workers fit, a fourth does not (no node keeps 2 free after one).
-    assert first_fit({"a": 3, "b": 3, "c": 3}, 3, 2)
-    assert not first_fit({"a": 3, "b": 3, "c": 3}, 4, 2)
-    assert first_fit({}, 10, 0)
-
-
-def test_node_matching_honours_selector_cordon_and_taints() -> None:
-    assert node_matches(node("a", 8), {"nodeSelector": {"pool": "a"}})
-    assert not node_matches(node("a", 8), {"nodeSelector": {"pool": "b"}})
-    assert not node_matches(node("a", 8, unschedulable=True), {})
-    tainted = node("a", 8, taints=[{"key": "gpu", "value": "x", "effect": "NoSchedule"}])
-    assert not node_matches(tainted, {})
-    assert node_matches(tainted, {"tolerations": [{"key": "gpu", "operator": "Exists"}]})
-    assert node_matches(tainted, {"tolerations": [{"key": "gpu", "value": "x", "effect": "NoSchedule"}]})
-    assert not node_matches(tainted, {"tolerations": [{"key": "gpu", "value": "y"}]})
-    assert node_matches(tainted, {"tolerations": [{"operator": "Exists"}]})
-    soft = node("a", 8, taints=[{"key": "k", "effect": "PreferNoSchedule"}])
-    assert node_matches(soft, {})
 
 
 def test_work_lost_counts_steps_since_the_checkpoint_and_the_backoff_on_every_gpu() -> None:
@@ -159,6 +121,28 @@ def test_worker_env_carries_gang_report_and_retention_settings() -> None:
     assert env["AMPACITY_REPORT_TOKEN_FILE"] == "/var/run/ampacity/report/token"
     assert (env["AMPACITY_RETENTION_KEEP_LAST"], env["AMPACITY_RETENTION_KEEP_EVERY"]) == ("2", "100")
     assert env["AMPACITY_CHECKPOINT_INTERVAL_SECONDS"] == "900"
+    # torchrun's PET_* variables (as Kubeflow Trainer sets them) and init_process_group's.
+    assert (env["PET_NNODES"], env["PET_NPROC_PER_NODE"], env["PET_NODE_RANK"]) == ("4", "2", "1")
+    assert env["PET_MASTER_ADDR"] == env["MASTER_ADDR"] == "llm-worker-0.llm"
+    assert env["PET_MASTER_PORT"] == env["MASTER_PORT"] == "29500"
+    assert (env["WORLD_SIZE"], env["RANK"]) == ("4", "1")
+    assert {"name": "rendezvous", "containerPort": 29500} in container["ports"]
+    assert env["AMPACITY_CHECKPOINT_URI"] == "s3://b/p"
+    assert "AMPACITY_CHECKPOINT_ENDPOINT" not in env
+    assert "envFrom" not in container
+
+
+def test_object_storage_endpoint_and_credentials_reach_every_container() -> None:
+    job = spec()
+    job.checkpoint.storage.endpoint = "http://minio.storage:9000"
+    job.checkpoint.storage.credentials_secret = "ckpt-s3"
+    job.template["spec"]["containers"].append({"name": "sidecar", "image": "s"})
+    manifest = worker_pod(context(job), job, 0, 4, gang=0)
+    for container in manifest["spec"]["containers"]:
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["AMPACITY_CHECKPOINT_ENDPOINT"] == "http://minio.storage:9000"
+        assert container["envFrom"] == [{"secretRef": {"name": "ckpt-s3"}}]
+    assert spec_revision(job) != spec_revision(spec())
     assert manifest["metadata"]["labels"]["ampacity.dev/world-size"] == "4"
     assert manifest["spec"]["volumes"] == [
         {"name": "ampacity-report-token", "secret": {"secretName": "llm-report-token", "defaultMode": 0o400}}
@@ -247,3 +231,68 @@ async def test_a_lost_token_secret_is_replaced_never_read(monkeypatch: pytest.Mo
     ctx.status.report_token_hash = digest
     assert await issue_token(ctx) == digest
     assert len([1 for _, kind in kube.calls if kind == "Secret"]) == 3
+
+
+def test_a_worker_is_pinned_to_its_reserved_node_within_the_users_affinity() -> None:
+    job = spec()
+    job.template["spec"]["affinity"] = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100"]}]},
+                    {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h200"]}]},
+                ]
+            }
+        }
+    }
+    manifest = worker_pod(context(job), job, 2, 4, gang=0, node="gpu-7")
+    terms = manifest["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    pin = {"key": "metadata.name", "operator": "In", "values": ["gpu-7"]}
+    assert [t["matchFields"] for t in terms] == [[pin], [pin]]  # ANDed into each ORed term
+    assert terms[0]["matchExpressions"][0]["values"] == ["h100"]
+    assert "affinity" not in job.template["spec"]["affinity"]  # the spec itself is left alone
+    plain = worker_pod(context(spec()), spec(), 0, 4, gang=0, node="gpu-1")
+    assert plain["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] == {
+        "nodeSelectorTerms": [{"matchFields": [pin | {"values": ["gpu-1"]}]}]
+    }
+
+
+def test_reservations_hold_until_the_pods_are_bound_and_unbound_workers_time_out() -> None:
+    admission = GangAdmission()
+    admission.reservations["ns/a"] = Reservation({"a-worker-0": ("n1", 8), "a-worker-1": ("n2", 8)})
+    admission.reservations["ns/b"] = Reservation({"b-worker-0": ("n1", 0), "b-worker-1": ("", 0)})
+    assert admission.reserved([]) == {"n1": 8, "n2": 8}
+    bound = [{"metadata": {"namespace": "ns", "name": "a-worker-0"}, "spec": {"nodeName": "n1"}}]
+    assert admission.reserved(bound) == {"n2": 8}
+    both = [*bound, {"metadata": {"namespace": "ns", "name": "a-worker-1"}, "spec": {"nodeName": "n2"}}]
+    assert admission.reserved(both) == {} and "ns/a" not in admission.reservations
+    admission.forget("ns/b")
+    assert not admission.reservations
+
+    def worker(name: str, age: float, node: str | None = None) -> dict[str, Any]:
+        created = (NOW - timedelta(seconds=age)).isoformat().replace("+00:00", "Z")
+        return {"metadata": {"name": name, "creationTimestamp": created}, "spec": {"nodeName": node}}
+
+    pods = [worker("w-0", 500, "n1"), worker("w-1", 500), worker("w-2", 10)]
+    assert unbound_too_long(pods, NOW) == ["w-1"]
+
+
+def test_the_other_jobs_failures_move_this_jobs_interval() -> None:
+    history = ClusterFailureHistory()
+    assert history.record("ns/a", 0, 100.0) == (0, 0.0)
+    history.record("ns/b", 6, 3000.0)
+    assert history.record("ns/a", 1, 120.0) == (6, 3000.0)  # never its own: that is the job's evidence
+    assert history.record("ns/c", 0, 0.0) == (7, 3120.0)
+    job = spec()
+    measured = CheckpointCost(step=10, stall_seconds=1.0, persist_seconds=30.0)
+    quiet = TrainingJobStatus(nodes=64, checkpoint_cost=measured)
+    flaky = quiet.model_copy(update={"cluster_failures": 40, "cluster_exposure_node_hours": 2000.0})
+    calm = quiet.model_copy(update={"cluster_failures": 0, "cluster_exposure_node_hours": 2e6})
+    interval = {
+        name: reports.decide_interval(job, status, NOW).interval_seconds
+        for name, status in (("quiet", quiet), ("flaky", flaky), ("calm", calm))
+    }
+    assert interval["flaky"] < interval["quiet"] < interval["calm"]
+    assert "40 failures in 2000 node-h on this cluster" in reports.decide_interval(job, flaky, NOW).reason

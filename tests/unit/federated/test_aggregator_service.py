@@ -13,7 +13,8 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from ampacity.federated.aggregator import AggregatorConfig, create_app, decode_arrays, encode_arrays
-from ampacity.federated.client import FederatedClient, Task, TrainResult
+from ampacity.federated.client import FederatedClient, TrainResult
+from ampacity.federated.wire import Task
 
 ADMIN = "admin-secret"
 MODEL = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
@@ -169,7 +170,9 @@ async def test_oversized_update_is_refused_with_json(tmp_path: Path) -> None:
         buf = io.BytesIO()
         np.savez_compressed(buf, w=np.zeros((3, 1000), np.float32), b=np.zeros(4, np.float32))
         resp = await upload(http, tokens["a"], "r1", buf.getvalue())
-        assert resp.status_code == 400 and "inflates" in resp.json()["error"]
+        # 413 like the plain oversized body: the limit is on what the update inflates to.
+        assert resp.status_code == 413 and "inflates" in resp.json()["error"]
+        assert resp.json()["kind"] == "too_large"
         assert (await upload(http, tokens["a"], "r1", encode_arrays(delta(1.0)))).status_code == 202
 
 
@@ -296,7 +299,7 @@ async def test_client_sdk_fetches_trains_and_uploads(tmp_path: Path) -> None:
 
         first, second = await asyncio.to_thread(run_client)
         assert getattr(first, "accepted", False) and second is None
-        assert seen == [Task("r1", 0, 5, None)]
+        assert seen == [Task(round_id="r1", model_version=0, local_steps=5, deadline_unix_s=None)]
         await round_phase(http, "Completed")
         # What the controller feeds to the FedCompass speed estimator.
         report = (await status(http))["round"]["reports"]["a"]

@@ -77,3 +77,14 @@ def test_attack_breaks_the_mean_and_multi_krum_resists(data: evaluation.Federate
     assert attacked_mean.final_accuracy < clean.final_accuracy - 0.3
     assert attacked_krum.final_accuracy > attacked_mean.final_accuracy + 0.3
     assert attacked_krum.final_accuracy > clean.final_accuracy - 0.1
+
+
+def test_the_comparison_runs_every_strategy_at_each_server_rate() -> None:
+    cfg = dataclasses.replace(TINY, target_accuracy=0.5)
+    results = evaluation.compare_at_rates(cfg, (0,), (1.0, 2.0))
+    assert set(results) == {(0, 1.0), (0, 2.0)}
+    one, two = results[(0, 1.0)], results[(0, 2.0)]
+    assert one["fedavg"] == two["fedavg"] == one["fedavg_at_rate"], "plain FedAvg does not depend on the rate"
+    assert all(v is not None for r in results.values() for v in r.values())
+    # A larger server step moves faster on this convex model: the rate is really applied.
+    assert two["fedbuff"] < one["fedbuff"] and two["fedcompass"] < one["fedcompass"]  # type: ignore[operator]

@@ -4,7 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ampacity.training.failure_trace import load_failure_trace
+from ampacity.training.checkpoint_interval import FailureRatePrior
+from ampacity.training.failure_trace import load_failure_trace, observed_span_days
 
 
 def test_real_trace_counts_and_rates() -> None:
@@ -61,3 +62,37 @@ def test_starts_pair_with_ends_per_node_and_description(tmp_path: Path) -> None:
     assert [(f.node_id, f.end_days) for f in trace.faults] == [("n1", 2.0), ("n2", None), ("n1", None)]
     assert trace.node_failure_rate_per_hour() == pytest.approx(3 / (4 * 240))
     assert list(trace.job_failure_hours(["n1"])) == [24.0, 72.0]
+
+
+def test_the_span_is_read_from_the_trace_so_a_longer_one_is_not_cut(tmp_path: Path) -> None:
+    def fault(node: str, t: float, kind: str = "fault_start") -> dict[str, object]:
+        return {
+            "node_id": node,
+            "event_time": t,
+            "event_type": kind,
+            "fault_type": {"Level": "L", "Class": "C", "Desc": "d"},
+        }
+
+    assert load_failure_trace().span_days == (0.0, 200.0)  # the published file: days 0-200
+    longer = tmp_path / "longer.json"
+    longer.write_text(json.dumps([fault("n1", 3.2), fault("n1", 150.0, "fault_end"), fault("n2", 259.4)]))
+    trace = load_failure_trace(longer, cluster_nodes=10)
+    assert trace.span_days == (0.0, 260.0)
+    assert trace.node_failure_rate_per_hour() == pytest.approx(2 / (10 * 260 * 24))
+    assert observed_span_days([-1.5, 3.0]) == (-2.0, 3.0)
+    with pytest.raises(ValueError, match="no span"):
+        observed_span_days([])
+
+
+def test_the_clusters_own_failures_move_the_prior() -> None:
+    prior = FailureRatePrior(rate_per_node_hour=1e-3, weight=2.0, source="trace")
+    assert prior.with_history(0, 0.0) is prior
+    # A healthy cluster: no failure in 8000 node-hours lowers the rate (2 / (2000 + 8000)).
+    healthy = prior.with_history(0, 8000.0)
+    assert healthy.rate_per_node_hour == pytest.approx(2e-4) and healthy.weight == 2.0
+    # A flaky one: 18 failures in 2000 node-hours raises it to (2 + 18) / (2000 + 2000).
+    flaky = prior.with_history(18, 2000.0)
+    assert flaky.rate_per_node_hour == pytest.approx(5e-3) and flaky.weight == 20.0
+    assert "18 failures in 2000 node-h" in flaky.source
+    with pytest.raises(ValueError):
+        prior.with_history(-1, 10.0)
