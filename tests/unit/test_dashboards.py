@@ -32,6 +32,7 @@ from ampacity.observability import (
     rule_queries,
     stale_files,
 )
+from ampacity.serving.activator import ActivatorMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD_NAMES = {"overview", "serving", "power", "training", "federated"}
@@ -71,13 +72,14 @@ def _families(registry: CollectorRegistry | Collector) -> dict[str, str]:
 
 
 def exported_metrics() -> dict[str, str]:
-    """Every metric the operator, the node agent and the FL aggregator export, with its type."""
+    """Every metric the operator, node agent, FL aggregator and activator export, with its type."""
     import controllers.metrics  # noqa: F401  (registers the operator's metrics in REGISTRY)
 
     agent = AgentMetrics("node")
     agent.record([GpuSample(0, 100.0, 1.0, 700.0)], failsafe=False)
     registry = CollectorRegistry()
     AggregatorMetrics(registry)
+    ActivatorMetrics("pool", registry)
     return {**_families(REGISTRY), **_families(agent.registry), **_families(registry)}
 
 
