@@ -8,11 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/bootstrap.sh
 
-echo "== prometheus and promtool (Debian's prometheus package)" >&2
-if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+echo "== prometheus, promtool and debootstrap (Debian's packages; the image test builds a rootfs)" >&2
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || ! command -v debootstrap >/dev/null; then
   sudo=$([ "$(id -u)" -eq 0 ] && echo "" || echo sudo)
   $sudo apt-get update -qq
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus debootstrap >/dev/null
 fi
 echo "== control plane binaries" >&2
 # stdout is only the binaries' folder; progress and the 30 s heartbeat go to stderr.
