@@ -12,11 +12,13 @@ alert expressions are evaluated with `bool` comparisons, so they return data whi
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,7 +95,13 @@ class Processes:
 class Prometheus:
     """A local Prometheus on a free loopback port."""
 
-    def __init__(self, processes: Processes, workdir: Path, targets: dict[str, list[str]]) -> None:
+    def __init__(
+        self,
+        processes: Processes,
+        workdir: Path,
+        targets: dict[str, list[str]],
+        labels: dict[str, dict[str, str]] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = {
@@ -102,7 +110,12 @@ class Prometheus:
             "scrape_configs": [
                 # honor_labels: per-object series carry their object's `namespace`, as with the chart's
                 # ServiceMonitor (honorLabels: true).
-                {"job_name": job, "honor_labels": True, "static_configs": [{"targets": hosts}]}
+                # `labels`: what the chart's PodMonitors add from the pod's labels (the engines').
+                {
+                    "job_name": job,
+                    "honor_labels": True,
+                    "static_configs": [{"targets": hosts, "labels": (labels or {}).get(job, {})}],
+                }
                 for job, hosts in targets.items()
             ],
         }
@@ -132,6 +145,48 @@ class Prometheus:
 
     def get(self, path: str) -> Any:
         return httpx.get(f"{self.url}{path}", timeout=10).json()["data"]
+
+
+def start_engine(run: Processes, pool: dict[str, Any]) -> str:
+    """The test engine (`ampacity serving engine`) serving the pool's model on a free port."""
+    port = free_port()
+    model = pool["spec"]["model"]["name"]
+    cli = [sys.executable, "-m", "ampacity.cli", "serving", "engine", model, "--role", "colocated"]
+    # TP 4: a 70B model does not fit one GPU (the engine would admit no context at all).
+    run.start("engine", [*cli, "--port", str(port), "--tensor-parallel-size", "4", "--time-scale", "0.05"])
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        run.check()
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(healthy, timeout=120, what="the engine's /health")
+    return url
+
+
+class Traffic:
+    """A few completions a second against the engine until stopped (bounded: at most 2,000)."""
+
+    def __init__(self, url: str, model: str) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._send, args=(url, model), daemon=True)
+        self._thread.start()
+
+    def _send(self, url: str, model: str) -> None:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for _ in range(2000):
+                if self._stop.wait(0.3):
+                    return
+                body = {"model": model, "prompt": "the quick brown fox", "max_tokens": 8}
+                with contextlib.suppress(httpx.HTTPError):
+                    client.post("/v1/completions", json=body)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=35)
 
 
 def load(kind: str, namespace: str | None) -> dict[str, Any]:
@@ -385,6 +440,11 @@ def test_every_dashboard_panel_and_rule_returns_data(
     nodes = [n["metadata"]["name"] for n in kubectl.json("get", "nodes", "-l", selector)["items"]]
     assert nodes, f"no node matches {selector}"
     agents = start_agents(run, cluster, nodes, tmp_path / "load.json")
+    # kwok runs no containers: one vLLM-protocol engine stands for the pool's engines, scraped by
+    # Prometheus with the labels its PodMonitor gives them and read by the pool's autoscaling.
+    pool = load("servingpool", namespace)
+    engine = start_engine(run, pool)
+    pool["spec"]["autoscaling"] = {"metricsUrl": f"{engine}/metrics"}
     prometheus = Prometheus(
         run,
         tmp_path,
@@ -392,11 +452,16 @@ def test_every_dashboard_panel_and_rule_returns_data(
             "ampacity-operator": [operator.metrics_url.split("/")[2]],
             "ampacity-node-agent": agents,
             "ampacity-aggregator": [f"127.0.0.1:{aggregator_port}"],
+            "ampacity-engine": [engine.split("/")[2]],
+        },
+        labels={
+            "ampacity-engine": {"namespace": namespace, "name": pool["metadata"]["name"], "role": "engine"}
         },
     )
+    traffic = Traffic(engine, pool["spec"]["model"]["name"])
 
     # Every kind, and the activity each dashboard shows.
-    assert kubectl.apply(load("servingpool", namespace)).returncode == 0
+    assert kubectl.apply(pool).returncode == 0
     jobs = load("trainingjob", namespace)
     assert kubectl.apply(jobs).returncode == 0
     jobs["metadata"]["name"] = "never-checkpoints"
@@ -434,6 +499,7 @@ def test_every_dashboard_panel_and_rule_returns_data(
         )
         assert {a["metric"]["name"] for a in alerts["data"]["result"]} == {"never-checkpoints"}
     finally:
+        traffic.stop()
         kubectl.run("delete", "powerbudget", BUDGET, "--wait=false")
 
 

@@ -88,7 +88,7 @@ def test_samples_reach_ready_or_explained(kubectl: Kubectl, operator: LocalOpera
     assert all(p["spec"]["nodeName"].startswith("gpu-node-") for p in pods)
 
     round_ = wait_for(
-        lambda: current(kubectl, "federatedround", "digits-round-1", namespace),
+        lambda: current(kubectl, "federatedround", "digits", namespace),
         what="FederatedRound reconciled",
     )
     assert condition(round_)["message"]  # type: ignore[index]
