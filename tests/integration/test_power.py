@@ -292,7 +292,7 @@ def budget_manifest(release_hold: str) -> dict[str, Any]:
             "limitWatts": 20000,
             "thresholds": {"t1": 0.85, "t2": 0.95},
             "safeCapWatts": 450,
-            "telemetryStaleness": "5s",
+            "telemetryStaleness": "10s",  # the default; 5 s left no margin on a loaded 2-core machine
             "releaseHold": release_hold,
         },
     }
@@ -388,7 +388,7 @@ def _scenario(kubectl: Kubectl, operator: LocalOperator, agents: dict[str, Agent
         agent.set_load(1.0)
     objs = wait_for(
         lambda: (o := node_powers(kubectl)) and enforced(o) and braked(o) and o,
-        timeout=30,
+        timeout=60,  # the reaction itself is benchmarked (bench-reaction); here, that it happens
         what="caps assigned and enforced",
     )
     for obj in objs.values():
@@ -450,7 +450,7 @@ def _scenario(kubectl: Kubectl, operator: LocalOperator, agents: dict[str, Agent
             what="agents in fail-safe",
         )
         for obj in objs.values():
-            assert "old (allowed 5s)" in obj["status"]["failsafeReason"]
+            assert "old (allowed 10s)" in obj["status"]["failsafeReason"]
             assert condition(obj)["reason"] == "Failsafe"  # type: ignore[index]
         wait_for(
             lambda: all(
