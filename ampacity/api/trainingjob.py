@@ -50,6 +50,10 @@ class Workers(ApiModel):
     )
 
 
+#: The checkpoint stores the SDK writes through (fsspec): one pattern for the API server and the operator.
+STORAGE_URI_PATTERN = "^(s3|gs|gcs|file)://.+"
+
+
 class CheckpointStorage(ApiModel):
     """Where checkpoints are written: exactly one of a PVC or an object-store URI."""
 
@@ -82,10 +86,10 @@ class CheckpointStorage(ApiModel):
             check=lambda s: (s.persistent_volume_claim is None) != (s.uri is None),
         ),
         cel(
-            "!has(self.uri) || self.uri.matches('^(s3|gs|gcs|file)://.+')",
+            f"!has(self.uri) || self.uri.matches('{STORAGE_URI_PATTERN}')",
             "checkpoint.storage.uri must start with s3://, gs://, gcs:// or file://",
             ".uri",
-            check=lambda s: s.uri is None or re.match(r"^(s3|gs|gcs|file)://.+", s.uri) is not None,
+            check=lambda s: s.uri is None or re.match(STORAGE_URI_PATTERN, s.uri) is not None,
         ),
         cel(
             "!has(self.endpoint) || (has(self.uri) && self.uri.startsWith('s3://'))",
