@@ -58,7 +58,9 @@ def main() -> None:
         if result.committed:
             print(json.dumps({"committed": result.step}), flush=True)
 
-    with Checkpointer(on_complete=committed) as checkpointer:
+    # overlap_staging: the copy into host memory runs beside the next forward and backward;
+    # only optimizer.step() waits for it (it is the only writer of the saved state here).
+    with Checkpointer(on_complete=committed, overlap_staging=True) as checkpointer:
         resumed = checkpointer.load_latest(state)
         start = resumed.step + 1 if resumed is not None else 0
         resumed_from = resumed.step if resumed is not None else None

@@ -75,8 +75,11 @@ class CheckpointStorage(ApiModel):
     credentials_secret: str | None = Field(
         default=None,
         min_length=1,
-        description="Name of a Secret in the job's namespace whose keys become the workers' environment "
-        "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for s3://); the operator never reads it.",
+        description="Name of a Secret in the job's namespace with the store's credentials; the operator "
+        "never reads it. For s3:// its keys become the workers' environment (AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY); for gs:// its key.json (a service-account key) is mounted and named by "
+        "GOOGLE_APPLICATION_CREDENTIALS. Leave it out where the node's identity grants access "
+        "(GKE Workload Identity, IRSA).",
     )
 
     validations = (

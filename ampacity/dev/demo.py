@@ -9,8 +9,9 @@ operator runs here as local processes, the same commands the chart's pods run:
   simulated H100 telemetry and enforces the caps;
 - FederatedRound: the round's aggregator (`ampacity federated aggregator`, reached through the
   operator's aggregator URL override) and a few clients training on the digits data;
-- ServingPool: its engines stay kwok pods for now (the engine processes of the request-path
-  work plug in at `start_companions`, beside the other two).
+- ServingPool: one vLLM-protocol engine per role the pool's plan deploys (`ampacity serving
+  engine` with the Deployment's own `vllm serve` arguments) behind the real `vllm-router` with the
+  router Deployment's arguments, and one request sent through it with the `openai` client.
 
 It ends by saying where to look next.
 """
@@ -34,7 +35,9 @@ from ampacity.dev.cluster.kubectl import Kubectl, condition, install_crds, recon
 from ampacity.dev.cluster.local_operator import LocalOperator
 from ampacity.dev.cluster.localcluster import DEFAULT_STATE_DIR, LocalCluster, free_port
 from ampacity.dev.cluster.polling import wait_for
+from ampacity.serving.eval.localpool import LocalPool
 from controllers.federatedround.controller import POLL_INTERVAL_ENV, PORT_ANNOTATION, URL_OVERRIDE_ENV
+from controllers.servingpool.children import ENGINE_ROLES
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -100,6 +103,36 @@ def start_node_agents(companions: Companions, kubectl: Kubectl, kubeconfig: Path
             ],
         )
     return nodes
+
+
+def serve_pool(local: LocalPool, kubectl: Kubectl, pool: dict[str, Any]) -> str:
+    """The pool's engines and router as local processes, and one request through its endpoint."""
+    import openai  # the dev extra's; imported here so `ampacity --help` stays fast
+
+    name, namespace = pool["metadata"]["name"], pool["metadata"].get("namespace", "default")
+
+    def deployments() -> dict[str, dict[str, Any]] | None:
+        found = {r: kubectl.get("deployment", f"{name}-{r}", namespace) for r in (*ENGINE_ROLES, "router")}
+        present = {r: d for r, d in found.items() if d}
+        return present if "router" in present and len(present) > 1 else None
+
+    children = wait_for(deployments, timeout=DONE_TIMEOUT_S, what=f"the Deployments of {name}")
+    assert children is not None  # wait_for returns only a truthy result
+
+    def args(role: str) -> list[str]:
+        return list(children[role]["spec"]["template"]["spec"]["containers"][0]["args"])
+
+    urls: dict[str, list[str]] = {}
+    for role in ENGINE_ROLES:
+        if role in children:
+            urls["workers" if role == "engine" else role] = [local.engine(role, args(role)).url]
+    router = local.router(args("router"), **urls)
+    model = pool["spec"]["model"]["name"]
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0)
+    reply = client.completions.create(model=model, prompt="What is a serving pool?", max_tokens=16)
+    roles = " + ".join(r for r in ENGINE_ROLES if r in children)
+    words = len(reply.choices[0].text.split())
+    return f"{words} tokens from {model} through the router at {router.url} ({roles})"
 
 
 def demo_round(manifest: dict[str, Any], port: int) -> dict[str, Any]:
@@ -191,6 +224,8 @@ def _run(args: argparse.Namespace) -> int:
     _say(f"starting the operator (log: {operator.log})")
     operator.start()
     companions = Companions(cluster.logs)
+    # Engines at their modelled speed: the request takes what the pool's GPUs would take.
+    local = LocalPool(cluster.logs / "serving")
     samples = [yaml.safe_load(path.read_text()) for path in sorted(EXAMPLES.glob("*.yaml"))]
     samples = [demo_round(s, free_port()) if s["kind"] == "FederatedRound" else s for s in samples]
     finished = False
@@ -200,8 +235,9 @@ def _run(args: argparse.Namespace) -> int:
         for sample in samples:
             _say(f"applying {sample['kind']} {sample['metadata']['name']}")
             kubectl.apply(sample).check_returncode()
-        # ServingPool engines: the request-path work starts them here, as the aggregator below.
         for sample in samples:
+            if sample["kind"] == "ServingPool":
+                _say(f"serving {sample['metadata']['name']}: {serve_pool(local, kubectl, sample)}")
             if sample["kind"] == "FederatedRound":
                 url = start_federated(companions, kubectl, sample, cluster.state_dir / "federated")
                 _say(f"started the round's aggregator at {url} and {DEMO_CLIENTS} clients")
@@ -234,11 +270,12 @@ def _run(args: argparse.Namespace) -> int:
         )
         _next_steps(cluster, operator, samples)
         if args.keep_running:
-            _say("operator, agents and aggregator running; Ctrl-C to stop them")
+            _say("operator, agents, aggregator, the pool's engines and router running; Ctrl-C stops them")
             wait_for(lambda: False, timeout=float("inf"), what="Ctrl-C")
     except KeyboardInterrupt:
         pass
     finally:
+        local.close()
         companions.stop_all()
         operator.stop()
     stop = "ampacity cluster" + (
@@ -261,7 +298,7 @@ def _next_steps(cluster: LocalCluster, operator: LocalOperator, samples: list[di
         "  kubectl get nodepowers   # per-node caps (spec) and simulated telemetry (status)",
         f"  operator metrics: {operator.metrics_url} (with --keep-running)",
         f"  dashboards: {REPO / 'dashboards'}/*.json (Grafana, over a Prometheus scraping the operator)",
-        f"  logs: {cluster.logs} (operator.log, agent-*.log, aggregator.log, client-*.log)",
+        f"  logs: {cluster.logs} (operator.log, agent-*.log, aggregator.log, client-*.log, serving/)",
     ]
     print("\n".join(lines), flush=True)
 

@@ -163,7 +163,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _bench_torch(args: argparse.Namespace) -> int:
     # torch, and moto (a dev dependency) for the local S3 server, only for this command.
-    from ampacity.training.eval.torch_bench import bench_persist, bench_torch_stall
+    from ampacity.training.eval.torch_bench import bench_persist, bench_torch_stall, bench_training_loop_stall
 
     with tempfile.TemporaryDirectory(prefix="ampacity-torch-bench-", dir=args.dir) as tmp:
         stall = bench_torch_stall(Path(tmp), size_gb=args.size_gb, tensors=args.tensors, repeats=args.repeats)
@@ -174,6 +174,16 @@ def _bench_torch(args: argparse.Namespace) -> int:
         print("DCP async stall s:    " + " ".join(f"{s:.3f}" for s in stall.async_stall_seconds))
         print("DCP async persist s:  " + " ".join(f"{s:.3f}" for s in stall.async_persist_seconds))
         print(f"median stall ratio: {stall.ratio:.1f}x lower")
+        loop = bench_training_loop_stall(Path(tmp), size_gb=args.size_gb, repeats=args.repeats)
+        size = loop.size_bytes / 2**30
+        print(f"training loop: state {size:.2f} GiB (weights + Adam), {args.repeats} saves each")
+        print("torch.save + fsync s:     " + " ".join(f"{s:.3f}" for s in loop.sync_stall_seconds))
+        print("overlapped DCP stall s:   " + " ".join(f"{s:.3f}" for s in loop.overlapped_stall_seconds))
+        print("step beside the copy s:   " + " ".join(f"{s:.3f}" for s in loop.overlapped_step_seconds))
+        print(
+            f"median stall ratio: {loop.ratio:.1f}x lower; the step beside the copy took "
+            f"{loop.step_slowdown_seconds:+.3f} s vs a plain step"
+        )
         disk = bench_persist(f"file://{tmp}/persist", {}, size_gb=args.persist_size_gb)
     s3 = _bench_local_s3(args.persist_size_gb)
     for result in (disk, s3):

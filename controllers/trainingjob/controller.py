@@ -51,6 +51,9 @@ WORLD_SIZE_LABEL = f"{LABEL_PREFIX}/world-size"
 REVISION_LABEL = f"{LABEL_PREFIX}/revision"
 CHECKPOINT_MOUNT = "/checkpoints"
 TOKEN_MOUNT = "/var/run/ampacity/report"
+#: Where a gs:// job's credentials Secret is mounted: Google's clients read a key *file*.
+GCS_KEY_MOUNT = "/var/run/ampacity/gcs"
+GCS_KEY = "key.json"
 
 Object = dict[str, Any]
 
@@ -112,6 +115,9 @@ def worker_pod(
     ]
     if storage.endpoint:
         env.append({"name": "AMPACITY_CHECKPOINT_ENDPOINT", "value": storage.endpoint})
+    gcs_key = storage.credentials_secret is not None and (storage.uri or "").startswith(("gs://", "gcs://"))
+    if gcs_key:
+        env.append({"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": f"{GCS_KEY_MOUNT}/{GCS_KEY}"})
     if status.checkpoint_interval is not None:
         env.append(
             {"name": "AMPACITY_CHECKPOINT_INTERVAL_SECONDS", "value": f"{status.checkpoint_interval:g}"}
@@ -123,7 +129,7 @@ def worker_pod(
     containers = pod_spec.setdefault("containers", [])
     for index, container in enumerate(containers):
         container["env"] = [e for e in container.get("env", []) if e.get("name") not in names] + env
-        if storage.credentials_secret:
+        if storage.credentials_secret and not gcs_key:
             # The store's own client reads its credentials from the environment; the kubelet
             # injects them from the job's Secret, which the operator never reads.
             container.setdefault("envFrom", []).append({"secretRef": {"name": storage.credentials_secret}})
@@ -148,6 +154,18 @@ def worker_pod(
             {"name": "checkpoints", "persistentVolumeClaim": {"claimName": storage.persistent_volume_claim}}
         )
         mounts.append({"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT})
+    if gcs_key:
+        volumes.append(
+            {
+                "name": "checkpoint-credentials",
+                "secret": {
+                    "secretName": storage.credentials_secret,
+                    "items": [{"key": GCS_KEY, "path": GCS_KEY}],
+                    "defaultMode": 0o400,
+                },
+            }
+        )
+        mounts.append({"name": "checkpoint-credentials", "mountPath": GCS_KEY_MOUNT, "readOnly": True})
     for container in containers:
         container.setdefault("volumeMounts", []).extend(copy.deepcopy(mounts))
     # The operator restarts the gang as a whole; a worker restarting alone would rejoin a dead rendezvous.

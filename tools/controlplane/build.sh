@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the local control plane (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kwok, helm) from published Go modules into a versioned cache
-# directory outside the repository, and reuses whatever is already there.
+# kube-scheduler, kwok, helm) and fake-gcs-server (the Google Cloud Storage
+# emulator the gs:// checkpoint test runs against) from published Go modules into a
+# versioned cache directory outside the repository, and reuses whatever is already there.
 #
 #   tools/controlplane/build.sh [BIN_DIR]
 #
@@ -14,6 +15,7 @@ K8S_VERSION=v1.37.2
 ETCD_VERSION=v3.6.16
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.22.0
+FAKE_GCS_VERSION=v1.56.1
 K8S_MINOR=${K8S_VERSION#v1.}; K8S_MINOR=${K8S_MINOR%%.*}
 KEY="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helm-${HELM_VERSION}"
 
@@ -62,6 +64,15 @@ if ! have helm; then
     -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 \
     -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$K8S_MINOR" \
     "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+fi
+
+# A test tool, not part of the control plane: kept out of KEY (adding it must not rebuild
+# Kubernetes) and versioned by a stamp file beside it instead.
+if ! have fake-gcs-server || [ ! -e "$bin/.fake-gcs-server-$FAKE_GCS_VERSION" ]; then
+  step "building fake-gcs-server $FAKE_GCS_VERSION"
+  GOBIN=$bin timed fake-gcs-server go install -trimpath -ldflags "-s -w" \
+    "github.com/fsouza/fake-gcs-server@$FAKE_GCS_VERSION"
+  touch "$bin/.fake-gcs-server-$FAKE_GCS_VERSION"
 fi
 
 # kwok's stage definitions ship inside its module; keep them next to the binary.

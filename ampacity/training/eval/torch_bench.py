@@ -7,6 +7,15 @@ a reused stager). The stall is how long each call blocks the caller; the first
 asynchronous save, which allocates the staging buffers as a trainer's first checkpoint
 does, is a warm-up and not counted.
 
+Stall in a training loop: a model whose weights and Adam moments total `size_gb`, trained
+on CPU; each repeat checkpoints once synchronously (`torch.save` + fsync of the TrainState's
+state dict, between two steps) and once with `Checkpointer(overlap_staging=True)`, whose
+copy runs beside the next forward and backward passes and holds only the optimizer step.
+The overlapped stall is what the trainer was blocked (the save call plus the hook's wait);
+the step that ran beside the copy is reported too, against the median plain step, since
+on a CPU the copy competes with that step for the same cores (on a GPU node the copy is a
+device-to-host DMA).
+
 Persist: the background part of the same asynchronous saves, from the end of the stall
 to the committed manifest, to a local directory and to an S3-compatible store (bytes
 written / seconds).
@@ -14,6 +23,7 @@ written / seconds).
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -24,7 +34,7 @@ from typing import Any
 import torch
 
 from ampacity.training.sdk.storage import CheckpointStore
-from ampacity.training.sdk.torch_checkpoint import Checkpointer
+from ampacity.training.sdk.torch_checkpoint import Checkpointer, TrainState
 
 
 def make_state(size_gb: float, tensors: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -91,6 +101,80 @@ def bench_torch_stall(
         async_stall_seconds=stalls,
         async_persist_seconds=persists,
     )
+
+
+#: Width of the benchmark model's square layers: 16 Mi weights each.
+_WIDTH = 4096
+
+
+@dataclass(frozen=True)
+class TrainingLoopStallBenchmark:
+    size_bytes: int  # the saved state: weights and both Adam moments
+    sync_stall_seconds: list[float]
+    overlapped_stall_seconds: list[float]  # blocked: the save call plus the optimizer hook's wait
+    plain_step_seconds: list[float]
+    overlapped_step_seconds: list[float]  # the step that ran beside the copy, its wait included
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.sync_stall_seconds) / statistics.median(self.overlapped_stall_seconds)
+
+    @property
+    def step_slowdown_seconds(self) -> float:
+        """How much longer the step beside the copy took than a plain step (medians)."""
+        return statistics.median(self.overlapped_step_seconds) - statistics.median(self.plain_step_seconds)
+
+
+def bench_training_loop_stall(
+    directory: Path, *, size_gb: float = 1.0, repeats: int = 5, batch: int = 16, progress: Any = print
+) -> TrainingLoopStallBenchmark:
+    """Checkpoint a CPU training loop `repeats` times each way: synchronously, and overlapped."""
+    if repeats < 1:
+        raise ValueError("need at least one repeat")
+    torch.manual_seed(0)
+    layers = max(1, math.ceil(size_gb * 2**30 / (12 * _WIDTH * _WIDTH)))  # 4 B weight + 8 B of Adam
+    model = torch.nn.Sequential(*(torch.nn.Linear(_WIDTH, _WIDTH, bias=False) for _ in range(layers)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    state = TrainState(model, optimizer)
+
+    def step() -> float:
+        started = time.perf_counter()
+        loss = model(torch.randn(batch, _WIDTH)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - started
+
+    plain = [step() for _ in range(3)]  # the first creates Adam's moments
+    sync: list[float] = []
+    overlapped: list[float] = []
+    beside: list[float] = []
+    with Checkpointer(
+        f"file://{directory / 'dcp-loop'}", storage_options={}, attempt=0, overlap_staging=True
+    ) as checkpointer:
+        checkpointer.save(0, state)  # warm-up: allocates the staging buffers
+        step()
+        checkpointer.wait()
+        for n in range(1, repeats + 1):
+            plain.append(step())
+            target = directory / f"loop-torch-save-{n}.pt"
+            sync.append(_torch_save(state.state_dict(), target))
+            target.unlink()
+            plain.append(step())
+            call = checkpointer.save(n, state)
+            beside.append(call + step())
+            done = checkpointer.wait()
+            if done is None or not done.committed:
+                raise RuntimeError(f"the overlapped save of step {n} was not committed")
+            overlapped.append(done.stall_seconds)
+            checkpointer.store.delete(n - 1)
+            progress(
+                f"loop save {n}/{repeats}: torch.save {sync[-1]:.3f} s, "
+                f"overlapped stall {overlapped[-1]:.3f} s "
+                f"(step beside the copy {beside[-1]:.3f} s, plain {plain[-1]:.3f} s)"
+            )
+    size = sum(t.numel() * t.element_size() for t in model.parameters()) * 3
+    return TrainingLoopStallBenchmark(size, sync, overlapped, plain[1:], beside)
 
 
 @dataclass(frozen=True)

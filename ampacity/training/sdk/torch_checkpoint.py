@@ -24,6 +24,17 @@ dicts are resharded to the current world size by DCP's default load planner.
 At most one save is in flight: a save first waits for the previous one (counted as
 stall), which is why the interval policy never asks for checkpoints closer than the
 persist time.
+
+With `overlap_staging=True` a save of a `TrainState` does not wait for the staging
+either (DCP's zero-overhead checkpointing: `DefaultStager` with asynchronous staging):
+`save` returns once the copy has started, the copy runs beside the next forward and
+backward passes, which read the parameters but do not write them, and a hook on each of
+the state's optimizers waits for the copy before `optimizer.step()` changes anything.
+The stall is then the save call plus whatever that hook had to wait. Parameters written
+outside `optimizer.step()` (an EMA, a manual clamp) must call `staged()` first; buffers
+that the forward pass updates (BatchNorm's running statistics) may be saved from the
+next step. A plain state dict has no optimizer to guard, so it is always staged before
+`save` returns.
 """
 
 from __future__ import annotations
@@ -93,6 +104,18 @@ class Restored:
     extra: dict[str, Any]
 
 
+def _stager(cuda: bool, *, asynchronous: bool) -> DefaultStager:
+    """DCP's stager, reused across saves so that later saves copy into the same buffers."""
+    return DefaultStager(
+        StagingOptions(
+            use_pinned_memory=cuda,
+            use_shared_memory=False,
+            use_async_staging=asynchronous,
+            use_non_blocking_copy=cuda,
+        )
+    )
+
+
 def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -116,7 +139,8 @@ class Checkpointer:
     each commit). `on_complete` is called from a background thread with each rank's
     `SaveResult` once its save is done (`committed` is true on rank 0 after the
     manifest is in). An error in a background save is raised by the next `save`,
-    `wait` or `close`.
+    `wait` or `close`. `overlap_staging` lets a `TrainState`'s copy run beside training
+    until its optimizers' next step (see the module's docstring).
     """
 
     def __init__(
@@ -127,6 +151,7 @@ class Checkpointer:
         attempt: int | None = None,
         on_complete: Callable[[SaveResult], None] | None = None,
         retention: RetentionPolicy | None = None,
+        overlap_staging: bool = False,
     ) -> None:
         options = dict(storage_options_from_env() if storage_options is None else storage_options)
         self.store = CheckpointStore(uri, options) if uri else CheckpointStore.from_env()
@@ -140,14 +165,15 @@ class Checkpointer:
         cuda = torch.cuda.is_available()
         # Synchronous staging: the save returns once the state is in host memory, which is
         # exactly what training must wait for; the stager caches those buffers across saves.
-        self._stager = DefaultStager(
-            StagingOptions(
-                use_pinned_memory=cuda,
-                use_shared_memory=False,
-                use_async_staging=False,
-                use_non_blocking_copy=cuda,
-            )
-        )
+        self._stager = _stager(cuda, asynchronous=False)
+        # A second stager for overlapped saves (each keeps its own buffers; DefaultStager fixes
+        # sync or async at construction).
+        self._overlap_stager = _stager(cuda, asynchronous=True) if overlap_staging else None
+        self._staging: Future[None] | None = None
+        self._staging_wait = 0.0
+        # Held while a hook waits for the staging, so the commit reads the whole stall.
+        self._staging_lock = threading.Lock()
+        self._hooks: dict[int, Any] = {}
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ckpt-commit-{self.rank}")
         self._pending: Future[SaveResult] | None = None
         self._lock = threading.Lock()
@@ -166,16 +192,24 @@ class Checkpointer:
             if step <= self._last_step:
                 raise ValueError(f"step {step} is not after the last checkpoint, step {self._last_step}")
             state_dict = dict(state) if isinstance(state, Mapping) else {"state": state}
+            stager = self._stager
+            if self._overlap_stager is not None and isinstance(state, TrainState):
+                self._guard(state.optimizers)
+                stager = self._overlap_stager
+            overlap = stager is self._overlap_stager
             response = async_save(
                 state_dict,
                 storage_writer=FsspecWriter(self.store.step_uri(step), **self.store.storage_options),
                 process_group=self._group,
-                async_stager=self._stager,
+                async_stager=stager,
                 no_dist=self._group is None,
             )
             upload = response.upload_completion if isinstance(response, AsyncSaveResponse) else response
             if isinstance(response, AsyncSaveResponse):
-                response.staging_completion.result()
+                if overlap:
+                    self._staging, self._staging_wait = response.staging_completion, 0.0
+                else:
+                    response.staging_completion.result()
             stall = time.perf_counter() - started
             self._last_step = step
             # Small, and training may change it meanwhile.
@@ -183,9 +217,38 @@ class Checkpointer:
             self._pending = self._finisher.submit(self._finish, step, upload, stall, extra_copy)
         return stall
 
+    def _guard(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Make each optimizer's step wait for the overlapped copy (once per optimizer)."""
+
+        def before_step(*_: object) -> None:  # a pre-hook returning a value would replace the args
+            self.staged()
+
+        for optimizer in optimizers:
+            if id(optimizer) not in self._hooks:
+                self._hooks[id(optimizer)] = optimizer.register_step_pre_hook(before_step)
+
+    def staged(self) -> float:
+        """Wait until the overlapped save's copy is done (before changing the saved state).
+
+        Returns the seconds waited, which count as stall. Immediate when nothing is staging.
+        """
+        with self._staging_lock:
+            staging = self._staging
+            if staging is None or staging.done():
+                return 0.0
+            started = time.perf_counter()
+            staging.result()
+            waited = time.perf_counter() - started
+            self._staging_wait += waited
+            return waited
+
     def _finish(self, step: int, upload: Future[Any], stall: float, extra: dict[str, Any]) -> SaveResult:
         uploading_since = time.perf_counter()
         metadata: Metadata = upload.result()
+        # The upload ends after the staging, so a hook still waiting on it is about to return.
+        with self._staging_lock:
+            stall += self._staging_wait
+            self._staging, self._staging_wait = None, 0.0
         committed = False
         if self.rank == 0:
             self.store.commit(
@@ -260,7 +323,12 @@ class Checkpointer:
             self.wait()
         finally:
             self._finisher.shutdown(wait=True)
+            for hook in self._hooks.values():
+                hook.remove()
+            self._hooks.clear()
             self._stager.close()
+            if self._overlap_stager is not None:
+                self._overlap_stager.close()
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -150,6 +150,31 @@ def test_object_storage_endpoint_and_credentials_reach_every_container() -> None
     assert container["volumeMounts"][0]["mountPath"] == "/var/run/ampacity/report"
 
 
+def test_a_gs_credentials_secret_is_mounted_as_the_key_file_googles_clients_read() -> None:
+    job = spec()
+    job.checkpoint.storage.uri = "gs://bucket/llm"
+    job.checkpoint.storage.credentials_secret = "ckpt-gcs"
+    manifest = worker_pod(context(job), job, 0, 4, gang=0)
+    assert {
+        "name": "checkpoint-credentials",
+        "secret": {
+            "secretName": "ckpt-gcs",
+            "items": [{"key": "key.json", "path": "key.json"}],
+            "defaultMode": 0o400,
+        },
+    } in manifest["spec"]["volumes"]
+    for container in manifest["spec"]["containers"]:
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["GOOGLE_APPLICATION_CREDENTIALS"] == "/var/run/ampacity/gcs/key.json"
+        assert {
+            "name": "checkpoint-credentials",
+            "mountPath": "/var/run/ampacity/gcs",
+            "readOnly": True,
+        } in container["volumeMounts"]
+        # Not also as environment variables: the key file's JSON is not one.
+        assert "envFrom" not in container
+
+
 def test_token_secret_is_per_job_unguessable_and_owned(monkeypatch: pytest.MonkeyPatch) -> None:
     """Derived from the operator key and the job's uid: stable for the job (a restarted operator
     derives it again), different for every other job and under every other key."""

@@ -25,7 +25,7 @@ import torch
 from ampacity.training.rendezvous import rendezvous_env
 from ampacity.training.retention import RetentionPolicy
 from ampacity.training.sdk.storage import CheckpointStore, Manifest
-from ampacity.training.sdk.torch_checkpoint import Checkpointer
+from ampacity.training.sdk.torch_checkpoint import Checkpointer, TrainState
 from tests.unit.training.conftest import S3
 from tests.unit.training.reshard_worker import STEP, full_state
 
@@ -296,3 +296,48 @@ def test_a_plain_python_trainer_joins_the_gang_through_world_size_and_rank(tmp_p
         0,
         2,
     ]
+
+
+def test_an_overlapped_save_holds_the_optimizer_step_until_its_copy_is_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`overlap_staging`: save returns while DCP's copy runs; the next `optimizer.step()` waits for it,
+    so the checkpoint holds the state at `save`, and that wait counts as stall."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(2, 8)).sum().backward()
+    optimizer.step()
+    state = TrainState(model, optimizer)
+    at_save = {k: v.clone() for k, v in model.state_dict().items()}
+    copy_may_run = threading.Event()
+    with Checkpointer(f"file://{tmp_path}", storage_options={}, attempt=0, overlap_staging=True) as ckpt:
+        assert ckpt._overlap_stager is not None
+        stager = ckpt._overlap_stager._state_dict_stager
+        real_stage = stager.stage
+
+        def held_stage(*args: Any, **kwargs: Any) -> Any:
+            copy_may_run.wait(timeout=DEADLINE_SECONDS)
+            return real_stage(*args, **kwargs)
+
+        monkeypatch.setattr(stager, "stage", held_stage)
+        call_stall = ckpt.save(1, state)
+        # Training goes on while the copy waits: forward and backward do not write the parameters...
+        model(torch.randn(2, 8)).sum().backward()
+        # ...and the optimizer step waits for the copy.
+        stepper = threading.Thread(target=optimizer.step)
+        stepper.start()
+        stepper.join(timeout=0.5)
+        assert stepper.is_alive(), "optimizer.step() ran while the checkpoint's copy was still pending"
+        copy_may_run.set()
+        stepper.join(timeout=DEADLINE_SECONDS)
+        result = ckpt.wait()
+    assert result is not None and result.committed
+    assert call_stall < 0.5 <= result.stall_seconds
+    assert not torch.equal(model.weight, at_save["weight"])  # the step did run afterwards
+    fresh = torch.nn.Linear(8, 4)
+    with Checkpointer(f"file://{tmp_path}", storage_options={}) as ckpt:
+        restored = ckpt.load_latest(TrainState(fresh, torch.optim.Adam(fresh.parameters(), lr=0.1)))
+    assert restored is not None and restored.step == 1
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, at_save[key]), key
