@@ -1,20 +1,27 @@
 """Discrete-event simulator of a serving pool: disaggregated prefill/decode or colocated.
 
 Iteration-level, like the schedulers it models: an instance runs one forward pass at a time and
-the pass's length comes from `LatencyModel`. Scheduling follows vLLM and DistServe:
+the pass's length comes from `LatencyModel`. Scheduling follows vLLM, and the request path is the
+one a ServingPool deploys (vllm-router in front of vLLM engines):
 
-- requests are dispatched on arrival to the instance with the fewest outstanding tokens;
+- requests are dispatched on arrival, each phase's instances in turn: vllm-router's `round_robin`
+  policy (the ServingPool default), which in P/D mode picks a request's prefill and its decode
+  engine when the request arrives, with one counter per phase;
 - prefill instances batch queued prompts first-come first-served up to a token budget;
 - decode instances run continuous batching; a request is admitted when its whole KV footprint
   (prompt + output tokens) fits, so the cache never overflows and nothing is preempted;
 - between phases the prompt's KV cache is pulled over the prefill instance's link once the decode
-  instance has room (transfers from one prefill instance queue behind each other);
+  instance has room (transfers from one prefill instance queue behind each other), as vLLM's
+  NixlConnector allocates the decode blocks before it reads them;
 - a colocated instance mixes newly admitted prompts and running decodes in one pass (vLLM's
   iteration-level batching), so long prompts stall the decodes sharing their pass.
 
-TTFT ends when the prefill pass that produced the first token ends; TPOT is the mean gap between
-the remaining tokens, so it includes KV transfer and any wait for decode memory (DistServe's
-definitions). Nothing is random: the same pool and workload give the same result.
+TTFT ends with the first token the client receives. Colocated, that is the end of the pass that
+prefilled the prompt. Disaggregated, vllm-router's two-stage protocol discards the prefill's token
+(the prefill request has `max_tokens=1`) and streams the decode engine's, so TTFT runs through the
+prefill, the wait for decode memory, the KV pull and the first decode pass the request joins; the
+decode engine then generates all of the output tokens. TPOT is the mean gap between the tokens
+after the first. Nothing is random: the same pool and workload give the same result.
 """
 
 from __future__ import annotations
@@ -87,9 +94,6 @@ class Limits:
 
     max_batch: int = 256
     prefill_tokens: int = 8192
-    round_robin: bool = False
-    """Dispatch each phase's requests in turn (vllm-router's round_robin policy) instead of to the
-    instance with the fewest outstanding tokens."""
 
 
 @dataclass(frozen=True)
@@ -198,12 +202,11 @@ class _Base:
         heapq.heappush(self.events, (time, self.seq, kind, subject))
         return self.seq
 
-    def pick(self, loads: list[int], phase: int) -> int:
-        """The instance a request of `phase` (0: first, 1: decode) goes to."""
-        if self.lim.round_robin:
-            self.turns[phase] += 1
-            return (self.turns[phase] - 1) % len(loads)
-        return min(range(len(loads)), key=loads.__getitem__)
+    def pick(self, instances: int, phase: int) -> int:
+        """The instance the next request of `phase` (0: first, 1: decode) goes to: vllm-router's
+        round robin, one counter per phase, blind to the instances' load."""
+        self.turns[phase] += 1
+        return (self.turns[phase] - 1) % instances
 
     def done(self, r: int, t: float) -> None:
         self.finish[r] = t
@@ -303,11 +306,13 @@ class _Decoders:
         first = self.base + self.per_seq * batch + self.per_context * self.context[i]
         return self.run_start[i] + passes * first + self.per_context * batch * passes * (passes - 1) / 2
 
-    def start_run(self, i: int, t: float) -> None:
-        """Run passes from `t` until the next request leaves (the batch must not be empty)."""
+    def start_run(self, i: int, t: float) -> float:
+        """Run passes from `t` until the next request leaves (the batch must not be empty); when
+        the run's first pass ends (a later cut never ends a run before its pass in flight)."""
         self.run_start[i] = t
         self.run_passes[i] = self.leaving[i][0][0] - self.steps[i]
         self.due[i] = self.push(self._run_end(i, self.run_passes[i]), _RUN_DONE, i)
+        return self._run_end(i, 1)
 
     def cut_run(self, i: int, t: float) -> None:
         """End the current run with the pass in flight at `t`."""
@@ -356,11 +361,12 @@ class _Decoders:
         self.reserved[i] -= tokens
         self.admitted[i] -= 1
 
-    def release(self, i: int, prompt: int, output: int) -> None:
-        """A running request left: its context and its reservation are freed."""
+    def release(self, i: int, context: int, footprint: int) -> None:
+        """A running request left: its `context` tokens (its prompt and the tokens it decoded
+        here) and its reservation are freed."""
         self.running[i] -= 1
-        self.context[i] -= prompt + output - 1
-        self.unreserve(i, prompt + output)
+        self.context[i] -= context
+        self.unreserve(i, footprint)
 
 
 class _Disaggregated(_Base):
@@ -384,12 +390,10 @@ class _Disaggregated(_Base):
         npf, nd = pool.prefill_instances, pool.decode_instances
         self.queue: list[deque[int]] = [deque() for _ in range(npf)]
         self.batch: list[list[int]] = [[] for _ in range(npf)]
-        self.prefill_load = [0] * npf
         self.link_free = [0.0] * npf
         self.origin = [-1] * len(workload)
         self.target = [-1] * len(workload)
         self.pending: list[deque[int]] = [deque() for _ in range(nd)]
-        self.decode_load = [0] * nd
         self.joining: list[list[int]] = [[] for _ in range(nd)]
         self.busy = [False] * nd
         self.dec = _Decoders(nd, self.dm, self.push)
@@ -399,13 +403,13 @@ class _Disaggregated(_Base):
         return self.result(self.pm, self.dec.peak, self.kv_capacity)
 
     def arrive(self, r: int, t: float) -> None:
+        if self.pool.decode_instances:
+            self.target[r] = self.pick(self.pool.decode_instances, 1)
         if not self.pool.prefill_instances:
-            self.first[r] = t
             self.to_decode(r, t)
             return
-        i = self.pick(self.prefill_load, 0)
+        i = self.pick(self.pool.prefill_instances, 0)
         self.queue[i].append(r)
-        self.prefill_load[i] += self.prompt[r]
         self.origin[r] = i
         if not self.batch[i]:
             self.start_prefill(i, t)
@@ -424,13 +428,8 @@ class _Disaggregated(_Base):
             self.push(t + self.pm.prefill_time(tokens, squares), _PREFILL_DONE, i)
 
     def to_decode(self, r: int, t: float) -> None:
-        if not self.pool.decode_instances:
-            self.done(r, t)
-            return
-        j = self.pick(self.decode_load, 1)
-        self.target[r] = j
+        j = self.target[r]
         self.pending[j].append(r)
-        self.decode_load[j] += self.prompt[r] + self.output[r]
         self.admit(j, t)
 
     def admit(self, j: int, t: float) -> None:
@@ -457,12 +456,16 @@ class _Disaggregated(_Base):
         if self.busy[j]:
             dec.cut_run(j, t)  # joiners wait for the pass in flight to end
             return
-        for r in self.joining[j]:
-            dec.join(j, r, self.prompt[r], self.output[r] - 1)
-        self.joining[j].clear()
+        joining = self.joining[j]
+        for r in joining:
+            # The decode engine generates every output token, the first included.
+            dec.join(j, r, self.prompt[r], self.output[r])
         if dec.running[j]:
             self.busy[j] = True
-            dec.start_run(j, t)
+            first = dec.start_run(j, t)
+            for r in joining:
+                self.first[r] = first
+        joining.clear()
 
     def handle(self, kind: int, subject: int, t: float, seq: int) -> None:
         if kind == _RUN_DONE:
@@ -471,8 +474,8 @@ class _Disaggregated(_Base):
             if leavers is None:
                 return
             for r in leavers:
-                self.dec.release(j, self.prompt[r], self.output[r])
-                self.decode_load[j] -= self.prompt[r] + self.output[r]
+                footprint = self.prompt[r] + self.output[r]
+                self.dec.release(j, footprint, footprint)
                 self.done(r, t)
             self.busy[j] = False
             self.admit(j, t)
@@ -485,13 +488,11 @@ class _Disaggregated(_Base):
             i = subject
             finished, self.batch[i] = self.batch[i], []
             for r in finished:
-                self.first[r] = t
-                self.prefill_load[i] -= self.prompt[r]
-            for r in finished:
-                if self.output[r] == 1:
-                    self.done(r, t)
-                else:
+                if self.pool.decode_instances:
                     self.to_decode(r, t)
+                else:
+                    self.first[r] = t
+                    self.done(r, t)
             self.start_prefill(i, t)
 
 
@@ -507,7 +508,6 @@ class _Colocated(_Base):
             _check_fits("an instance", self.kv_capacity, int((workload.prompts + workload.outputs).max()))
         n = pool.instances
         self.waiting: list[deque[int]] = [deque() for _ in range(n)]
-        self.load = [0] * n
         self.prefilling: list[list[int]] = [[] for _ in range(n)]
         self.busy = [False] * n
         self.dec = _Decoders(n, self.lm, self.push)
@@ -520,9 +520,8 @@ class _Colocated(_Base):
         return self.result(self.lm, self.dec.peak, self.kv_capacity)
 
     def arrive(self, r: int, t: float) -> None:
-        i = self.pick(self.load, 0)
+        i = self.pick(self.pool.instances, 0)
         self.waiting[i].append(r)
-        self.load[i] += self.prompt[r] + self.output[r]
         if not self.busy[i]:
             self.start_pass(i, t)
         elif len(self.waiting[i]) == 1 and not self.prefilling[i]:
@@ -602,8 +601,9 @@ class _Colocated(_Base):
         if leavers is None:
             return
         for r in leavers:
-            dec.release(i, self.prompt[r], self.output[r])
-            self.leave(i, r, t)
+            # The prefill pass produced the first token: the decodes added output - 1.
+            dec.release(i, self.prompt[r] + self.output[r] - 1, self.prompt[r] + self.output[r])
+            self.done(r, t)
         prefilled, self.prefilling[i] = self.prefilling[i], []
         for r in prefilled:
             if self.pool.chunk and self.computed[r] < self.prompt[r]:
@@ -612,12 +612,8 @@ class _Colocated(_Base):
             self.first[r] = t
             if self.output[r] == 1:
                 dec.unreserve(i, self.prompt[r] + 1)
-                self.leave(i, r, t)
+                self.done(r, t)
             else:
                 dec.join(i, r, self.prompt[r], self.output[r] - 1)
         self.busy[i] = False
         self.start_pass(i, t)
-
-    def leave(self, i: int, r: int, t: float) -> None:
-        self.load[i] -= self.prompt[r] + self.output[r]
-        self.done(r, t)

@@ -7,7 +7,8 @@ vLLM-compatible engines on this machine, against the simulator's prediction for 
 3. Replay the first minute of the trace at each rate (arrivals stretched, lengths kept) as
    streamed completions with the trace's prompt and output lengths; TTFT is the first streamed
    token, TPOT the mean gap after it (DistServe's definitions, as the simulator uses them).
-4. Simulate the same requests on the same pool; compare attainment and goodput.
+4. Simulate the same requests on the same pool (the planner's simulator, which models this request
+   path: the router's round robin and its two-stage P/D protocol); compare attainment and goodput.
 5. The router's added latency: short requests to one colocated engine directly and through a router.
 
 `--time-scale` slows every engine pass down (2: half speed) so the client, router and engines keep
@@ -31,7 +32,7 @@ import numpy as np
 
 from ampacity.serving import hardware, planner
 from ampacity.serving.eval.localpool import LocalPool, LocalProcess, engine_serve_args
-from ampacity.serving.simulator import Colocated, Disaggregated, Limits, Pool, SimResult, Slo, simulate
+from ampacity.serving.simulator import Colocated, Pool, Slo, simulate
 from ampacity.serving.workload import Workload, load_azure
 
 MODEL = "llama2-70b"
@@ -60,12 +61,6 @@ class RateResult:
     tpot_p90: float
     predicted_ttft_p90: float
     predicted_tpot_p90: float
-    protocol_attainment: float
-    """The simulator's attainment with vllm-router's P/D protocol added to TTFT: the first token a
-    client sees comes from the decode engine, after the KV pull and its first decode step."""
-    router_attainment: float
-    """As `protocol_attainment`, with the router's dispatch (round robin) in the simulator."""
-    router_ttft_p90: float
     failed: int
 
 
@@ -149,20 +144,7 @@ def run_rate(url: str, unit: Pool, minute: Workload, rate: float, slo: Slo, time
     measured = asyncio.run(replay(url, workload, time_scale))
     ok = [m for m in measured if m is not None]
     meets = [m is not None and m[0] <= slo.ttft and m[1] <= slo.tpot for m in measured]
-    spec, gpu = hardware.model(MODEL), hardware.gpu("h100")
-    sim = simulate(unit, workload, spec, gpu)
-    routed = simulate(unit, workload, spec, gpu, Limits(round_robin=True))
-
-    def seen(result: SimResult) -> np.ndarray:
-        if not isinstance(unit, Disaggregated):
-            return result.ttft
-        # The KV pull at the link's speed, then one decode step (the request's own TPOT).
-        pull: np.ndarray = workload.prompts * spec.kv_bytes_per_token / unit.kv_bandwidth
-        return np.asarray(result.ttft + pull + result.tpot)
-
-    def attained(result: SimResult) -> float:
-        return float(np.mean((seen(result) <= slo.ttft) & (result.tpot <= slo.tpot)))
-
+    sim = simulate(unit, workload, hardware.model(MODEL), hardware.gpu("h100"))
     duration = workload.duration or 1.0
     ttft = np.array([m[0] for m in ok]) if ok else np.array([np.nan])
     tpot = np.array([m[1] for m in ok]) if ok else np.array([np.nan])
@@ -177,9 +159,6 @@ def run_rate(url: str, unit: Pool, minute: Workload, rate: float, slo: Slo, time
         tpot_p90=float(np.percentile(tpot, 90)),
         predicted_ttft_p90=float(np.percentile(sim.ttft, 90)),
         predicted_tpot_p90=float(np.percentile(sim.tpot, 90)),
-        protocol_attainment=attained(sim),
-        router_attainment=attained(routed),
-        router_ttft_p90=float(np.percentile(seen(routed), 90)),
         failed=len(measured) - len(ok),
     )
 
@@ -243,9 +222,7 @@ def bench(args: argparse.Namespace) -> int:
             r = results[-1]
             print(
                 f"  measured {r.measured_attainment:.1%} (goodput {r.measured_goodput:.2f} req/s), "
-                f"predicted {r.predicted_attainment:.1%} ({r.predicted_goodput:.2f}), with the P/D "
-                f"protocol {r.protocol_attainment:.1%}, and the router's dispatch {r.router_attainment:.1%}; "
-                f"failed {r.failed}",
+                f"predicted {r.predicted_attainment:.1%} ({r.predicted_goodput:.2f}); failed {r.failed}",
                 file=sys.stderr,
             )
     print("router overhead ...", file=sys.stderr, flush=True)
@@ -269,19 +246,16 @@ def format_report(report: dict[str, object]) -> str:
     lines = [
         f"plan: {report['plan']} ({report['gpus']} GPUs), "
         f"planned goodput {report['planned_goodput']:.2f} req/s",
-        "| rate (req/s) | requests | measured attainment | predicted | + P/D protocol | + router dispatch |"
-        " measured goodput | predicted goodput | TTFT p90 meas./pred./+protocol+dispatch |"
-        " TPOT p90 meas./pred. | failed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| rate (req/s) | requests | measured attainment | predicted |"
+        " measured goodput | predicted goodput | TTFT p90 meas./pred. | TPOT p90 meas./pred. | failed |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rates"]:  # type: ignore[attr-defined]
         lines.append(
             f"| {r['rate']:g} | {r['requests']} | "
             f"{r['measured_attainment']:.1%} | {r['predicted_attainment']:.1%} | "
-            f"{r['protocol_attainment']:.1%} | {r['router_attainment']:.1%} | "
             f"{r['measured_goodput']:.2f} | {r['predicted_goodput']:.2f} | "
-            f"{r['ttft_p90'] * 1e3:.0f} / {r['predicted_ttft_p90'] * 1e3:.0f} / "
-            f"{r['router_ttft_p90'] * 1e3:.0f} ms | "
+            f"{r['ttft_p90'] * 1e3:.0f} / {r['predicted_ttft_p90'] * 1e3:.0f} ms | "
             f"{r['tpot_p90'] * 1e3:.1f} / {r['predicted_tpot_p90'] * 1e3:.1f} ms | {r['failed']} |"
         )
     o = report["router_overhead"]
@@ -310,7 +284,9 @@ def add_parser(
         "--time-scale", type=float, default=4.0, help="slow the engines down (4: quarter speed)"
     )
     parser.add_argument(
-        "--policy", default="round_robin", help="router policy (round_robin, the ServingPool default)"
+        "--policy",
+        default="round_robin",
+        help="router policy (round_robin, the ServingPool default and the one the prediction models)",
     )
     parser.add_argument("--overhead-requests", type=int, default=300)
     parser.add_argument("--workdir", type=Path, help="logs of the engines and the router")
