@@ -35,8 +35,21 @@ from ampacity.dev.cluster.kubectl import Kubectl, condition, install_crds, recon
 from ampacity.dev.cluster.local_operator import LocalOperator
 from ampacity.dev.cluster.localcluster import DEFAULT_STATE_DIR, LocalCluster, free_port
 from ampacity.dev.cluster.polling import wait_for
+from ampacity.federated import tls
 from ampacity.serving.eval.localpool import LocalPool
-from controllers.federatedround.controller import POLL_INTERVAL_ENV, PORT_ANNOTATION, URL_OVERRIDE_ENV
+from controllers.federatedround.controller import (
+    ADMIN_TOKEN_KEY,
+    CA_CERT_FILE_ENV,
+    CA_KEY,
+    CA_KEY_FILE_ENV,
+    POLL_INTERVAL_ENV,
+    PORT_ANNOTATION,
+    URL_OVERRIDE_ENV,
+    admin_secret_name,
+    aggregator_name,
+    enrolment_secret_name,
+    tls_secret_name,
+)
 from controllers.servingpool.children import ENGINE_ROLES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,24 +157,34 @@ def demo_round(manifest: dict[str, Any], port: int) -> dict[str, Any]:
 
 
 def start_federated(companions: Companions, kubectl: Kubectl, manifest: dict[str, Any], state: Path) -> str:
-    """The round's aggregator and clients, with the admin token the operator put in the round's Secret."""
+    """The round's aggregator over HTTPS and its clients, with what the pods would mount: the
+    operator's Secrets (admin token for the aggregator, the enrolment token and CA for clients)."""
     name, namespace = manifest["metadata"]["name"], manifest["metadata"].get("namespace", "default")
     port = int(manifest["metadata"]["annotations"][PORT_ANNOTATION])
-    secret: dict[str, Any] = wait_for(
-        lambda: kubectl.get("secret", f"{name}-aggregator-admin", namespace) or {},
-        timeout=60,
-        what="admin Secret",
-    )
-    token = base64.b64decode(secret["data"]["token"]).decode()
-    state.mkdir(parents=True, exist_ok=True)
+
+    def read(secret_name: str) -> dict[str, str]:
+        found: dict[str, Any] = wait_for(
+            lambda: kubectl.get("secret", secret_name, namespace) or {},
+            timeout=120,
+            what=f"the Secret {secret_name}",
+        )
+        return {k: base64.b64decode(v).decode() for k, v in found["data"].items()}
+
+    secrets = {
+        "admin": read(admin_secret_name(name)),
+        "enrolment": read(enrolment_secret_name(name)),
+        "tls": read(tls_secret_name(name)),
+    }
+    tls_dir = state / "tls"
+    tls_dir.mkdir(parents=True, exist_ok=True)
+    for key in ("tls.crt", "tls.key", CA_KEY):
+        (tls_dir / key).write_text(secrets["tls"][key])
     model = state / "initial-model.npz"
     subprocess.run(
         [sys.executable, "-m", "ampacity.cli", "federated", "init-model", f"--out={model}"],
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    admin = {"AMPACITY_FL_ADMIN_TOKEN": token}
-    url = f"http://127.0.0.1:{port}"
     companions.start(
         "aggregator",
         [
@@ -173,9 +196,15 @@ def start_federated(companions: Companions, kubectl: Kubectl, manifest: dict[str
             f"--port={port}",
             f"--state-dir={state / 'state'}",
             f"--initial-model={model}",
+            f"--tls-cert={tls_dir / 'tls.crt'}",
+            f"--tls-key={tls_dir / 'tls.key'}",
         ],
-        admin,
+        {
+            "AMPACITY_FL_ADMIN_TOKEN": secrets["admin"][ADMIN_TOKEN_KEY],
+            "AMPACITY_FL_ENROLMENT_TOKEN": secrets["enrolment"][ADMIN_TOKEN_KEY],
+        },
     )
+    url = f"https://127.0.0.1:{port}"
     label = ",".join(f"{k}={v}" for k, v in manifest["spec"].get("clientSelector", {}).items())
     for shard in range(DEMO_CLIENTS):
         companions.start(
@@ -186,6 +215,9 @@ def start_federated(companions: Companions, kubectl: Kubectl, manifest: dict[str
                 "federated",
                 "client",
                 f"--url={url}",
+                f"--ca-file={tls_dir / CA_KEY}",
+                # The certificate names the round's Service; the demo reaches it on 127.0.0.1.
+                f"--server-name={aggregator_name(name)}",
                 f"--client-id=device-{shard}",
                 f"--shard={shard}",
                 f"--shards={DEMO_CLIENTS}",
@@ -193,7 +225,8 @@ def start_federated(companions: Companions, kubectl: Kubectl, manifest: dict[str
                 "--poll-seconds=0.5",
                 f"--timeout-seconds={DONE_TIMEOUT_S:.0f}",
             ],
-            admin,
+            # A client holds the enrolment token, never the admin token.
+            {"AMPACITY_FL_ENROLMENT_TOKEN": secrets["enrolment"][ADMIN_TOKEN_KEY]},
         )
     return url
 
@@ -215,11 +248,23 @@ def _run(args: argparse.Namespace) -> int:
     _say("installing CRDs")
     install_crds(kubectl, REPO / CRD_DIRS[0])
 
+    # The CA the chart generates once: the operator issues the round's aggregator its certificate.
+    ca_dir = cluster.state_dir / "federated-ca"
+    if not (ca_dir / "ca.key").exists():
+        ca = tls.new_ca("ampacity demo federated CA")
+        ca_dir.mkdir(parents=True, exist_ok=True)
+        (ca_dir / "ca.crt").write_bytes(ca.cert_pem)
+        (ca_dir / "ca.key").write_bytes(ca.key_pem)
     operator = LocalOperator(
         cluster.kubeconfig,
         cluster.logs / "operator.log",
         # The round's aggregator runs on this machine, not behind its in-cluster Service.
-        env={URL_OVERRIDE_ENV: "http://127.0.0.1:{port}", POLL_INTERVAL_ENV: "1"},
+        env={
+            URL_OVERRIDE_ENV: "https://127.0.0.1:{port}",
+            POLL_INTERVAL_ENV: "1",
+            CA_CERT_FILE_ENV: str(ca_dir / "ca.crt"),
+            CA_KEY_FILE_ENV: str(ca_dir / "ca.key"),
+        },
     )
     _say(f"starting the operator (log: {operator.log})")
     operator.start()
