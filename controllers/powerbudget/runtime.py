@@ -53,7 +53,7 @@ from ampacity.kube import Kube, KubeError
 from ampacity.power.budget import Actuator, BudgetSpec
 from ampacity.power.gpu_model import clock_fraction_for_cap
 from ampacity.power.policy import CapAssignment, EventKind, PolicyResult, PolicyState, evaluate
-from ampacity.power.reporting import ReportGate
+from ampacity.power.reporting import ReportGate, ReportPolicy
 from ampacity.power.telemetry import GpuId, GpuTelemetry
 from controllers import metrics, tokens
 from controllers.cache import Informer
@@ -73,6 +73,10 @@ DELETED_MEMORY_SECONDS = 300.0
 #: operator from a dead one. A third, not a half: a write can take seconds to land on a loaded
 #: API server, and an agent whose assignment ages past the staleness fails safe.
 HEARTBEAT_FRACTION = 1 / 3
+#: Which fast reports run a round: news only (power beyond the deadband, a limit, fault or pod map
+#: change). No heartbeat: the budget's timer runs the rounds that only time calls for (staleness,
+#: release windows), and 500 nodes' heartbeats would keep rounds running back to back.
+ROUND_TRIGGER = ReportPolicy(offloaded_heartbeat_seconds=math.inf)
 log = logging.getLogger(__name__)
 
 
@@ -324,13 +328,14 @@ class PowerRuntime:
             status.attribution,
             tuple((g.index, g.uuid, round(g.limit_watts), g.locked_clock_mhz, g.pod) for g in status.gpus),
         )
-        gate = self._gates.setdefault(node, ReportGate())
+        gate = self._gates.setdefault(node, ReportGate(ROUND_TRIGGER))
         if gate.is_news(
             now,
             key,
             {str(g.index): g.power_watts for g in status.gpus},
             {str(g.index): g.max_limit_watts for g in status.gpus},
             rt.budget.staleness_seconds,
+            offloaded=True,
         ):
             self.trigger_rounds(rt)
 
