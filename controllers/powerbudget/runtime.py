@@ -376,8 +376,9 @@ class PowerRuntime:
         async with rt.lock:
             while rt.dirty:
                 rt.dirty = False
-                self._round(rt)
-                await asyncio.sleep(ROUND_GAP_SECONDS)
+                # Back-to-back rounds (a surge of news) leave the event loop at least as long as
+                # they held it, so the fast reports and their answers keep flowing between rounds.
+                await asyncio.sleep(max(ROUND_GAP_SECONDS, self._round(rt)))
 
     def trigger_rounds(self, rt: BudgetRuntime) -> None:
         """Ask for a round without waiting for it (the watch must keep reading meanwhile)."""
@@ -385,8 +386,8 @@ class PowerRuntime:
         if rt.round_task is None or rt.round_task.done():
             rt.round_task = asyncio.create_task(self.run_rounds(rt), context=self._context)
 
-    def _round(self, rt: BudgetRuntime) -> None:
-        """One policy round over the cached telemetry of the budget's nodes."""
+    def _round(self, rt: BudgetRuntime) -> float:
+        """One policy round over the cached telemetry of the budget's nodes; returns its seconds."""
         started = time.monotonic()
         now = time.time()
         telemetry: list[GpuTelemetry] = []
@@ -418,7 +419,9 @@ class PowerRuntime:
             rt.state, rt.result = result.state, result
             self._publish(rt, result)
         self._write_assignments(rt, now)
-        metrics.POWER_BUDGET_ROUND_DURATION.observe(time.monotonic() - started)
+        took = time.monotonic() - started
+        metrics.POWER_BUDGET_ROUND_DURATION.observe(took)
+        return took
 
     def _notice_lost_gpus(self, rt: BudgetRuntime, node: str, status: NodePowerStatus) -> None:
         # An agent whose NVML fails reports no GPUs: they are unreadable, not gone.
