@@ -525,11 +525,13 @@ class PowerRuntime:
                 rt.assigned[node] = (key, spec)
                 self._notify(node)  # pushed to the agent's stream before any etcd write
             previous = rt.written.get(node)
-            # Unchanged: assignedAt is refreshed only for agents that do not hear the fast way.
+            # Unchanged: assignedAt is refreshed only for agents that do not hear the fast way. An
+            # agent's last fast answer stays valid for the staleness; after two heartbeats without
+            # its reports the refresh goes out and has the last third to land, as on the slow way.
             if (
                 previous is not None
                 and previous[0] == key
-                and (now - previous[1] < heartbeat or self._fast_fresh(node, now, heartbeat))
+                and (now - previous[1] < heartbeat or self._fast_fresh(node, now, 2 * heartbeat))
             ):
                 continue
             rt.written[node] = (key, now)

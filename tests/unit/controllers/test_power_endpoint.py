@@ -149,7 +149,7 @@ async def test_a_surge_reported_the_fast_way_is_capped_and_pushed_without_readin
         # While the agents hear the operator the fast way, no spec is rewritten just to refresh
         # assignedAt (staleness 3 s: the slow way's heartbeat, every 1 s, would have rewritten it).
         specs = {o["metadata"]["name"]: o["spec"]["assignedAt"] for o in kube.of_kind("NodePower")}
-        for _ in range(3):
+        for _ in range(5):  # at least 1.5 s: past the slow way's 1 s heartbeat
             await step_all()
             await asyncio.sleep(0.3)
             await power.run_rounds(power.budgets["row"])
