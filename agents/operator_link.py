@@ -30,8 +30,10 @@ from ampacity.api.nodepower import NodePowerSpec, NodePowerStatus
 
 log = logging.getLogger("ampacity.agent")
 
-#: Wait before reopening a broken assignment stream.
+#: Wait before reopening a broken assignment stream...
 RECONNECT_SECONDS = 1.0
+#: ... and one the operator refused (no budget for the node, the token's hash not seen yet).
+REFUSED_RETRY_SECONDS = 5.0
 #: A stream silent this long is dead (the operator repeats the assignment every 2 s).
 KEEPALIVE_READ_SECONDS = 10.0
 
@@ -133,17 +135,20 @@ class OperatorLink:
         """Keep the assignment stream open until `stop`; every changed assignment calls `on_change`."""
         url = f"{self.base_url}/v1/nodepowers/{self.node}/assignments"
         while not stop.is_set():
+            wait = RECONNECT_SECONDS
             try:
                 timeout = httpx.Timeout(self.timeout, read=KEEPALIVE_READ_SECONDS)
                 async with self._client.stream("GET", url, headers=self._headers, timeout=timeout) as stream:
-                    if stream.status_code == 200:
+                    if stream.status_code != 200:
+                        wait = REFUSED_RETRY_SECONDS
+                    else:
                         async for line in stream.aiter_lines():
                             if line.strip():
                                 self._took(_answer(json.loads(line)), on_change)
             except (httpx.HTTPError, LinkError, ValueError) as error:
                 log.debug("assignment stream of %s: %s", self.node, error)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), RECONNECT_SECONDS)
+                await asyncio.wait_for(stop.wait(), wait)
 
     async def close(self) -> None:
         if self._own_client:
