@@ -2,11 +2,15 @@
 
     python -m agents --node gpu-node-0                      # NVML (needs nvidia-ml-py and a GPU)
     python -m agents --node gpu-node-0 --simulate --load-file load.json --kubeconfig agent.kubeconfig
+    python -m agents --node gpu-node-0 --operator-url http://ampacity-operator.ampacity-system.svc:8083
 
 The node name defaults to $NODE_NAME (the DaemonSet sets it from spec.nodeName). Simulated
 H100s are used only when asked for (`--simulate` or AMPACITY_AGENT_SIMULATE=1: the demo and
 tests). Otherwise the agent uses NVML; if NVML cannot be opened it keeps running, caps
-nothing, and says so in its NodePower status and metrics (it fails closed).
+nothing, and says so in its NodePower status and metrics (it fails closed). With
+`--operator-url` (the chart sets it) samples and assignments go through the operator's power
+telemetry endpoint, not etcd (`agents.operator_link`); without it, or while it cannot be reached,
+through the NodePower on the API server.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from agents.agent import Agent, LoadFile
 from agents.gpu import GpuBackend, NvmlBackend, SimulatedGpuBackend
 from agents.metrics import AgentMetrics
+from agents.operator_link import OperatorLink
 from agents.pod_resources import KUBELET_SOCKET, PodResourcesClient
 from ampacity.kube import Kube
 
@@ -56,6 +61,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="kubelet pod-resources socket for the GPU-to-pod map ('' to disable)",
     )
     p.add_argument(
+        "--operator-url",
+        default=env.get("AMPACITY_AGENT_OPERATOR_URL", ""),
+        help="the operator's power telemetry endpoint ('' : NodePower on the API server only)",
+    )
+    p.add_argument(
         "--request-timeout", type=float, default=3.0, help="API request timeout (s): past it, fail-safe"
     )
     args = p.parse_args(argv)
@@ -76,6 +86,9 @@ async def main_async(args: argparse.Namespace) -> None:
         metrics.serve(args.metrics_port, args.metrics_address)
     kube = Kube(kubeconfig=args.kubeconfig, timeout=args.request_timeout)
     pods = PodResourcesClient(args.pod_resources_socket) if args.pod_resources_socket else None
+    link = None
+    if args.operator_url:
+        link = OperatorLink(args.operator_url, args.node, timeout=args.request_timeout)
     agent = Agent(
         args.node,
         backend,
@@ -84,6 +97,7 @@ async def main_async(args: argparse.Namespace) -> None:
         before_round=load.refresh if load else None,
         pod_resources=pods,
         open_backend=NvmlBackend,
+        link=link,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -99,6 +113,8 @@ async def main_async(args: argparse.Namespace) -> None:
         agent.close()
         if pods is not None:
             await pods.close()
+        if link is not None:
+            await link.close()
         await kube.close()
 
 

@@ -1,7 +1,10 @@
 """The node agent's control loop: read the GPUs, enforce the node's assignment, report.
 
-Every round the agent reads its node's NodePower (the caps and clock locks the operator
-assigned), decides each GPU's limit with `ampacity.power.failsafe.failsafe_cap` (the
+Every round the agent takes its node's assignment (the caps and clock locks the operator
+assigned): from the operator's power telemetry endpoint when it has one (`--operator-url`:
+`agents.operator_link`, the answer to the sample it sends there, or a change pushed on the
+assignment stream, which wakes the loop at once), else from its NodePower on the API server.
+It decides each GPU's limit with `ampacity.power.failsafe.failsafe_cap` (the
 assignment while it is fresh and the API server answers, the budget's safe cap otherwise),
 sets what changed, reads power, limits, clocks and energy, asks the kubelet which pod holds
 each GPU, and reports. A node without a NodePower is under no budget: the agent gives back
@@ -12,7 +15,8 @@ status says `enforcing: false` with the NVML error in the `Enforcing` condition,
 counts it, and the reported limits are the ones read back from the GPU, never the ones asked
 for. Reports are written when something changed (power beyond a deadband, a limit or clock
 taking effect, a fault, the pod map) and otherwise on a heartbeat, so a quiet row costs the
-API server one write per node every `staleness / 2`.
+API server one write per node every `staleness / 2` (every 60 s when the samples reach the
+operator the fast way: the status is then the slow, durable view).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pydantic import ValidationError
 
 from agents.gpu import GpuBackend, GpuError, GpuInfo, SimulatedFaults, SimulatedGpuBackend, release
 from agents.metrics import AgentMetrics, GpuSample
+from agents.operator_link import LinkError, OperatorLink
 from agents.pod_resources import PodRef, PodResourcesClient, PodResourcesError
 from ampacity.api.meta import ConditionStatus
 from ampacity.api.nodepower import (
@@ -96,6 +101,20 @@ def _assignment_for(spec: NodePowerSpec, gpu: GpuInfo) -> GpuAssignment | None:
     return None
 
 
+def _newer(a: NodePowerSpec, b: NodePowerSpec) -> bool:
+    return a.assigned_at is not None and (b.assigned_at is None or a.assigned_at > b.assigned_at)
+
+
+async def _first(stop: asyncio.Event, wake: asyncio.Event, seconds: float) -> None:
+    """Wait until `stop` or `wake` is set, or `seconds` have passed."""
+    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(wake.wait())]
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
+
+
 class Agent:
     """One node's agent. `clock` is wall-clock seconds (assignments carry RFC 3339 times).
 
@@ -114,6 +133,7 @@ class Agent:
         pod_resources: PodResourcesClient | None = None,
         report_policy: ReportPolicy | None = None,
         open_backend: Callable[[], GpuBackend] | None = None,
+        link: OperatorLink | None = None,
     ) -> None:
         self.node = node
         self.before_round = before_round
@@ -134,6 +154,9 @@ class Agent:
         self._known: dict[str, GpuInfo] = {}
         self._pods: dict[str, PodRef] = {}
         self._attribution = PodResourcesState.DISABLED
+        self.link = link
+        #: Set when the operator pushes a changed assignment: the loop runs a round at once.
+        self.wake = asyncio.Event()
 
     # -- gather ---------------------------------------------------------------------------
 
@@ -153,6 +176,28 @@ class Agent:
         self.backend_name, self._open_error = self.backend.name, None
         log.info("NVML opened on %s", self.node)
         return self.backend
+
+    async def _take_assignment(self) -> tuple[bool, int | None]:
+        """(API reachable, the NodePower's generation or None when the node has none): the
+        operator's fast answer while it is fresh, else the NodePower from the API server."""
+        fast = self.link.latest if self.link is not None else None
+        spec = fast.spec if fast is not None else None
+        at = spec.assigned_at if spec is not None else None
+        if (
+            fast is not None
+            and spec is not None
+            and at is not None
+            and self.clock() - at.timestamp() <= spec.staleness
+        ):
+            self._spec = spec
+            return True, fast.generation
+        reachable, obj = await self._read_assignment()
+        if obj is None:
+            return reachable, None
+        # The last fast answer, if newer than the stored spec, still says the operator was alive.
+        if spec is not None and self._spec is not None and _newer(spec, self._spec):
+            self._spec = spec
+        return reachable, int(obj.get("metadata", {}).get("generation", 0))
 
     async def _read_assignment(self) -> tuple[bool, dict[str, Any] | None]:
         """(API reachable, the NodePower or None). Keeps the last spec when unreachable."""
@@ -314,7 +359,7 @@ class Agent:
         """One round: read the assignment, enforce it (or the safe cap), sample, report."""
         if self.before_round is not None:
             self.before_round()
-        reachable, obj = await self._read_assignment()
+        reachable, generation = await self._take_assignment()
         spec = self._spec
         found = _Round()
         failsafe, reason = False, ""
@@ -351,8 +396,8 @@ class Agent:
         elif was_failsafe and not failsafe:
             log.info("fail-safe over: enforcing the operator's assignment on %s", self.node)
         reported = False
-        if obj is not None:
-            reported = await self._report(obj, found, failsafe, reason)
+        if generation is not None:
+            reported = await self._report(generation, found, failsafe, reason)
         return RoundResult(
             under_budget=spec is not None,
             api_reachable=reachable,
@@ -365,7 +410,9 @@ class Agent:
 
     # -- report ---------------------------------------------------------------------------
 
-    def _is_news(self, spec: NodePowerSpec | None, status: NodePowerStatus, now: float) -> bool:
+    def _is_news(
+        self, spec: NodePowerSpec | None, status: NodePowerStatus, now: float, offloaded: bool
+    ) -> bool:
         key = (
             status.observed_generation,
             status.failsafe,
@@ -373,6 +420,7 @@ class Agent:
             status.enforcing,
             tuple(status.faults),
             status.attribution,
+            status.telemetry_token_hash,
             tuple((g.uuid, round(g.limit_watts), g.locked_clock_mhz, g.pod) for g in status.gpus),
         )
         return self.reports.is_news(
@@ -381,9 +429,11 @@ class Agent:
             {g.uuid: g.power_watts for g in status.gpus},
             {g.uuid: g.max_limit_watts for g in status.gpus},
             spec.staleness if spec is not None else None,
+            offloaded,
         )
 
-    async def _report(self, obj: dict[str, Any], found: _Round, failsafe: bool, reason: str) -> bool:
+    async def _report(self, generation: int, found: _Round, failsafe: bool, reason: str) -> bool:
+        """Send the sample the fast way (when linked), and write the status where it is news."""
         status = self._status
         now = self.clock()
         status.sampled_at = datetime.fromtimestamp(now, UTC)
@@ -394,7 +444,7 @@ class Agent:
         status.enforcing = not found.faults
         status.faults = [str(f) for f in found.faults]
         status.attribution = self._attribution
-        generation = int(obj.get("metadata", {}).get("generation", 0))
+        status.telemetry_token_hash = self.link.token_hash if self.link is not None else ""
         status.observed_generation = generation
         if found.faults:
             first = found.faults[0]
@@ -426,7 +476,15 @@ class Agent:
                     "enforcing the operator's assignment",
                     generation,
                 )
-        if not self._is_news(self._spec, status, now):
+        offloaded = False
+        if self.link is not None:
+            try:
+                await self.link.report(status, self.wake.set)
+                offloaded = True
+                self.metrics.fast_reports += 1
+            except LinkError:  # the link logged it; the status below is the way this round
+                self.metrics.fast_failures += 1
+        if not self._is_news(self._spec, status, now, offloaded):
             return False
         try:
             await self.kube.patch_status("NodePower", None, self.node, status.to_api())
@@ -441,16 +499,25 @@ class Agent:
     async def run(self, interval: float, stop: asyncio.Event | None = None) -> None:
         """Run rounds every `interval` seconds until `stop` is set."""
         stop = stop or asyncio.Event()
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                await self.step()
-            except Exception:  # one bad round must not stop enforcement
-                log.exception("agent round failed")
-            remaining = interval - (time.monotonic() - started)
-            if remaining > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), remaining)
+        follower = (
+            asyncio.create_task(self.link.follow(self.wake.set, stop)) if self.link is not None else None
+        )
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                self.wake.clear()
+                try:
+                    await self.step()
+                except Exception:  # one bad round must not stop enforcement
+                    log.exception("agent round failed")
+                remaining = interval - (time.monotonic() - started)
+                if remaining > 0 and not self.wake.is_set():
+                    await _first(stop, self.wake, remaining)
+        finally:
+            if follower is not None:
+                follower.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await follower
 
     def close(self) -> None:
         if self.backend is not None:

@@ -41,6 +41,8 @@ class AgentMetrics(Collector):
         self.failsafe_entries = 0
         self.api_errors = 0
         self.status_writes = 0
+        self.fast_reports = 0
+        self.fast_failures = 0
         self.gpus_lost = 0
         self.nvml_errors: dict[str, int] = {}
         self.registry = CollectorRegistry(auto_describe=True)
@@ -121,6 +123,20 @@ class AgentMetrics(Collector):
         )
         writes.add_metric(node, self.status_writes)
         yield writes
+        fast = CounterMetricFamily(
+            "ampacity_node_agent_fast_reports",
+            "Samples the operator's power telemetry endpoint answered (the fast way, not etcd).",
+            labels=["node"],
+        )
+        fast.add_metric(node, self.fast_reports)
+        yield fast
+        fast_failed = CounterMetricFamily(
+            "ampacity_node_agent_fast_report_failures",
+            "Samples the power telemetry endpoint did not answer (the agent used the API server).",
+            labels=["node"],
+        )
+        fast_failed.add_metric(node, self.fast_failures)
+        yield fast_failed
         lost = CounterMetricFamily(
             "ampacity_node_gpus_lost", "GPUs that disappeared from the node.", labels=["node"]
         )

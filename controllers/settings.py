@@ -1,5 +1,6 @@
-"""Operator start-up and shutdown: kopf settings, the shared client and read cache, metrics and report
-endpoints, probes. Everything operator-wide is built here, kept in kopf's memo and closed at cleanup."""
+"""Operator start-up and shutdown: kopf settings, the shared client and read cache, metrics, report and
+power telemetry endpoints, probes. Everything operator-wide is built here, kept in kopf's memo and
+closed at cleanup."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ampacity import kubeconfig
 from ampacity.api.meta import GROUP
 from ampacity.kube import Kube
 from controllers.cache import ClusterCache
+from controllers.powerbudget import endpoint as power_endpoint
 from controllers.powerbudget.controller import POWER_MEMO
 from controllers.powerbudget.runtime import PowerRuntime
 from controllers.reconciler import CACHE_MEMO
@@ -50,6 +52,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo[HISTORY_MEMO] = ClusterFailureHistory()
     # PowerBudget rounds, fed by the cache's NodePower watch.
     memo[POWER_MEMO] = PowerRuntime(memo["kube"], cache.node_power_informer)
+    # The agents' fast way to that runtime: telemetry in, assignments out, never through etcd.
+    memo["power_endpoint"] = await power_endpoint.start(memo[POWER_MEMO], power_endpoint.POWER_PORT)
 
 
 @kopf.on.login(id="ampacity-credentials")
@@ -74,6 +78,8 @@ async def login(**_: Any) -> kopf.ConnectionInfo:
 async def close(memo: kopf.Memo, **_: Any) -> None:
     if "reports" in memo:
         await reports.stop(memo["reports"])
+    if "power_endpoint" in memo:
+        await memo["power_endpoint"].close()
     if POWER_MEMO in memo:
         await memo[POWER_MEMO].close()
     if CACHE_MEMO in memo:

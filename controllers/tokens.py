@@ -11,6 +11,11 @@ generates once and keeps across upgrades). Purposes:
 
 A status may keep the SHA-256 of the token it wrote (`token_hash`), so that a Secret written under
 an earlier key is noticed and replaced.
+
+The other direction, for callers that no Secret can reach one by one (a DaemonSet's node agents):
+the caller mints a random token and publishes its hash where only it may write (a node agent's own
+NodePower status, guarded by the chart's admission policy); `matches_hash` checks a presented token
+against it. NodePower `status.telemetryTokenHash` is this, for the power telemetry endpoint.
 """
 
 from __future__ import annotations
@@ -48,6 +53,13 @@ def verify(purpose: str, uid: str, presented: str) -> bool:
     if not uid or not presented:
         return False
     return hmac.compare_digest(derive_token(purpose, uid), presented)
+
+
+def matches_hash(presented: str, known_hash: str) -> bool:
+    """Whether `presented` is the token whose SHA-256 the caller published as `known_hash`."""
+    if not presented or not known_hash:
+        return False
+    return hmac.compare_digest(token_hash(presented), known_hash)
 
 
 async def write_secret(kube: Kube, secret: dict[str, Any], token: str, known_hash: str) -> str:

@@ -112,6 +112,13 @@ class NodePowerStatus(Status):
         default=PodResourcesState.DISABLED,
         description="Where the per-GPU pods come from (the kubelet's pod-resources API).",
     )
+    telemetry_token_hash: str = Field(
+        default="",
+        description=(
+            "SHA-256 (hex) of the token the agent presents to the operator's telemetry endpoint "
+            "(empty: it reports through this status only)."
+        ),
+    )
 
 
 NODE_POWER = Resource(

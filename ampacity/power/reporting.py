@@ -7,6 +7,10 @@ fail-safe, the pod map, a new assignment generation), the node's power moved bey
 deadband since the last write, or the heartbeat is due (half the budget's staleness, so the
 operator always has telemetry it may trust). A surge crosses the deadband at once, so the
 reaction is as fast as with a write per sample.
+
+Where the sample also reached the operator the fast way (the power telemetry endpoint), the
+status is the slow, durable view only, and its heartbeat is `offloaded_heartbeat_seconds`. The
+operator runs the same gate on the fast reports to decide which are worth a policy round.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ class ReportPolicy:
     heartbeat_fraction: float = 0.5
     #: Heartbeat with no staleness to go by (no assignment yet).
     default_heartbeat_seconds: float = 5.0
+    #: Heartbeat of a status whose samples reach the operator the fast way.
+    offloaded_heartbeat_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -51,15 +57,18 @@ class ReportGate:
         gpu_watts: Mapping[str, float],
         max_watts: Mapping[str, float],
         staleness_seconds: float | None,
+        offloaded: bool = False,
     ) -> bool:
-        """`key` holds everything but power; `gpu_watts` and `max_watts` are by GPU UUID.
+        """`key` holds everything but power; `gpu_watts` and `max_watts` are by GPU UUID;
+        `offloaded`: the operator already has this sample the fast way.
         A True answer counts as written: call `failed` if the write then fails."""
         p, last = self.policy, self._last
-        heartbeat = (
-            staleness_seconds * p.heartbeat_fraction
-            if staleness_seconds and staleness_seconds > 0
-            else p.default_heartbeat_seconds
-        )
+        if offloaded:
+            heartbeat = p.offloaded_heartbeat_seconds
+        elif staleness_seconds and staleness_seconds > 0:
+            heartbeat = staleness_seconds * p.heartbeat_fraction
+        else:
+            heartbeat = p.default_heartbeat_seconds
         news = (
             last is None
             or last.key != key

@@ -9,10 +9,23 @@ memo and closed at cleanup. It holds what must outlive a single reconcile:
   queue behind it for seconds);
 - per budget, the capping policy's memory and the writers of its nodes' assignments.
 
-A fresh agent report triggers a round of its budget at once (gather the cached telemetry
--> `ampacity.power.policy.evaluate` -> queue the changed assignments). Rounds run in the
-context of the first reconcile (`adopt_context`), because kopf posts Events only from
-within its handlers' context.
+Telemetry comes two ways. The fast way: agents POST each sample to the operator's telemetry
+endpoint (`controllers.powerbudget.endpoint`, `accept_report`), held here in memory and never
+written to etcd; each node's assignment goes back in the answer, and changes are pushed at once
+to the agent's open assignment stream (`assignment_changed`). The slow way: the NodePower status,
+which agents write only on news beyond a deadband and on a long heartbeat (the durable,
+`kubectl`-visible view; the only way for an agent that cannot reach the endpoint). A node's
+telemetry is the fresher of the two.
+
+A report that is news (`ampacity.power.reporting.ReportGate` on the operator's side: power beyond
+the deadband, a limit, fault or pod map change) triggers a round of its budget at once (gather the
+telemetry -> `ampacity.power.policy.evaluate` -> push and queue the changed assignments); a
+sample that is no news only refreshes the node's freshness, so 500 agents reporting every second
+do not run 500 rounds a second. NodePower specs are written on change, and refreshed
+(`assignedAt`) only for nodes whose agent does not use the fast way: for the others, every
+answer and stream message is the proof that the operator is alive. Rounds run in the context
+of the first reconcile (`adopt_context`), because kopf posts Events only from within its
+handlers' context.
 """
 
 from __future__ import annotations
@@ -40,8 +53,9 @@ from ampacity.kube import Kube, KubeError
 from ampacity.power.budget import Actuator, BudgetSpec
 from ampacity.power.gpu_model import clock_fraction_for_cap
 from ampacity.power.policy import CapAssignment, EventKind, PolicyResult, PolicyState, evaluate
+from ampacity.power.reporting import ReportGate, ReportPolicy
 from ampacity.power.telemetry import GpuId, GpuTelemetry
-from controllers import metrics
+from controllers import metrics, tokens
 from controllers.cache import Informer
 
 #: NodePowers carry the name of the budget that assigns them.
@@ -59,6 +73,10 @@ DELETED_MEMORY_SECONDS = 300.0
 #: operator from a dead one. A third, not a half: a write can take seconds to land on a loaded
 #: API server, and an agent whose assignment ages past the staleness fails safe.
 HEARTBEAT_FRACTION = 1 / 3
+#: Which fast reports run a round: news only (power beyond the deadband, a limit, fault or pod map
+#: change). No heartbeat: the budget's timer runs the rounds that only time calls for (staleness,
+#: release windows), and 500 nodes' heartbeats would keep rounds running back to back.
+ROUND_TRIGGER = ReportPolicy(offloaded_heartbeat_seconds=math.inf)
 log = logging.getLogger(__name__)
 
 
@@ -120,6 +138,8 @@ class BudgetRuntime:
     round_task: asyncio.Task[None] | None = None
     heartbeat_task: asyncio.Task[None] | None = None
     write_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(WRITE_CONCURRENCY))
+    #: node -> (assignment key, the NodePower spec without assignedAt): what the fast way answers.
+    assigned: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
 
     def close(self) -> None:
         own = [t for t in (self.round_task, self.heartbeat_task) if t is not None]
@@ -155,6 +175,12 @@ class PowerRuntime:
         #: The report (sampledAt) of each node that last triggered a round.
         self._triggered: dict[str, object] = {}
         self._deleted: dict[str, float] = {}  # budget UID -> when it was deleted
+        #: The fast way's latest report of each node, and when it arrived (wall clock).
+        self._fast: dict[str, tuple[NodePowerStatus, float]] = {}
+        #: Per node, whether a fast report is news enough to run a round.
+        self._gates: dict[str, ReportGate] = {}
+        #: Per node, an event set (and replaced) when the node's assignment changes.
+        self._changed: dict[str, asyncio.Event] = {}
         self._context: contextvars.Context | None = None
         self._informer = node_powers
         if node_powers is not None:
@@ -195,6 +221,8 @@ class PowerRuntime:
         if rt is not None and rt.uid == uid:
             del self.budgets[name]
             rt.close()
+            for node in rt.nodes:
+                self._notify(node)
 
     def was_deleted(self, uid: str) -> bool:
         return uid in self._deleted
@@ -208,9 +236,13 @@ class PowerRuntime:
         self.node_powers.pop(name, None)
         self._parsed.pop(name, None)
         self._triggered.pop(name, None)
+        self._fast.pop(name, None)
+        self._gates.pop(name, None)
         for rt in self.budgets.values():
             rt.written.pop(name, None)
+            rt.assigned.pop(name, None)
             rt.created.discard(name)
+        self._notify(name)
 
     # -- the NodePower cache ----------------------------------------------------------------
 
@@ -226,6 +258,14 @@ class PowerRuntime:
         self.node_powers[name] = dict(obj)
 
     def status_of(self, node: str) -> NodePowerStatus:
+        """The node's telemetry: the fresher of its fast report and its NodePower status."""
+        slow = self._slow_status(node)
+        fast = self._fast[node][0] if node in self._fast else None
+        if fast is None or fast.sampled_at is None:
+            return slow
+        return fast if slow.sampled_at is None or fast.sampled_at >= slow.sampled_at else slow
+
+    def _slow_status(self, node: str) -> NodePowerStatus:
         raw = (self.node_powers.get(node) or {}).get("status") or {}
         sampled = raw.get("sampledAt")
         cached = self._parsed.get(node)
@@ -244,6 +284,8 @@ class PowerRuntime:
         if kind == "DELETED":
             self.node_powers.pop(name, None)
             self._parsed.pop(name, None)
+            self._fast.pop(name, None)
+            self._notify(name)
             return
         self.remember(obj)
         sampled = (obj.get("status") or {}).get("sampledAt")
@@ -254,6 +296,77 @@ class PowerRuntime:
         self._triggered[name] = sampled
         self.trigger_rounds(rt)
 
+    # -- the fast way -------------------------------------------------------------------------
+
+    def budget_of(self, node: str) -> BudgetRuntime | None:
+        """The live budget whose round covers `node` (None: under no budget the runtime knows)."""
+        obj = self.node_powers.get(node)
+        if obj is None:
+            return None
+        rt = self.budgets.get(str((obj.get("spec") or {}).get("budget", "")))
+        return rt if rt is not None and node in rt.nodes else None
+
+    def authorized(self, node: str, token: str) -> bool:
+        """Whether `token` is the one whose hash the node's agent published in its NodePower
+        status (only that agent may write it: the chart's admission policy)."""
+        raw = ((self.node_powers.get(node) or {}).get("status") or {}).get("telemetryTokenHash", "")
+        return tokens.matches_hash(token, str(raw))
+
+    def accept_report(self, node: str, status: NodePowerStatus) -> None:
+        """A fast report (already authorized): keep it; run a round if it is news."""
+        now = time.time()
+        if status.sampled_at is None:
+            status.sampled_at = datetime.fromtimestamp(now, UTC)
+        self._fast[node] = (status, now)
+        rt = self.budget_of(node)
+        if rt is None:
+            return
+        key = (
+            status.failsafe,
+            status.enforcing,
+            tuple(status.faults),
+            status.attribution,
+            tuple((g.index, g.uuid, round(g.limit_watts), g.locked_clock_mhz, g.pod) for g in status.gpus),
+        )
+        gate = self._gates.setdefault(node, ReportGate(ROUND_TRIGGER))
+        if gate.is_news(
+            now,
+            key,
+            {str(g.index): g.power_watts for g in status.gpus},
+            {str(g.index): g.max_limit_watts for g in status.gpus},
+            rt.budget.staleness_seconds,
+            offloaded=True,
+        ):
+            self.trigger_rounds(rt)
+
+    def assignment(self, node: str) -> dict[str, Any]:
+        """What the fast way answers: the node's NodePower generation and its assignment, with
+        assignedAt now (the operator is alive); `spec` is None where no round assigned it yet."""
+        obj = self.node_powers.get(node) or {}
+        generation = int((obj.get("metadata") or {}).get("generation", 0) or 0)
+        rt = self.budget_of(node)
+        held = rt.assigned.get(node) if rt is not None else None
+        if held is None:
+            return {"generation": generation, "spec": None}
+        spec = {**held[1], "assignedAt": datetime.now(UTC).isoformat()}
+        return {"generation": generation, "spec": spec}
+
+    def assignment_changed(self, node: str) -> asyncio.Event:
+        """An event set when the node's assignment next changes (or its budget goes)."""
+        event = self._changed.get(node)
+        if event is None or event.is_set():
+            event = self._changed[node] = asyncio.Event()
+        return event
+
+    def _notify(self, node: str) -> None:
+        event = self._changed.pop(node, None)
+        if event is not None:
+            event.set()
+
+    def _fast_fresh(self, node: str, now: float, within: float) -> bool:
+        fast = self._fast.get(node)
+        return fast is not None and now - fast[1] < within
+
     # -- rounds -------------------------------------------------------------------------------
 
     async def run_rounds(self, rt: BudgetRuntime) -> None:
@@ -263,8 +376,9 @@ class PowerRuntime:
         async with rt.lock:
             while rt.dirty:
                 rt.dirty = False
-                self._round(rt)
-                await asyncio.sleep(ROUND_GAP_SECONDS)
+                # Back-to-back rounds (a surge of news) leave the event loop at least as long as
+                # they held it, so the fast reports and their answers keep flowing between rounds.
+                await asyncio.sleep(max(ROUND_GAP_SECONDS, self._round(rt)))
 
     def trigger_rounds(self, rt: BudgetRuntime) -> None:
         """Ask for a round without waiting for it (the watch must keep reading meanwhile)."""
@@ -272,8 +386,8 @@ class PowerRuntime:
         if rt.round_task is None or rt.round_task.done():
             rt.round_task = asyncio.create_task(self.run_rounds(rt), context=self._context)
 
-    def _round(self, rt: BudgetRuntime) -> None:
-        """One policy round over the cached telemetry of the budget's nodes."""
+    def _round(self, rt: BudgetRuntime) -> float:
+        """One policy round over the cached telemetry of the budget's nodes; returns its seconds."""
         started = time.monotonic()
         now = time.time()
         telemetry: list[GpuTelemetry] = []
@@ -305,7 +419,9 @@ class PowerRuntime:
             rt.state, rt.result = result.state, result
             self._publish(rt, result)
         self._write_assignments(rt, now)
-        metrics.POWER_BUDGET_ROUND_DURATION.observe(time.monotonic() - started)
+        took = time.monotonic() - started
+        metrics.POWER_BUDGET_ROUND_DURATION.observe(took)
+        return took
 
     def _notice_lost_gpus(self, rt: BudgetRuntime, node: str, status: NodePowerStatus) -> None:
         # An agent whose NVML fails reports no GPUs: they are unreadable, not gone.
@@ -402,8 +518,21 @@ class PowerRuntime:
         heartbeat = rt.spec.telemetry_staleness * HEARTBEAT_FRACTION
         for node, gpus in by_node.items():
             key = tuple((g.index, g.uuid, g.cap_watts, g.clock_fraction, g.capped, g.priority) for g in gpus)
+            held = rt.assigned.get(node)
+            if held is None or held[0] != key:
+                obj = self._node_power(rt, node, gpus, now)
+                spec = {k: v for k, v in obj["spec"].items() if k != "assignedAt"}
+                rt.assigned[node] = (key, spec)
+                self._notify(node)  # pushed to the agent's stream before any etcd write
             previous = rt.written.get(node)
-            if previous is not None and previous[0] == key and now - previous[1] < heartbeat:
+            # Unchanged: assignedAt is refreshed only for agents that do not hear the fast way. An
+            # agent's last fast answer stays valid for the staleness; after two heartbeats without
+            # its reports the refresh goes out and has the last third to land, as on the slow way.
+            if (
+                previous is not None
+                and previous[0] == key
+                and (now - previous[1] < heartbeat or self._fast_fresh(node, now, 2 * heartbeat))
+            ):
                 continue
             rt.written[node] = (key, now)
             rt.pending[node] = self._node_power(rt, node, gpus, now)

@@ -139,11 +139,12 @@ class Kubelet(api_pb2_grpc.PodResourcesListerServicer):
 
 
 class AgentProcess:
-    """`python -m agents` for one node, with simulated GPUs whose load a JSON file sets and a
-    kubelet pod-resources API of its own."""
+    """`python -m agents` for one node, with simulated GPUs whose load a JSON file sets, a
+    kubelet pod-resources API of its own, and the operator's power telemetry endpoint."""
 
-    def __init__(self, node: str, kubeconfig: Path, directory: Path) -> None:
+    def __init__(self, node: str, kubeconfig: Path, directory: Path, operator_url: str) -> None:
         self.node = node
+        self.operator_url = operator_url
         self.kubelet = Kubelet(directory / f"{node}-kubelet.sock")
         self.kubeconfig = kubeconfig
         self.load_file = directory / f"{node}-load.json"
@@ -173,6 +174,7 @@ class AgentProcess:
                     "--metrics-address=127.0.0.1",
                     f"--pod-resources-socket={self.kubelet.socket}",
                     "--interval=0.5",
+                    f"--operator-url={self.operator_url}",
                 ],
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 stdout=log,
@@ -269,7 +271,8 @@ def agents(
 ) -> Iterator[dict[str, AgentProcess]]:
     directory = tmp_path_factory.mktemp("agents")
     processes = {
-        node: AgentProcess(node, agent_kubeconfig(cluster, node, directory), directory) for node in NODES
+        node: AgentProcess(node, agent_kubeconfig(cluster, node, directory), directory, operator.power_url)
+        for node in NODES
     }
     for process in processes.values():
         process.start()
@@ -421,6 +424,9 @@ def _scenario(kubectl: Kubectl, operator: LocalOperator, agents: dict[str, Agent
     )
     assert agent_power == pytest.approx(expected, abs=1)
     assert agents["gpu-node-1"].metrics()[("ampacity_gpu_power_limit_watts", "0")] == 200.0
+    # The samples went the fast way (the operator's power telemetry endpoint), not only etcd.
+    for agent in agents.values():
+        assert agent.metrics()[("ampacity_node_agent_fast_reports_total", "")] > 0
     crossings = events(kubectl)
     for reason in ("EnteredT1", "EnteredT2", "LimitExceeded"):
         assert reason in crossings, crossings

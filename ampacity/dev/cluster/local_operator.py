@@ -27,6 +27,7 @@ class LocalOperator:
         self.metrics_port = free_port()
         self.health_port = free_port()
         self.report_port = free_port()
+        self.power_port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -43,6 +44,11 @@ class LocalOperator:
         """Where the trainer reports go (the test process plays the trainer)."""
         return f"http://127.0.0.1:{self.report_port}"
 
+    @property
+    def power_url(self) -> str:
+        """Where node agents send fast telemetry (the power telemetry endpoint)."""
+        return f"http://127.0.0.1:{self.power_port}"
+
     def _token_key(self) -> str:
         """The operator key, kept beside the kubeconfig so restarts derive the same tokens."""
         path = self.kubeconfig.parent / "operator-token.key"
@@ -58,6 +64,7 @@ class LocalOperator:
             "KUBECONFIG": str(self.kubeconfig),
             "AMPACITY_METRICS_PORT": str(self.metrics_port),
             "AMPACITY_REPORT_PORT": str(self.report_port),
+            "AMPACITY_POWER_PORT": str(self.power_port),
             "AMPACITY_TOKEN_KEY": self._token_key(),
         }
         with self.log.open("ab") as log:
