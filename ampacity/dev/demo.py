@@ -36,6 +36,7 @@ from ampacity.dev.cluster.local_operator import LocalOperator
 from ampacity.dev.cluster.localcluster import DEFAULT_STATE_DIR, LocalCluster, free_port
 from ampacity.dev.cluster.polling import wait_for
 from ampacity.federated import tls
+from ampacity.serving import hardware
 from ampacity.serving.eval.localpool import LocalPool
 from controllers.federatedround.controller import (
     ADMIN_TOKEN_KEY,
@@ -123,6 +124,12 @@ def serve_pool(local: LocalPool, kubectl: Kubectl, pool: dict[str, Any]) -> str:
     import openai  # the dev extra's; imported here so `ampacity --help` stays fast
 
     name, namespace = pool["metadata"]["name"], pool["metadata"].get("namespace", "default")
+    model, gpu = pool["spec"]["model"]["name"], pool["spec"].get("gpuType", "h100")
+    try:
+        hardware.model(model)
+        hardware.gpu(gpu)
+    except KeyError:
+        return f"not run here: the test engine has no latency model for {model} on {gpu}"
 
     def deployments() -> dict[str, dict[str, Any]] | None:
         found = {r: kubectl.get("deployment", f"{name}-{r}", namespace) for r in (*ENGINE_ROLES, "router")}
@@ -138,9 +145,9 @@ def serve_pool(local: LocalPool, kubectl: Kubectl, pool: dict[str, Any]) -> str:
     urls: dict[str, list[str]] = {}
     for role in ENGINE_ROLES:
         if role in children:
-            urls["workers" if role == "engine" else role] = [local.engine(role, args(role)).url]
+            engine = local.engine(f"{name}-{role}", args(role), gpu=gpu)
+            urls["workers" if role == "engine" else role] = [engine.url]
     router = local.router(args("router"), **urls)
-    model = pool["spec"]["model"]["name"]
     client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0)
     reply = client.completions.create(model=model, prompt="What is a serving pool?", max_tokens=16)
     roles = " + ".join(r for r in ENGINE_ROLES if r in children)

@@ -51,6 +51,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         side_channel_host=os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST", "localhost"),
         side_channel_port=int(os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT", "5600")),
         request_log=args.request_log,
+        max_model_len=args.max_model_len,
     )
 
 
@@ -89,6 +90,9 @@ def add_parser(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     engine.add_argument(
         "--kv-transfer-config",
         help="vLLM's JSON, e.g. " + json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_producer"}),
+    )
+    engine.add_argument(
+        "--max-model-len", type=int, help="context length: longer requests get vLLM's 400 (default: none)"
     )
     engine.add_argument("--max-num-seqs", type=int, default=Limits().max_batch)
     engine.add_argument("--max-num-batched-tokens", type=int, default=Limits().prefill_tokens)

@@ -62,7 +62,24 @@ def _message_tokens(messages: Any) -> int:
     return total
 
 
-def parse(body: Any, chat: bool, served_model: str, default_max_tokens: int) -> GenerationRequest:
+def check_context_length(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """vLLM's 400s for a request that does not fit `--max-model-len` (its `_validate_input`)."""
+    if prompt_tokens >= max_model_len:
+        raise InvalidRequest(
+            f"This model's maximum context length is {max_model_len} tokens. However, your request has "
+            f"{prompt_tokens} input tokens. Please reduce the length of the input messages."
+        )
+    if prompt_tokens + max_tokens > max_model_len:
+        raise InvalidRequest(
+            f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum "
+            f"context length is {max_model_len} tokens and your request has {prompt_tokens} input tokens "
+            f"({max_tokens} > {max_model_len} - {prompt_tokens})."
+        )
+
+
+def parse(
+    body: Any, chat: bool, served_model: str, default_max_tokens: int, max_model_len: int | None = None
+) -> GenerationRequest:
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     model = body.get("model") or served_model
@@ -78,6 +95,8 @@ def parse(body: Any, chat: bool, served_model: str, default_max_tokens: int) -> 
     max_tokens = int(limit) if limit is not None else (default_max_tokens if chat else 16)
     if max_tokens < 1:
         raise InvalidRequest(f"max_tokens must be at least 1, got {max_tokens}.")
+    if max_model_len is not None:
+        check_context_length(prompt_tokens, max_tokens, max_model_len)
     stream = bool(body.get("stream", False))
     options = body.get("stream_options")
     if options is not None and not stream:

@@ -44,6 +44,8 @@ class EngineConfig:
     side_channel_host: str = "localhost"
     side_channel_port: int = 5600
     request_log: Path | None = None
+    max_model_len: int | None = None
+    """vLLM's `--max-model-len`: longer requests get its 400 (None: no limit, as no model is loaded)."""
 
     @property
     def role(self) -> str:
@@ -146,7 +148,13 @@ class Engine:
         except json.JSONDecodeError:
             return self._error(400, "BadRequestError", "the request body is not valid JSON")
         try:
-            req = protocol.parse(body, chat, self.config.served_model_name, self.config.default_max_tokens)
+            req = protocol.parse(
+                body,
+                chat,
+                self.config.served_model_name,
+                self.config.default_max_tokens,
+                self.config.max_model_len,
+            )
         except protocol.NotFound as err:
             return self._error(404, "NotFoundError", str(err))
         except protocol.InvalidRequest as err:

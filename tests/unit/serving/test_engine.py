@@ -118,6 +118,19 @@ async def test_unknown_model_and_bad_requests_are_client_errors(colocated: Runni
     assert [m.id for m in models.data] == [MODEL]
 
 
+async def test_max_model_len_refuses_what_does_not_fit_as_vllm_does() -> None:
+    running = await _start(replace(BASE, max_model_len=128))
+    try:
+        reply = await running.client.completions.create(model=MODEL, prompt=list(range(100)), max_tokens=28)
+        assert reply.usage is not None and reply.usage.total_tokens == 128
+        with pytest.raises(openai.BadRequestError, match="maximum context length is 128 tokens"):
+            await running.client.completions.create(model=MODEL, prompt=list(range(100)), max_tokens=29)
+        with pytest.raises(openai.BadRequestError, match="your request has 128 input tokens"):
+            await running.client.completions.create(model=MODEL, prompt=list(range(128)), max_tokens=1)
+    finally:
+        await running.runner.cleanup()
+
+
 async def test_metrics_have_vllms_names_and_labels(colocated: Running) -> None:
     await colocated.client.completions.create(model=MODEL, prompt=list(range(50)), max_tokens=5)
     async with aiohttp.ClientSession() as session, session.get(colocated.url + "/metrics") as r:
