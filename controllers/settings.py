@@ -19,7 +19,9 @@ from controllers.powerbudget.runtime import PowerRuntime
 from controllers.reconciler import CACHE_MEMO
 from controllers.trainingjob import reports
 from controllers.trainingjob.admission import ADMISSION_MEMO, GangAdmission
+from controllers.trainingjob.controller import wake_on_node_loss
 from controllers.trainingjob.history import HISTORY_MEMO, ClusterFailureHistory
+from controllers.wakeups import WAKEUPS_MEMO, Wakeups
 
 #: Port of the Prometheus /metrics endpoint (probes are served by kopf's --liveness endpoint).
 METRICS_PORT = int(os.environ.get("AMPACITY_METRICS_PORT", "8080"))
@@ -41,6 +43,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo["kube"] = Kube()
     # One list+watch per kind the reconcilers read, instead of a LIST per reconcile.
     cache = memo[CACHE_MEMO] = ClusterCache(memo["kube"])
+    # A child's change wakes its owner's reconcile (instead of a short timer per object).
+    wakeups = memo[WAKEUPS_MEMO] = Wakeups()
+    cache.on_child_change(wakeups.child_changed)
+    wake_on_node_loss(cache, wakeups)
     await cache.start()
     start_http_server(METRICS_PORT)
     memo["reports"] = await reports.start(memo["kube"], reports.REPORT_PORT)

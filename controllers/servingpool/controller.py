@@ -42,6 +42,8 @@ CAPACITY_LIMITED = "CapacityLimited"
 METRICS_AVAILABLE = "MetricsAvailable"
 METRICS_MEMO = "serving_metrics"
 SCRAPE_TIMEOUT_SECONDS = 3.0
+#: An autoscaled pool scrapes its engines this often; other pools run when a child changes.
+AUTOSCALE_SECONDS = 10.0
 #: The router runs from the operator's own image, which carries the vllm-router binary.
 ROUTER_IMAGE = os.environ.get("AMPACITY_IMAGE", "ghcr.io/ampacity/ampacity:0.1.0")
 
@@ -271,6 +273,8 @@ async def reconcile(ctx: Context) -> None:
         ctx.generation,
     )
 
+    if spec.autoscaling:
+        ctx.requeue(AUTOSCALE_SECONDS)  # the engines' metrics are scraped, not watched
     size = await _autoscale(ctx, plan) if spec.autoscaling else planned_size(plan)
     ctx.status.autoscaling = size if spec.autoscaling else None
     wanted = roles(plan, size)
