@@ -72,6 +72,9 @@ class Context:
     #: Seconds after which this object wants another pass even if nothing changes (None: the
     #: kind's resync); the soonest request of a pass wins.
     requeue_after: float | None = None
+    #: Work that must see this pass's status as written (e.g. another writer deciding its own
+    #: field from it), run once the status patch was sent.
+    after_status: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     @property
     def cache(self) -> ClusterCache:
@@ -281,9 +284,9 @@ async def reconcile_object(
     logger: Any,
     retry: int = 0,
     post_event: EventPoster = kopf.event,
-) -> float | None:
+) -> Context:
     """One reconcile of one object: parse, reconcile, set conditions and Events, put the status
-    into `patch` only where it changed; returns the pass's `requeue_after`. A failure sets
+    into `patch` only where it changed; returns the pass's context. A failure sets
     Ready=False with a reason in words and is retried later (kopf.TemporaryError), with a growing
     delay."""
     name = resource.singular
@@ -330,7 +333,7 @@ async def reconcile_object(
     if failure is not None:
         condition = ctx.status.condition(READY)
         raise kopf.TemporaryError(condition.message if condition else str(failure), delay=delay) from failure
-    return ctx.requeue_after
+    return ctx
 
 
 def _version(obj: Mapping[str, Any]) -> int | None:
@@ -366,7 +369,7 @@ async def run_pass(
     body = freshest(body, memo)
     patch = kopf.Patch()
     try:
-        return await reconcile_object(resource, reconcile, body, patch, memo, logger, retry, post_event)
+        ctx = await reconcile_object(resource, reconcile, body, patch, memo, logger, retry, post_event)
     finally:
         status = dict(patch.get("status") or {})
         if status:
@@ -374,6 +377,9 @@ async def run_pass(
                 memo[WRITTEN_MEMO] = await memo["kube"].patch_status(
                     resource.kind, body.metadata.namespace, str(body.metadata.name), status
                 )
+    for work in ctx.after_status:
+        await work()
+    return ctx.requeue_after
 
 
 #: Seconds between passes of an object nothing wakes (the safety net for a missed event).

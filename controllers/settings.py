@@ -19,7 +19,7 @@ from controllers.powerbudget.runtime import PowerRuntime
 from controllers.reconciler import CACHE_MEMO
 from controllers.trainingjob import reports
 from controllers.trainingjob.admission import ADMISSION_MEMO, GangAdmission
-from controllers.trainingjob.controller import wake_on_node_loss
+from controllers.trainingjob.controller import REPORTS_MEMO, wake_on_node_loss
 from controllers.trainingjob.history import HISTORY_MEMO, ClusterFailureHistory
 from controllers.wakeups import WAKEUPS_MEMO, Wakeups
 
@@ -49,7 +49,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     wake_on_node_loss(cache, wakeups)
     await cache.start()
     start_http_server(METRICS_PORT)
-    memo["reports"] = await reports.start(memo["kube"], reports.REPORT_PORT)
+    memo[REPORTS_MEMO] = await reports.start(memo["kube"], reports.REPORT_PORT)
     # Gang admission decides across jobs: one waiting queue and one set of reservations.
     memo[ADMISSION_MEMO] = GangAdmission()
     # The failures the operator sees on every job move the failure-rate prior of each.
@@ -78,8 +78,8 @@ async def login(**_: Any) -> kopf.ConnectionInfo:
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
-    if "reports" in memo:
-        await reports.stop(memo["reports"])
+    if REPORTS_MEMO in memo:
+        await reports.stop(memo[REPORTS_MEMO])
     if POWER_MEMO in memo:
         await memo[POWER_MEMO].close()
     if CACHE_MEMO in memo:

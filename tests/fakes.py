@@ -424,7 +424,8 @@ class Operator:
             for kind, _, patched, patch in self.kube.status_patches[patches_before:]
             if (kind, patched) == (resource.kind, metadata["name"])
         ]
-        return Pass(sent[-1] if sent else None, events, error, requeue)
+        # The first is the reconciler's own; work after it (`Context.after_status`) may write more.
+        return Pass(sent[0] if sent else None, events, error, requeue)
 
     def condition(self, kind: str, namespace: str | None, name: str, type_: str = "Ready") -> Object:
         obj = self.kube.stored(kind, namespace, name) or {}

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -349,6 +350,17 @@ def interval_stale(spec: TrainingJobSpec, status: TrainingJobStatus) -> bool:
     return was_fixed
 
 
+#: Per-object memo: this pass decided the interval again (a failure, a policy change).
+REDECIDED_MEMO = "interval_redecided"
+
+
+def redecide_interval(ctx: Context, spec: TrainingJobSpec, now: datetime) -> None:
+    """Decide the interval in this pass's status (the new gang's environment carries it) and
+    have the report endpoint, its writer, decide it again once this pass's status is written."""
+    reports.set_interval(spec, ctx.status, now)
+    ctx.memo[REDECIDED_MEMO] = True
+
+
 def node_ready(node: Mapping[str, Any]) -> bool:
     """A node is lost when its Ready condition is False or Unknown (no heartbeat); no condition: ready."""
     for cond in node.get("status", {}).get("conditions", []):
@@ -394,6 +406,13 @@ async def reconcile(ctx: Context) -> None:
     await _reconcile(ctx, datetime.now(UTC))
     decided = status.model_dump(include=set(reports.REPORT_FIELDS))
     ctx.status_fields_not_owned = {f for f in reports.REPORT_FIELDS if decided[f] == reported[f]}
+    endpoint = ctx.memo.get(REPORTS_MEMO)
+    if isinstance(endpoint, reports.ReportEndpoint):
+        # The interval has one writer, the endpoint: this pass's decision only set the new gang's
+        # environment; the endpoint decides again from the status this pass writes.
+        if ctx.memo.pop(REDECIDED_MEMO, False):
+            ctx.after_status.append(functools.partial(endpoint.redecide_interval, ctx.namespace, ctx.name))
+        ctx.status_fields_not_owned |= reports.INTERVAL_FIELDS
     metrics.TRAINING_JOB_GPU_SECONDS_LOST.labels(ctx.namespace, ctx.name).set(status.gpu_seconds_lost)
     if status.latest_checkpoint is not None:
         metrics.TRAINING_JOB_LAST_CHECKPOINT.labels(ctx.namespace, ctx.name).set(
@@ -416,7 +435,7 @@ async def _reconcile(ctx: Context, now: datetime) -> None:
     # rewritten every pass while the other gangs run.
     status.cluster_failures, status.cluster_exposure_node_hours = others_failed, float(f"{others_ran:.2g}")
     if interval_stale(spec, status):
-        reports.set_interval(spec, status, now)
+        redecide_interval(ctx, spec, now)
     if status.phase in (TrainingPhase.SUCCEEDED, TrainingPhase.FAILED):
         gang_admission(ctx.memo).forget(f"{ctx.namespace}/{ctx.name}")
         return
@@ -593,7 +612,7 @@ async def _restart_gang(
     status.restart_not_before = now + timedelta(seconds=spec.failure_policy.backoff)
     status.phase = TrainingPhase.RESTARTING
     # One more observed failure moves the failure rate, hence the auto interval.
-    reports.set_interval(spec, status, now)
+    redecide_interval(ctx, spec, now)
     resume = resume_step(spec, status)
     ctx.set_ready(False, "GangRestarting", f"{why}; restarting all workers from step {resume}")
     ctx.event(
@@ -603,6 +622,9 @@ async def _restart_gang(
         warning=True,
     )
 
+
+#: Where the operator keeps the report endpoint in kopf's memo (`controllers.settings`).
+REPORTS_MEMO = "reports"
 
 #: An admitted gang whose workers are not all bound this long after creation gives its GPUs back.
 BIND_TIMEOUT_SECONDS = 120.0
@@ -645,7 +667,7 @@ controller(TRAINING_JOB, reconcile)
     TRAINING_JOB.group, TRAINING_JOB.version, TRAINING_JOB.plural, id="forget-reports", optional=True
 )
 def _forget_reports(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    endpoint = memo.get("reports")
+    endpoint = memo.get(REPORTS_MEMO)
     if isinstance(endpoint, reports.ReportEndpoint):
         endpoint.forget(str(body.metadata.uid), str(body.metadata.namespace), str(body.metadata.name))
     gang_admission(memo).forget(f"{body.metadata.namespace}/{body.metadata.name}")

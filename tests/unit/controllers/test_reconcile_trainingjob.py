@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -250,3 +251,38 @@ async def test_a_pass_from_a_stale_body_does_not_count_a_restart(kube: FakeKube)
         await op.reconcile_body(TRAINING_JOB, reconcile, updated)  # type: ignore[arg-type]
         status = kube.stored("TrainingJob", "ns", "gpt-pretrain")["status"]  # type: ignore[index]
         assert status["restarts"] == 0 and status["gang"] == 1
+
+
+async def test_the_interval_has_one_writer_even_when_a_restart_moves_it(kube: FakeKube) -> None:
+    """A failure re-decides the interval; a reconcile that read the status before a report's
+    measured save must not write an interval decided without it (the endpoint decides it again
+    from the status as it is after the reconciler's patch)."""
+    from controllers.trainingjob.controller import REPORTS_MEMO
+
+    kube.add(job())
+    async with Operator(kube) as op:
+        op.memo[REPORTS_MEMO] = reports.ReportEndpoint(kube)
+        first = await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        assert first.patch is not None and "checkpointIntervalReason" not in first.patch
+        status = kube.stored("TrainingJob", "ns", "gpt-pretrain")["status"]  # type: ignore[index]
+        assert status["checkpointIntervalReason"].startswith("auto:")  # the endpoint decided it
+        await schedule(kube, {f"gpt-pretrain-worker-{r}": f"gpu-{r // 2}" for r in range(4)})
+        await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        await op.settle()
+        older = copy.deepcopy(kube.stored("TrainingJob", "ns", "gpt-pretrain"))
+        # Meanwhile a report records a measured save, and a worker fails.
+        cost = {"step": 10, "stallSeconds": 2.0, "persistSeconds": 5.0}
+        await kube.patch_status("TrainingJob", "ns", "gpt-pretrain", {"checkpointCost": cost})
+        await kube.patch_status("Pod", "ns", "gpt-pretrain-worker-0", {"phase": "Failed"})
+        await op.settle()
+        restart = await op.reconcile_body(TRAINING_JOB, reconcile, older)  # type: ignore[arg-type]
+        assert restart.patch is not None and restart.patch["restarts"] == 1
+        assert not {"checkpointInterval", "checkpointIntervalReason", "checkpointCost"} & set(restart.patch)
+        stored = kube.stored("TrainingJob", "ns", "gpt-pretrain")
+        assert stored is not None
+        status = stored["status"]
+        assert status["checkpointCost"] == cost and status["restarts"] == 1
+        spec = TRAINING_JOB.spec.model_validate(stored["spec"])
+        fresh = reports.decide_interval(spec, TRAINING_JOB.status.model_validate(status), datetime.now(UTC))
+        assert status["checkpointIntervalReason"] == fresh.reason
+        assert "until the trainer reports a measured save" not in status["checkpointIntervalReason"]
