@@ -804,7 +804,6 @@ async def reconcile(ctx: Context) -> None:
             await remove_aggregator(ctx, spec, status)
             return
         token = admin_token(ctx)
-        ctx.requeue(POLL_INTERVAL_S)  # a selected client may still deliver late
     else:
         if not spec.aggregator.insecure_http:
             try:
@@ -816,10 +815,10 @@ async def reconcile(ctx: Context) -> None:
         await ctx.apply(aggregator_service(ctx, spec))
         available = deployment.get("status", {}).get("availableReplicas", 0) >= 1
         token = await ensure_secrets(ctx, spec, available)
-        # The aggregator's state is polled; an aggregator not yet available is not (its Deployment's
-        # change wakes this round), unless the operator reaches it by another way (the override).
-        if available or os.environ.get(URL_OVERRIDE_ENV):
-            ctx.requeue(POLL_INTERVAL_S)
+    # The aggregator's state is polled (an ended round's too: a selected client may still deliver
+    # late); an aggregator not yet available is not (its Deployment's change wakes this round),
+    # unless the operator reaches it by another way (the override).
+    polled = ended or available or bool(os.environ.get(URL_OVERRIDE_ENV))
     insecure = spec.aggregator.insecure_http
     status.aggregator = service_url(ctx.name, ctx.namespace, insecure)
     metrics.FEDERATED_ROUND_RECEIVED.labels(ctx.namespace, ctx.name).set(status.received_updates)
@@ -841,6 +840,7 @@ async def reconcile(ctx: Context) -> None:
         server_name = f"{aggregator_name(ctx.name)}.{ctx.namespace}.svc"
         async with AggregatorClient(url, token, verify=verify, server_name=server_name) as agg:
             await follow(ctx, agg, str(ctx.body.metadata.uid or ""))
+        ctx.memo.pop(UNREACHABLE_MEMO, None)
     except AggregatorRefused as error:
         # 401 most likely: the aggregator runs with another admin token than the round's Secret.
         if not ended:
@@ -848,7 +848,9 @@ async def reconcile(ctx: Context) -> None:
                 False, "AggregatorRefused", f"the aggregator at {url} refused the operator: {error}"
             )
     except AggregatorUnavailable as error:
+        ctx.memo[UNREACHABLE_MEMO] = ctx.memo.get(UNREACHABLE_MEMO, 0) + 1
         if ended:
+            ctx.requeue(poll_seconds(ctx.memo[UNREACHABLE_MEMO]))
             return
         if status.phase == RoundPhase.PENDING and not available:
             ctx.set_ready(
@@ -861,6 +863,22 @@ async def reconcile(ctx: Context) -> None:
     metrics.FEDERATED_ROUND_OPEN.labels(ctx.namespace, ctx.name).set(1 if is_open else 0)
     if status.deadline_time is not None:
         metrics.FEDERATED_ROUND_DEADLINE.labels(ctx.namespace, ctx.name).set(status.deadline_time.timestamp())
+    if polled:
+        ctx.requeue(poll_seconds(ctx.memo.get(UNREACHABLE_MEMO, 0)))
+
+
+#: Per-object memo: polls in a row that could not reach the aggregator.
+UNREACHABLE_MEMO = "aggregator_unreachable"
+#: An aggregator that does not answer is polled less and less often, down to this.
+UNREACHABLE_POLL_MAX_S = 60.0
+
+
+def poll_seconds(unreachable: int) -> float:
+    """POLL_INTERVAL_S, doubling with each poll in a row that could not reach the aggregator (up to
+    UNREACHABLE_POLL_MAX_S): many rounds whose aggregators are down do not keep the operator busy."""
+    return float(
+        min(POLL_INTERVAL_S * 2 ** min(unreachable, 10), max(POLL_INTERVAL_S, UNREACHABLE_POLL_MAX_S))
+    )
 
 
 controller(FEDERATED_ROUND, reconcile)

@@ -564,3 +564,9 @@ async def test_an_ended_run_removes_its_aggregator_only_when_a_claim_keeps_the_m
     assert on_claim.events[-1][1] == "AggregatorRemoved"
     await fr.reconcile(on_claim)  # level-based: nothing more to do
     assert kube.count("delete") == 2
+
+
+def test_an_unreachable_aggregator_is_polled_less_and_less_often() -> None:
+    assert fr.poll_seconds(0) == fr.POLL_INTERVAL_S
+    assert fr.poll_seconds(1) == 2 * fr.POLL_INTERVAL_S
+    assert fr.poll_seconds(50) == fr.UNREACHABLE_POLL_MAX_S
