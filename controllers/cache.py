@@ -58,6 +58,14 @@ def _version_number(version: str) -> int | None:
         return None
 
 
+def _trimmed(obj: Object) -> Object:
+    """The object without `metadata.managedFields` (server-side apply's bookkeeping, often the
+    larger part of a child's JSON), which no reader of the cache uses: as client-go's informers
+    are usually set up, to keep the operator's memory small."""
+    (obj.get("metadata") or {}).pop("managedFields", None)
+    return obj
+
+
 def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
     metadata = obj.get("metadata") or {}
     return str(metadata.get("namespace") or ""), str(metadata.get("name") or "")
@@ -140,7 +148,7 @@ class Informer:
         items, version = await self.kube.list_with_version(
             self.kind, self.namespace, self.label_selector, self.field_selector
         )
-        self.objects = {_key(o): o for o in items}
+        self.objects = {_key(o): _trimmed(o) for o in items}
         self._reached(version)
         metrics.CACHE_LISTS.labels(self.kind).inc()
         metrics.CACHE_OBJECTS.labels(self.kind).set(len(self.objects))
@@ -178,7 +186,7 @@ class Informer:
                     else KubeError(code, str(obj.get("message", "watch error")))
                 )
             if kind in ("ADDED", "MODIFIED", "DELETED"):
-                self._apply(kind, obj)
+                self._apply(kind, _trimmed(obj))
             version = (obj.get("metadata") or {}).get("resourceVersion")
             if version:
                 self._reached(str(version))

@@ -48,9 +48,9 @@ AUTOSCALE_SECONDS = 10.0
 ROUTER_IMAGE = os.environ.get("AMPACITY_IMAGE", "ghcr.io/ampacity/ampacity:0.1.0")
 
 
-def _has_gpu(node: dict[str, Any], gpu_type: str) -> bool:
+def _has_gpu(node: dict[str, Any], names: tuple[list[str], list[str]]) -> bool:
     labels = node["metadata"].get("labels", {})
-    short, products = children.gpu_names(gpu_type)
+    short, products = names
     return labels.get(GPU_TYPE_LABEL) in short or labels.get(GPU_PRODUCT_LABEL) in products
 
 
@@ -63,6 +63,10 @@ def warm_node_preferences(
     current GPU use: a preference that moved with load would rewrite the pod template, and so
     restart the engines, on every change. Where no node holds the weights there is nothing to prefer.
     """
+    model = resolve_model(spec)
+    if model is None:
+        return []  # no weight size to estimate load times from
+    names = children.gpu_names(spec.gpu_type)  # once, not per node (500 nodes per pass)
     caches = [
         node_from_labels(
             n["metadata"]["name"],
@@ -70,11 +74,8 @@ def warm_node_preferences(
             int(n.get("status", {}).get("allocatable", {}).get(GPU_RESOURCE, 0)),
         )
         for n in nodes
-        if _has_gpu(n, spec.gpu_type)
+        if _has_gpu(n, names)
     ]
-    model = resolve_model(spec)
-    if model is None:
-        return []  # no weight size to estimate load times from
     estimates = rank(caches, spec.model.name, model.weight_bytes, tp)
     if len({e.tier for e in estimates}) < 2:
         return []

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -46,7 +45,7 @@ from ampacity.training.admission import GangRequest, Waiting, decide_admission
 from ampacity.training.rendezvous import RENDEZVOUS_PORT, master_address, rendezvous_env, worker_name
 from controllers import metrics, tokens
 from controllers.cache import ClusterCache, Informer
-from controllers.reconciler import Context, controller
+from controllers.reconciler import WRITTEN_MEMO, Context, controller
 from controllers.trainingjob import reports
 from controllers.trainingjob.admission import Reservation, gang_admission
 from controllers.trainingjob.history import cluster_history
@@ -411,7 +410,11 @@ async def reconcile(ctx: Context) -> None:
         # The interval has one writer, the endpoint: this pass's decision only set the new gang's
         # environment; the endpoint decides again from the status this pass writes.
         if ctx.memo.pop(REDECIDED_MEMO, False):
-            ctx.after_status.append(functools.partial(endpoint.redecide_interval, ctx.namespace, ctx.name))
+
+            async def redecide() -> None:
+                await endpoint.redecide_interval(ctx.namespace, ctx.name, ctx.memo.get(WRITTEN_MEMO))
+
+            ctx.after_status.append(redecide)
         ctx.status_fields_not_owned |= reports.INTERVAL_FIELDS
     metrics.TRAINING_JOB_GPU_SECONDS_LOST.labels(ctx.namespace, ctx.name).set(status.gpu_seconds_lost)
     if status.latest_checkpoint is not None:

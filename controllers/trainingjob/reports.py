@@ -266,11 +266,17 @@ class ReportEndpoint:
         finally:
             self._flushes.pop(uid, None)
 
-    async def redecide_interval(self, namespace: str, job: str) -> None:
+    async def redecide_interval(
+        self, namespace: str, job: str, written: dict[str, Any] | None = None
+    ) -> None:
         """Decide the job's interval again from its status as it is now (the reconciler asks, once
-        its pass recorded a failure or saw a policy change) and write it if it moved."""
+        its pass recorded a failure or saw a policy change) and write it if it moved. `written` is
+        the job as the reconciler's status patch returned it: current unless a report was written
+        for the job (then it is read again)."""
         try:
-            obj = await self.kube.get("TrainingJob", namespace, job)
+            obj = written
+            if obj is None or self._writes.get(f"{namespace}/{job}", 0):
+                obj = await self.kube.get("TrainingJob", namespace, job)
             if obj is None:
                 return
             spec = TrainingJobSpec.model_validate(obj.get("spec") or {})
