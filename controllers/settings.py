@@ -3,6 +3,7 @@ endpoints, probes. Everything operator-wide is built here, kept in kopf's memo a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any
@@ -17,6 +18,7 @@ from controllers.cache import ClusterCache
 from controllers.powerbudget.controller import POWER_MEMO
 from controllers.powerbudget.runtime import PowerRuntime
 from controllers.reconciler import CACHE_MEMO
+from controllers.servingpool.controller import PLANNING_LOCK_MEMO
 from controllers.trainingjob import reports
 from controllers.trainingjob.admission import ADMISSION_MEMO, GangAdmission
 from controllers.trainingjob.controller import REPORTS_MEMO, wake_on_node_loss
@@ -50,6 +52,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     await cache.start()
     start_http_server(METRICS_PORT)
     memo[REPORTS_MEMO] = await reports.start(memo["kube"], reports.REPORT_PORT)
+    # ServingPools plan one at a time (`controllers.servingpool.controller._plan`).
+    memo[PLANNING_LOCK_MEMO] = asyncio.Lock()
     # Gang admission decides across jobs: one waiting queue and one set of reservations.
     memo[ADMISSION_MEMO] = GangAdmission()
     # The failures the operator sees on every job move the failure-rate prior of each.

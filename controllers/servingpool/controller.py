@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from datetime import UTC, datetime
@@ -41,6 +42,8 @@ from controllers.servingpool.plan import (
 CAPACITY_LIMITED = "CapacityLimited"
 METRICS_AVAILABLE = "MetricsAvailable"
 METRICS_MEMO = "serving_metrics"
+#: Where the operator-wide planning lock sits in kopf's memo (`controllers.settings`).
+PLANNING_LOCK_MEMO = "planning_lock"
 SCRAPE_TIMEOUT_SECONDS = 3.0
 #: An autoscaled pool scrapes its engines this often; other pools run when a child changes.
 AUTOSCALE_SECONDS = 10.0
@@ -222,7 +225,13 @@ async def _plan(ctx: Context) -> SizedPlan:
             planned.reason if planned else "Planned",
             planned.message if planned else "",
         )
-    sized = await asyncio.to_thread(plan_pool, ctx.spec, await _latency_profile(ctx))
+    profile = await _latency_profile(ctx)
+    # One plan at a time, operator-wide: planning holds the GIL, so plans in parallel threads only
+    # starve every other reconcile, and identical pools created together would each plan from
+    # scratch (the planner's memo answers the second at once only after the first has finished).
+    lock = ctx.memo.get(PLANNING_LOCK_MEMO)
+    async with lock if isinstance(lock, asyncio.Lock) else contextlib.nullcontext():
+        sized = await asyncio.to_thread(plan_pool, ctx.spec, profile)
     plan = sized.plan
     if not sized.planned:
         ctx.event(sized.reason, sized.message, warning=True)
