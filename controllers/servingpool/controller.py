@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from datetime import UTC, datetime
@@ -41,14 +42,18 @@ from controllers.servingpool.plan import (
 CAPACITY_LIMITED = "CapacityLimited"
 METRICS_AVAILABLE = "MetricsAvailable"
 METRICS_MEMO = "serving_metrics"
+#: Where the operator-wide planning lock sits in kopf's memo (`controllers.settings`).
+PLANNING_LOCK_MEMO = "planning_lock"
 SCRAPE_TIMEOUT_SECONDS = 3.0
+#: An autoscaled pool scrapes its engines this often; other pools run when a child changes.
+AUTOSCALE_SECONDS = 10.0
 #: The router runs from the operator's own image, which carries the vllm-router binary.
 ROUTER_IMAGE = os.environ.get("AMPACITY_IMAGE", "ghcr.io/ampacity/ampacity:0.1.0")
 
 
-def _has_gpu(node: dict[str, Any], gpu_type: str) -> bool:
+def _has_gpu(node: dict[str, Any], names: tuple[list[str], list[str]]) -> bool:
     labels = node["metadata"].get("labels", {})
-    short, products = children.gpu_names(gpu_type)
+    short, products = names
     return labels.get(GPU_TYPE_LABEL) in short or labels.get(GPU_PRODUCT_LABEL) in products
 
 
@@ -61,6 +66,10 @@ def warm_node_preferences(
     current GPU use: a preference that moved with load would rewrite the pod template, and so
     restart the engines, on every change. Where no node holds the weights there is nothing to prefer.
     """
+    model = resolve_model(spec)
+    if model is None:
+        return []  # no weight size to estimate load times from
+    names = children.gpu_names(spec.gpu_type)  # once, not per node (500 nodes per pass)
     caches = [
         node_from_labels(
             n["metadata"]["name"],
@@ -68,11 +77,8 @@ def warm_node_preferences(
             int(n.get("status", {}).get("allocatable", {}).get(GPU_RESOURCE, 0)),
         )
         for n in nodes
-        if _has_gpu(n, spec.gpu_type)
+        if _has_gpu(n, names)
     ]
-    model = resolve_model(spec)
-    if model is None:
-        return []  # no weight size to estimate load times from
     estimates = rank(caches, spec.model.name, model.weight_bytes, tp)
     if len({e.tier for e in estimates}) < 2:
         return []
@@ -219,7 +225,13 @@ async def _plan(ctx: Context) -> SizedPlan:
             planned.reason if planned else "Planned",
             planned.message if planned else "",
         )
-    sized = await asyncio.to_thread(plan_pool, ctx.spec, await _latency_profile(ctx))
+    profile = await _latency_profile(ctx)
+    # One plan at a time, operator-wide: planning holds the GIL, so plans in parallel threads only
+    # starve every other reconcile, and identical pools created together would each plan from
+    # scratch (the planner's memo answers the second at once only after the first has finished).
+    lock = ctx.memo.get(PLANNING_LOCK_MEMO)
+    async with lock if isinstance(lock, asyncio.Lock) else contextlib.nullcontext():
+        sized = await asyncio.to_thread(plan_pool, ctx.spec, profile)
     plan = sized.plan
     if not sized.planned:
         ctx.event(sized.reason, sized.message, warning=True)
@@ -271,6 +283,8 @@ async def reconcile(ctx: Context) -> None:
         ctx.generation,
     )
 
+    if spec.autoscaling:
+        ctx.requeue(AUTOSCALE_SECONDS)  # the engines' metrics are scraped, not watched
     size = await _autoscale(ctx, plan) if spec.autoscaling else planned_size(plan)
     ctx.status.autoscaling = size if spec.autoscaling else None
     wanted = roles(plan, size)

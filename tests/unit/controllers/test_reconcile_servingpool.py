@@ -4,9 +4,12 @@ failures in words, and Nodes read from the shared cache."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from ampacity.api import SERVING_POOL
@@ -88,3 +91,37 @@ async def test_a_pool_is_planned_run_and_settles() -> None:
         ready = op.condition("ServingPool", "ns", name)
         assert ready["reason"] == "ChildRejected" and "spec.replicas: Invalid value" in ready["message"]
         assert ready["message"].endswith("retrying in 15 s")
+
+
+async def test_pools_created_together_are_planned_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Identical pools created at once: plans in parallel threads would only fight over the GIL and
+    each plan from scratch; with the operator's planning lock they run one after another."""
+    from controllers.servingpool import controller
+
+    running, most = 0, 0
+    plan = controller.plan_pool
+
+    def counting(*args: Any) -> Any:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            time.sleep(0.05)
+            return plan(*args)
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(controller, "plan_pool", counting)
+    kube = FakeKube()
+    kube.add(h100_node("h100-0"))
+    names = []
+    for i in range(3):
+        pool = yaml.safe_load(EXAMPLE.read_text())
+        pool["metadata"] |= {"namespace": "ns", "name": f"pool-{i}"}
+        kube.add(pool)
+        names.append(pool["metadata"]["name"])
+    async with Operator(kube) as op:
+        op.memo[controller.PLANNING_LOCK_MEMO] = asyncio.Lock()
+        passes = await asyncio.gather(*(op.reconcile(SERVING_POOL, reconcile, "ns", n) for n in names))
+        assert all(p.error is None for p in passes)
+        assert most == 1
