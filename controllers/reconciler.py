@@ -309,8 +309,17 @@ async def reconcile_object(
         raise kopf.TemporaryError(condition.message if condition else str(failure), delay=delay) from failure
 
 
-def controller(resource: Resource, reconcile: Reconcile, interval: float = 10.0) -> None:
-    """Register the kopf handlers that drive `reconcile` for `resource`."""
+def controller(
+    resource: Resource,
+    reconcile: Reconcile,
+    interval: float = 10.0,
+    trigger: Callable[[kopf.Body], object] | None = None,
+) -> None:
+    """Register the kopf handlers that drive `reconcile` for `resource`.
+
+    `trigger` reads a value of the object that another writer sets to ask for a reconcile at
+    once (a status field, which kopf's change handlers ignore): every watch event where it differs
+    from the last one seen reconciles, instead of waiting for the timer."""
     name = resource.singular
 
     async def handle(
@@ -331,3 +340,17 @@ def controller(resource: Resource, reconcile: Reconcile, interval: float = 10.0)
     kopf.on.update(group, version, plural, id="reconcile-on-update", field="spec")(handle)
     kopf.timer(group, version, plural, id="refresh", interval=interval, initial_delay=interval)(handle)
     kopf.on.delete(group, version, plural, id="forget", optional=True)(forget)
+    if trigger is not None:
+        read = trigger
+
+        async def triggered(
+            body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_: Any
+        ) -> None:
+            value = read(body)
+            if value is None or memo.get("trigger_seen") == value:
+                return
+            memo["trigger_seen"] = value
+            await handle(body=body, patch=patch, memo=memo, logger=logger)
+
+        triggered.__name__ = triggered.__qualname__ = f"reconcile_{name}_triggered"
+        kopf.on.event(group, version, plural, id="reconcile-on-trigger")(triggered)

@@ -77,6 +77,23 @@ PROXIED, QUEUE_FULL, WAIT_EXPIRED, UPSTREAM_ERROR = "proxied", "queue-full", "wa
 
 Ready = Callable[[], Awaitable[bool]]
 Wake = Callable[[], Awaitable[None]]
+Upstream = Callable[[], str | None]
+"""The router to send a request to now (one of the pool's router pods); None: none is ready."""
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One wake-up, as the activator saw it: what `report` gets once its held requests are through."""
+
+    held: int
+    """Requests held in it."""
+    longest_wait: float
+    """Seconds the first held request waited."""
+    waited_total: float
+    """Seconds held, summed over every request since the activator started."""
+
+
+Report = Callable[[Episode], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -136,7 +153,7 @@ class Activator:
     def __init__(
         self,
         pool: str,
-        upstream: str,
+        upstream: str | Upstream,
         ready: Ready,
         wake: Wake,
         limits: HoldLimits | None = None,
@@ -144,9 +161,14 @@ class Activator:
         refresh_interval: float = 1.0,
         rewake_interval: float = 5.0,
         metrics: ActivatorMetrics | None = None,
+        report: Report | None = None,
     ) -> None:
         self.pool = pool
-        self.upstream = upstream.rstrip("/")
+        if isinstance(upstream, str):
+            fixed = upstream.rstrip("/")
+            self.upstream: Upstream = lambda: fixed
+        else:
+            self.upstream = upstream
         self._ready, self._wake = ready, wake
         self.limits = limits if limits is not None else HoldLimits()
         self.probe_interval, self.refresh_interval = probe_interval, refresh_interval
@@ -161,6 +183,17 @@ class Activator:
         self._waking: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._refresh: asyncio.Task[None] | None = None
+        self._report = report
+        self._reports: set[asyncio.Task[None]] = set()
+        # The episode under way: when its first request arrived, how many it held, all waits so far.
+        self._episode_start: float | None = None
+        self._episode_held = 0
+        self.waited_total = 0.0
+
+    @property
+    def held(self) -> int:
+        """Requests held now."""
+        return self._held
 
     # --- the pool's state ---
 
@@ -217,10 +250,14 @@ class Activator:
             self.metrics.outcome(QUEUE_FULL)
             return (
                 f"pool {self.pool} has no ready engine and already holds {self._held} requests"
-                f" (its queue limit, maxQueue={self.limits.max_queue}); retry later"
+                f" (its queue limit, activator.maxQueue={self.limits.max_queue}); retry later"
             )
         self._held += 1
         self.metrics.held.inc()
+        held_at = time.monotonic()
+        if self._episode_start is None:
+            self._episode_start = held_at
+        self._episode_held += 1
         try:
             self._ensure_watch()
             remaining = deadline - time.monotonic()
@@ -232,11 +269,31 @@ class Activator:
             self.metrics.outcome(WAIT_EXPIRED)
             return (
                 f"pool {self.pool} did not become ready within {self.limits.max_wait:g}s"
-                f" (its wait limit, maxWaitSeconds); the wake-up goes on, retry later"
+                f" (its wait limit, activator.maxWait); the wake-up goes on, retry later"
             )
         finally:
             self._held -= 1
             self.metrics.held.dec()
+            self.waited_total += time.monotonic() - held_at
+            if self._held == 0:
+                self._end_episode()
+
+    def _end_episode(self) -> None:
+        """The last held request is through (served or refused): report the episode."""
+        assert self._episode_start is not None
+        episode = Episode(self._episode_held, time.monotonic() - self._episode_start, self.waited_total)
+        self._episode_start, self._episode_held = None, 0
+        if self._report is not None:
+            task = asyncio.create_task(self._send_report(episode))
+            self._reports.add(task)
+            task.add_done_callback(self._reports.discard)
+
+    async def _send_report(self, episode: Episode) -> None:
+        assert self._report is not None
+        try:
+            await self._report(episode)
+        except Exception as error:  # the report is for status; serving goes on without it
+            log.warning("reporting the wake-up of pool %s failed: %s", self.pool, error)
 
     def _refuse(self, reason: str) -> web.Response:
         retry = max(1, math.ceil(min(self.limits.max_wait, 30.0)))
@@ -274,7 +331,10 @@ class Activator:
     async def _proxy(self, request: web.Request, body: bytes, arrived: float) -> web.StreamResponse:
         assert self._session is not None, "the activator's client session starts with its app"
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
-        url = self.upstream + request.rel_url.path_qs
+        base = self.upstream()
+        if base is None:
+            raise aiohttp.ClientConnectionError(f"no router of pool {self.pool} is ready")
+        url = base.rstrip("/") + request.rel_url.path_qs
         async with self._session.request(
             request.method, url, headers=headers, data=body, allow_redirects=False
         ) as upstream:
@@ -320,7 +380,7 @@ class Activator:
         self._refresh = asyncio.create_task(self._refresh_loop())
 
     async def _stop(self, _app: web.Application) -> None:
-        for task in (self._refresh, self._watch, self._waking):
+        for task in (self._refresh, self._watch, self._waking, *self._reports):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

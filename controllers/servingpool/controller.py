@@ -27,6 +27,8 @@ from controllers.servingpool.autoscale import (
     next_size,
     phase_increase,
     planned_size,
+    pool_tier,
+    woken,
 )
 from controllers.servingpool.plan import (
     LATENCY_PROFILE_INVALID,
@@ -39,6 +41,7 @@ from controllers.servingpool.plan import (
 )
 
 CAPACITY_LIMITED = "CapacityLimited"
+ACTIVATION = "activation"
 METRICS_AVAILABLE = "MetricsAvailable"
 METRICS_MEMO = "serving_metrics"
 SCRAPE_TIMEOUT_SECONDS = 3.0
@@ -246,6 +249,8 @@ async def _latency_profile(ctx: Context) -> str | None:
 
 async def reconcile(ctx: Context) -> None:
     spec: ServingPoolSpec = ctx.spec
+    # status.activation is the activator's: it is read here, never written.
+    ctx.status_fields_not_owned = {ACTIVATION}
     try:
         sized = await _plan(ctx)
     except PlanningError as error:
@@ -271,7 +276,13 @@ async def reconcile(ctx: Context) -> None:
         ctx.generation,
     )
 
-    size = await _autoscale(ctx, plan) if spec.autoscaling else planned_size(plan)
+    if spec.autoscaling:
+        scaled = await _autoscale(ctx, plan)
+        size = woken(plan, scaled, ctx.status.activation)
+        if size.prefill_replicas and not scaled.prefill_replicas:
+            ctx.event("Woken", size.reason)
+    else:
+        size = planned_size(plan)
     ctx.status.autoscaling = size if spec.autoscaling else None
     wanted = roles(plan, size)
     nodes = await ctx.cache.nodes()
@@ -291,6 +302,10 @@ async def reconcile(ctx: Context) -> None:
     for rbac in children.router_rbac(ctx):
         await _ensure(ctx, rbac)
     front = [router, children.pool_service(ctx, spec)]
+    if spec.activated:
+        for rbac in children.activator_rbac(ctx):
+            await _ensure(ctx, rbac)
+        front.append(children.activator_deployment(ctx, spec, ROUTER_IMAGE, list(wanted)))
     applied = [await ctx.apply(obj) for obj in deployments + front]
     # Engine Deployments and Services come and go with the mode; the router's RBAC stays.
     desired_names = {(o["kind"], o["metadata"]["name"]) for o in deployments + front}
@@ -306,6 +321,7 @@ async def reconcile(ctx: Context) -> None:
         if d["kind"] == "Deployment" and d["metadata"]["name"] in engines
     )
     ctx.status.replicas, ctx.status.ready_replicas = desired, ready
+    ctx.status.tier = pool_tier(desired, ready) if spec.activated else None
     metrics.SERVING_POOL_GPUS.labels(ctx.namespace, ctx.name).set(plan.gpus)
     metrics.SERVING_POOL_READY_REPLICAS.labels(ctx.namespace, ctx.name).set(ready)
     metrics.SERVING_POOL_REPLICAS.labels(ctx.namespace, ctx.name).set(desired)
@@ -320,4 +336,9 @@ async def reconcile(ctx: Context) -> None:
         ctx.set_ready(True, "EnginesReady", f"{ready}/{desired} engine instances ready")
 
 
-controller(SERVING_POOL, reconcile)
+def wake_request(body: Any) -> object:
+    """The activator's wake request (status.activation.wakeRequestedAt): reconcile at once on it."""
+    return ((body.get("status") or {}).get(ACTIVATION) or {}).get("wakeRequestedAt")
+
+
+controller(SERVING_POOL, reconcile, trigger=wake_request)
