@@ -325,6 +325,8 @@ class Activator:
                         f"pool {self.pool} could not be reached ({error}) and did not recover within"
                         f" {self.limits.max_wait:g}s; retry later"
                     )
+                # The engines may serve before the router does: look again after a pause, not in a spin.
+                await asyncio.sleep(self.probe_interval)
                 continue
             return response
 

@@ -23,6 +23,7 @@ from ampacity.api.servingpool import (
     PoolTier,
     ServingPlan,
     ServingPoolSpec,
+    SleepStatus,
 )
 from ampacity.serving.lengths import load_profile
 from ampacity.serving.planner import PoolPlan
@@ -191,8 +192,13 @@ def woken(
     return size.model_copy(update=update)
 
 
-def pool_tier(desired: int, ready: int) -> PoolTier:
-    """stopped: no engine planned; waking: engines planned, none ready yet; awake: serving."""
+def pool_tier(desired: int, ready: int, sleep: SleepStatus | None = None) -> PoolTier:
+    """stopped: no engine planned; waking: engines planned, none ready yet; asleep: every ready
+    engine asleep; awake: serving."""
     if desired == 0:
         return PoolTier.STOPPED
-    return PoolTier.AWAKE if ready > 0 else PoolTier.WAKING
+    if ready == 0:
+        return PoolTier.WAKING
+    if sleep is not None and sleep.asleep and not sleep.awake:
+        return PoolTier.ASLEEP
+    return PoolTier.AWAKE

@@ -32,7 +32,7 @@ from typing import Any
 
 from ampacity.api.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TYPE_LABEL
 from ampacity.api.gpu_products import gpu_product
-from ampacity.api.meta import GROUP, format_duration
+from ampacity.api.meta import GROUP, LABEL_PREFIX, format_duration
 from ampacity.api.servingpool import PLANNED_ENGINE_FLAGS, Activator, ServingPoolSpec
 from controllers.reconciler import Context
 
@@ -41,6 +41,8 @@ ROUTER = "router"
 ACTIVATOR = "activator"
 ACTIVATOR_PORT = 8081
 SLEEP_MODE_FLAG = "--enable-sleep-mode"
+SLEEP_GROUP_LABEL = f"{LABEL_PREFIX}/sleep-group"
+ENGINE_PORT_LABEL = f"{LABEL_PREFIX}/engine-port"
 DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"
 KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
 NIXL_SIDE_CHANNEL_PORT = 5600
@@ -267,6 +269,10 @@ def engine_deployment(
         pod["serviceAccountName"] = engine.service_account_name
     if engine.image_pull_secrets:
         pod["imagePullSecrets"] = engine.image_pull_secrets
+    pod_labels = dict(labels)
+    if spec.sleep is not None:
+        # How the group's reconcilers find every engine that shares GPUs with theirs, and its port.
+        pod_labels |= {SLEEP_GROUP_LABEL: spec.sleep.group, ENGINE_PORT_LABEL: str(engine.port)}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -276,7 +282,7 @@ def engine_deployment(
             "selector": {"matchLabels": labels},
             # Engines hold GPUs: replace one at a time without a surge pod that would need spare GPUs.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
-            "template": {"metadata": {"labels": labels}, "spec": pod},
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod},
         },
     }
 

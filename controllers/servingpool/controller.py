@@ -24,6 +24,7 @@ from controllers.servingpool.autoscale import (
     LAST_PHASE,
     EngineScrape,
     Scrape,
+    busy,
     next_size,
     phase_increase,
     planned_size,
@@ -39,6 +40,7 @@ from controllers.servingpool.plan import (
     record_plan,
     record_planning_error,
 )
+from controllers.servingpool.sleep import reconcile_sleep
 
 CAPACITY_LIMITED = "CapacityLimited"
 ACTIVATION = "activation"
@@ -321,7 +323,11 @@ async def reconcile(ctx: Context) -> None:
         if d["kind"] == "Deployment" and d["metadata"]["name"] in engines
     )
     ctx.status.replicas, ctx.status.ready_replicas = desired, ready
-    ctx.status.tier = pool_tier(desired, ready) if spec.activated else None
+    ctx.status.sleep = None
+    if spec.sleep is not None:
+        own_busy = busy(ctx.memo.get(METRICS_MEMO) or {})
+        ctx.status.sleep = await reconcile_sleep(ctx, own_busy, datetime.now(UTC))
+    ctx.status.tier = pool_tier(desired, ready, ctx.status.sleep) if spec.activated else None
     metrics.SERVING_POOL_GPUS.labels(ctx.namespace, ctx.name).set(plan.gpus)
     metrics.SERVING_POOL_READY_REPLICAS.labels(ctx.namespace, ctx.name).set(ready)
     metrics.SERVING_POOL_REPLICAS.labels(ctx.namespace, ctx.name).set(desired)
