@@ -196,6 +196,19 @@ def test_a_pool_at_zero_is_woken_by_held_requests_and_refuses_past_its_wait_limi
     kubeconfig = _activator_kubeconfig(
         kubectl, namespace, f"{name}-activator", tmp_path / "activator.kubeconfig"
     )
+    # Least privilege, as the API server sees it: its own pool's status, nothing that scales.
+    identity = Kubectl(kubeconfig)
+    allowed = {
+        what: identity.run("auth", "can-i", *what.split(), "-n", namespace).stdout.strip()
+        for what in (
+            f"patch servingpools.ampacity.dev/{name} --subresource=status",
+            "patch servingpools.ampacity.dev/other --subresource=status",
+            f"patch servingpools.ampacity.dev/{name}",
+            "patch deployments",
+            "list pods",
+        )
+    }
+    assert list(allowed.values()) == ["yes", "no", "no", "no", "yes"], allowed
     engines = [
         f"--engine=prefill=http://127.0.0.1:{ports['prefill']}",
         f"--engine=decode=http://127.0.0.1:{ports['decode']}",
