@@ -552,6 +552,12 @@ class ServingPoolSpec(ApiModel):
             check=lambda s: s.activator is None or s.sleep is not None or s.scales_to_zero,
         ),
         cel(
+            "!has(self.sleep) || has(self.autoscaling)",
+            "sleep needs autoscaling: an engine's idle time is read from the live metrics it scrapes",
+            ".sleep",
+            check=lambda s: s.sleep is None or s.autoscaling is not None,
+        ),
+        cel(
             "!has(self.sleep) || !has(self.autoscaling) || !has(self.autoscaling.scaleToZeroAfter) || "
             "duration(self.sleep.sleepAfter) < duration(self.autoscaling.scaleToZeroAfter)",
             "sleep.sleepAfter must be shorter than autoscaling.scaleToZeroAfter: an engine sleeps before "

@@ -294,6 +294,12 @@ RULE_CASES: dict[str, tuple[Any, ...]] = {
     ),
     "sleep.sleepAfter must be shorter than autoscaling.scaleToZeroAfter: an engine sleeps before it is "
     "stopped": ("spec.sleep.sleepAfter", "10m", "9m", 4),
+    "sleep needs autoscaling: an engine's idle time is read from the live metrics it scrapes": (
+        "spec.autoscaling",
+        None,
+        {"cooldown": "5m"},
+        4,
+    ),
     "workers.minReplicas must not exceed workers.replicas": ("spec.workers.minReplicas", 5, 4),
     "workers.replicas must not exceed workers.maxReplicas": ("spec.workers.replicas", 9, 8),
     "template.spec.volumes may not be named ampacity-report-token or checkpoints: the operator adds "

@@ -155,7 +155,11 @@ async def test_engines_of_a_sleep_group_run_with_sleep_mode_and_ask_for_host_mem
     kube.add(h100_node("h100-0"))
     pool = yaml.safe_load(EXAMPLE.read_text())
     pool["metadata"]["namespace"] = "ns"
-    pool["spec"] |= {"mode": "colocated", "sleep": {"group": "chat", "hostMemory": "140Gi"}}
+    pool["spec"] |= {
+        "mode": "colocated",
+        "autoscaling": {"cooldown": "5m"},
+        "sleep": {"group": "chat", "hostMemory": "140Gi"},
+    }
     pool["spec"]["engine"]["resources"] = {}
     kube.add(pool)
     name = pool["metadata"]["name"]
