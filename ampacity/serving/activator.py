@@ -188,6 +188,7 @@ class Activator:
         # The episode under way: when its first request arrived, how many it held, all waits so far.
         self._episode_start: float | None = None
         self._episode_held = 0
+        self._in_episode = 0
         self.waited_total = 0.0
 
     @property
@@ -254,10 +255,6 @@ class Activator:
             )
         self._held += 1
         self.metrics.held.inc()
-        held_at = time.monotonic()
-        if self._episode_start is None:
-            self._episode_start = held_at
-        self._episode_held += 1
         try:
             self._ensure_watch()
             remaining = deadline - time.monotonic()
@@ -274,14 +271,26 @@ class Activator:
         finally:
             self._held -= 1
             self.metrics.held.dec()
-            self.waited_total += time.monotonic() - held_at
-            if self._held == 0:
-                self._end_episode()
 
-    def _end_episode(self) -> None:
-        """The last held request is through (served or refused): report the episode."""
+    def _join(self, arrived: float) -> None:
+        """A request found the pool down: it is part of this wake-up until the pool answers it."""
+        if self._in_episode == 0:
+            self._episode_start = arrived
+        self._in_episode += 1
+        self._episode_held += 1
+
+    def _leave(self, arrived: float) -> None:
+        """The pool answered the request (or it was refused); the last one ends the wake-up.
+
+        From the request's arrival, not from one hold: a request the router refused after the
+        engines came up is held again, and its wait runs on."""
+        now = time.monotonic()
+        self._in_episode -= 1
+        self.waited_total += now - arrived
+        if self._in_episode > 0:
+            return
         assert self._episode_start is not None
-        episode = Episode(self._episode_held, time.monotonic() - self._episode_start, self.waited_total)
+        episode = Episode(self._episode_held, now - self._episode_start, self.waited_total)
         self._episode_start, self._episode_held = None, 0
         if self._report is not None:
             task = asyncio.create_task(self._send_report(episode))
@@ -309,28 +318,36 @@ class Activator:
         arrived = time.monotonic()
         deadline = arrived + self.limits.max_wait
         body = await request.read()
-        while True:
-            reason = await self._hold(deadline)
-            if reason is not None:
-                return self._refuse(reason)
-            try:
-                response = await self._proxy(request, body, arrived)
-            except aiohttp.ClientConnectionError as error:
-                # Nothing was sent back yet: the engine went away after the pool looked up.
-                log.info("pool %s refused a request (%s): holding it again", self.pool, error)
-                self._up.clear()
-                if time.monotonic() >= deadline:
-                    self.metrics.outcome(UPSTREAM_ERROR)
-                    return self._refuse(
-                        f"pool {self.pool} could not be reached ({error}) and did not recover within"
-                        f" {self.limits.max_wait:g}s; retry later"
-                    )
-                # The engines may serve before the router does: look again after a pause, not in a spin.
-                await asyncio.sleep(self.probe_interval)
-                continue
-            return response
+        wait = _Wait(self, arrived)
+        try:
+            while True:
+                if not self._up.is_set():
+                    wait.join()
+                reason = await self._hold(deadline)
+                if reason is not None:
+                    return self._refuse(reason)
+                try:
+                    response = await self._proxy(request, body, arrived, wait.leave)
+                except aiohttp.ClientConnectionError as error:
+                    # Nothing was sent back yet: the engine went away after the pool looked up.
+                    log.info("pool %s refused a request (%s): holding it again", self.pool, error)
+                    self._up.clear()
+                    if time.monotonic() >= deadline:
+                        self.metrics.outcome(UPSTREAM_ERROR)
+                        return self._refuse(
+                            f"pool {self.pool} could not be reached ({error}) and did not recover within"
+                            f" {self.limits.max_wait:g}s; retry later"
+                        )
+                    # The engines may serve before the router does: look again after a pause.
+                    await asyncio.sleep(self.probe_interval)
+                    continue
+                return response
+        finally:
+            wait.leave()
 
-    async def _proxy(self, request: web.Request, body: bytes, arrived: float) -> web.StreamResponse:
+    async def _proxy(
+        self, request: web.Request, body: bytes, arrived: float, answered: Callable[[], None]
+    ) -> web.StreamResponse:
         assert self._session is not None, "the activator's client session starts with its app"
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
         base = self.upstream()
@@ -341,6 +358,7 @@ class Activator:
             request.method, url, headers=headers, data=body, allow_redirects=False
         ) as upstream:
             self.metrics.wait.observe(time.monotonic() - arrived)
+            answered()
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for key, value in upstream.headers.items():
                 if key.lower() not in _HOP_BY_HOP:
@@ -398,6 +416,25 @@ class Activator:
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
+
+
+class _Wait:
+    """One request's part in a wake-up: from when it first found the pool down until the pool
+    answered it (or it was refused)."""
+
+    def __init__(self, activator: Activator, arrived: float) -> None:
+        self.activator, self.arrived = activator, arrived
+        self.joined = self.left = False
+
+    def join(self) -> None:
+        if not self.joined:
+            self.joined = True
+            self.activator._join(self.arrived)
+
+    def leave(self) -> None:
+        if self.joined and not self.left:
+            self.left = True
+            self.activator._leave(self.arrived)
 
 
 # --- What "up" and "wake" mean for engines that speak vLLM's protocol. ---

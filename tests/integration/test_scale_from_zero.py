@@ -86,7 +86,7 @@ class Kubelet(threading.Thread):
         self.starts = 0
         self.running: list[LocalProcess] = []
         self.engines: list[LocalProcess] = []
-        self._stop = threading.Event()
+        self._halted = threading.Event()
         self.errors: list[str] = []
 
     def replicas(self) -> dict[str, tuple[int, dict[str, Any]]]:
@@ -98,7 +98,7 @@ class Kubelet(threading.Thread):
         }
 
     def run(self) -> None:
-        while not self._stop.wait(0.3):
+        while not self._halted.wait(0.3):
             try:
                 deployments = self.replicas()
                 up = all(deployments.get(r, (0, {}))[0] > 0 for r in ("prefill", "decode"))
@@ -134,7 +134,7 @@ class Kubelet(threading.Thread):
         self.running = []
 
     def close(self) -> None:
-        self._stop.set()
+        self._halted.set()
         self.join(timeout=30)
 
 
