@@ -110,6 +110,9 @@ class Kubelet(threading.Thread):
                 self.errors.append(repr(error))
 
     def _start(self, deployments: dict[str, tuple[int, dict[str, Any]]]) -> None:
+        # Counted first: a held request may complete as soon as the router listens, before the
+        # router's health wait here returns.
+        self.starts += 1
         for role in ("prefill", "decode"):
             container = _container(deployments[role][1])
             env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
@@ -126,7 +129,6 @@ class Kubelet(threading.Thread):
                 decode=[f"http://127.0.0.1:{self.ports['decode']}"],
             )
         )
-        self.starts += 1
 
     def _halt(self) -> None:
         for proc in reversed(self.running):
@@ -275,7 +277,11 @@ def test_a_pool_at_zero_is_woken_by_held_requests_and_refuses_past_its_wait_limi
             stop(front)
             front = local.activator(_container(shorter)["args"], fixed, {"KUBECONFIG": str(kubeconfig)})
             client = openai.OpenAI(base_url=front.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-            wait_for(lambda: status().get("tier") == "stopped", timeout=120, what="zero again")
+            wait_for(
+                lambda: status().get("tier") == "stopped" and not kubelet.running,
+                timeout=120,
+                what="zero again",
+            )
             try:
                 client.completions.create(model=MODEL, prompt="too late", max_tokens=4)
             except openai.APIStatusError as refused:
