@@ -400,10 +400,19 @@ async def _first_of(wake: asyncio.Event, reschedule: asyncio.Event, seconds: flo
             waiter.cancel()
 
 
-def controller(resource: Resource, reconcile: Reconcile, interval: float = RESYNC_SECONDS) -> None:
+def controller(
+    resource: Resource,
+    reconcile: Reconcile,
+    interval: float = RESYNC_SECONDS,
+    trigger: Callable[[kopf.Body], object] | None = None,
+) -> None:
     """Register the kopf handlers that drive `reconcile` for `resource`: change handlers, and a
     refresh loop per object that runs a pass when a child changes (`controllers.wakeups`), when
-    the last pass asked (`Context.requeue`, a retry's delay) or else every `interval` seconds."""
+    the last pass asked (`Context.requeue`, a retry's delay) or else every `interval` seconds.
+
+    `trigger` reads a value of the object that another writer sets to ask for a reconcile at
+    once (a status field, which kopf's change handlers ignore): every watch event where it differs
+    from the last one seen reconciles."""
     name = resource.singular
 
     def lock_of(memo: Any) -> asyncio.Lock:
@@ -460,3 +469,17 @@ def controller(resource: Resource, reconcile: Reconcile, interval: float = RESYN
     # Cancelled at once when the object goes: a pass holds nothing that needs finishing.
     kopf.daemon(group, version, plural, id="refresh", cancellation_timeout=1.0)(refresh)
     kopf.on.delete(group, version, plural, id="forget", optional=True)(forget)
+    if trigger is not None:
+        read = trigger
+
+        async def triggered(
+            body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_: Any
+        ) -> None:
+            value = read(body)
+            if value is None or memo.get("trigger_seen") == value:
+                return
+            memo["trigger_seen"] = value
+            await handle(body=body, patch=patch, memo=memo, logger=logger)
+
+        triggered.__name__ = triggered.__qualname__ = f"reconcile_{name}_triggered"
+        kopf.on.event(group, version, plural, id="reconcile-on-trigger")(triggered)

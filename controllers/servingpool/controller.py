@@ -25,9 +25,12 @@ from controllers.servingpool.autoscale import (
     LAST_PHASE,
     EngineScrape,
     Scrape,
+    busy,
     next_size,
     phase_increase,
     planned_size,
+    pool_tier,
+    woken,
 )
 from controllers.servingpool.plan import (
     LATENCY_PROFILE_INVALID,
@@ -38,8 +41,10 @@ from controllers.servingpool.plan import (
     record_plan,
     record_planning_error,
 )
+from controllers.servingpool.sleep import reconcile_sleep
 
 CAPACITY_LIMITED = "CapacityLimited"
+ACTIVATION = "activation"
 METRICS_AVAILABLE = "MetricsAvailable"
 METRICS_MEMO = "serving_metrics"
 #: Where the operator-wide planning lock sits in kopf's memo (`controllers.settings`).
@@ -258,6 +263,8 @@ async def _latency_profile(ctx: Context) -> str | None:
 
 async def reconcile(ctx: Context) -> None:
     spec: ServingPoolSpec = ctx.spec
+    # status.activation is the activator's: it is read here, never written.
+    ctx.status_fields_not_owned = {ACTIVATION}
     try:
         sized = await _plan(ctx)
     except PlanningError as error:
@@ -285,7 +292,12 @@ async def reconcile(ctx: Context) -> None:
 
     if spec.autoscaling:
         ctx.requeue(AUTOSCALE_SECONDS)  # the engines' metrics are scraped, not watched
-    size = await _autoscale(ctx, plan) if spec.autoscaling else planned_size(plan)
+        scaled = await _autoscale(ctx, plan)
+        size = woken(plan, scaled, ctx.status.activation)
+        if size.prefill_replicas and not scaled.prefill_replicas:
+            ctx.event("Woken", size.reason)
+    else:
+        size = planned_size(plan)
     ctx.status.autoscaling = size if spec.autoscaling else None
     wanted = roles(plan, size)
     nodes = await ctx.cache.nodes()
@@ -305,6 +317,10 @@ async def reconcile(ctx: Context) -> None:
     for rbac in children.router_rbac(ctx):
         await _ensure(ctx, rbac)
     front = [router, children.pool_service(ctx, spec)]
+    if spec.activated:
+        for rbac in children.activator_rbac(ctx):
+            await _ensure(ctx, rbac)
+        front.append(children.activator_deployment(ctx, spec, ROUTER_IMAGE, list(wanted)))
     applied = [await ctx.apply(obj) for obj in deployments + front]
     # Engine Deployments and Services come and go with the mode; the router's RBAC stays.
     desired_names = {(o["kind"], o["metadata"]["name"]) for o in deployments + front}
@@ -320,6 +336,11 @@ async def reconcile(ctx: Context) -> None:
         if d["kind"] == "Deployment" and d["metadata"]["name"] in engines
     )
     ctx.status.replicas, ctx.status.ready_replicas = desired, ready
+    ctx.status.sleep = None
+    if spec.sleep is not None:
+        own_busy = busy(ctx.memo.get(METRICS_MEMO) or {})
+        ctx.status.sleep = await reconcile_sleep(ctx, own_busy, datetime.now(UTC))
+    ctx.status.tier = pool_tier(desired, ready, ctx.status.sleep) if spec.activated else None
     metrics.SERVING_POOL_GPUS.labels(ctx.namespace, ctx.name).set(plan.gpus)
     metrics.SERVING_POOL_READY_REPLICAS.labels(ctx.namespace, ctx.name).set(ready)
     metrics.SERVING_POOL_REPLICAS.labels(ctx.namespace, ctx.name).set(desired)
@@ -334,4 +355,9 @@ async def reconcile(ctx: Context) -> None:
         ctx.set_ready(True, "EnginesReady", f"{ready}/{desired} engine instances ready")
 
 
-controller(SERVING_POOL, reconcile)
+def wake_request(body: Any) -> object:
+    """The activator's wake request (status.activation.wakeRequestedAt): reconcile at once on it."""
+    return ((body.get("status") or {}).get(ACTIVATION) or {}).get("wakeRequestedAt")
+
+
+controller(SERVING_POOL, reconcile, trigger=wake_request)
