@@ -15,6 +15,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "crds": ("ampacity.api.cli", "CustomResourceDefinitions generated from the API models"),
     "cluster": ("ampacity.dev.cluster.cli", "local control plane with kwok GPU nodes"),
     "serving": ("ampacity.serving.cli", "LLM serving pools: simulate, plan, benchmark"),
+    "activator": (
+        "ampacity.activation",
+        "hold requests to a ServingPool at zero or asleep, wake it at once, pass them on",
+    ),
     "plan": (
         "ampacity.serving.cli",
         "preview the plan the operator would make for a ServingPool (no cluster needed)",

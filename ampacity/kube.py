@@ -44,9 +44,11 @@ RETRIES_ON_TOO_MANY_REQUESTS = 3
 RETRIES_ON_TRANSPORT_ERRORS = 2
 #: Items per page of a LIST (`limit`/`continue`), as client-go's pager (500).
 PAGE_SIZE = 500
-#: Connections kept to the API server. Reconciles of ~1,000 objects plus the power writers
-#: run concurrently; watches use a pool of their own, so a request never waits behind them.
-MAX_CONNECTIONS = 128
+#: Connections kept to the API server, and requests in flight at once: more wait in our own queue
+#: (a semaphore), not in httpcore's pool, whose bookkeeping scans every connection for every
+#: queued request (at 128 connections and ~1,000 objects' reconciles that scan took half the
+#: operator's CPU). Watches use a pool of their own, so a request never waits behind them.
+MAX_CONNECTIONS = 32
 #: How long a request may wait for a free connection before that counts as the server being
 #: unavailable (the measurement that motivated this saw PoolTimeouts at httpx's default).
 POOL_TIMEOUT_SECONDS = 60.0
@@ -205,6 +207,7 @@ class Kube:
         `http` (tests) replaces the connection; watches then share it."""
         self.timeout = timeout
         self.field_manager = field_manager
+        self._in_flight = asyncio.Semaphore(MAX_CONNECTIONS)
         if http is not None:
             self._http = self._watch_http = http
         else:
@@ -224,7 +227,8 @@ class Kube:
         retriable = never_sent if method == "POST" else httpx.TransportError
         for attempt in range(RETRIES_ON_TRANSPORT_ERRORS + 1):
             try:
-                return await self._http.request(method, path, **kwargs)
+                async with self._in_flight:
+                    return await self._http.request(method, path, **kwargs)
             except retriable as error:
                 if attempt == RETRIES_ON_TRANSPORT_ERRORS:
                     raise ApiUnavailable(

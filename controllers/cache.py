@@ -12,7 +12,13 @@ What is cached, and filtered at the server where it can be:
 - Pods: only those bound to a node and not finished (`spec.nodeName!=`, phase not Succeeded/Failed):
   the ones that hold GPUs;
 - Deployments and Services: only the operator's children (`app.kubernetes.io/managed-by=ampacity-operator`);
+- TrainingJob workers: the operator's worker pods, in every phase (a failed or unscheduled worker
+  counts for its gang);
 - NodePowers: all (the node agents' telemetry).
+
+Read-your-writes: a reconciler that just wrote an object waits (`Informer.wait_for_version`) until
+the watch has delivered that write's resourceVersion before it reads the cache again, or falls back
+to a LIST when the watch lags.
 """
 
 from __future__ import annotations
@@ -36,12 +42,28 @@ Listener = Callable[[str, Object], None]
 #: Pods that hold a node's resources: bound, and neither Succeeded nor Failed.
 BOUND_POD_FIELDS = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
 MANAGED_LABELS = "app.kubernetes.io/managed-by=ampacity-operator"
+TRAINING_WORKER_LABELS = f"{MANAGED_LABELS},app.kubernetes.io/name=trainingjob"
 #: Seconds the server keeps a watch open before we reconnect (from the last bookmark).
 WATCH_SECONDS = 300
 #: Pause before listing again after a failure, growing to the last value.
 BACKOFF_SECONDS = (0.5, 1, 2, 5, 10)
 #: How long start-up waits for the first lists before the operator runs anyway.
 SYNC_TIMEOUT_SECONDS = 120.0
+
+
+def _version_number(version: str) -> int | None:
+    try:
+        return int(version)
+    except ValueError:
+        return None
+
+
+def _trimmed(obj: Object) -> Object:
+    """The object without `metadata.managedFields` (server-side apply's bookkeeping, often the
+    larger part of a child's JSON), which no reader of the cache uses: as client-go's informers
+    are usually set up, to keep the operator's memory small."""
+    (obj.get("metadata") or {}).pop("managedFields", None)
+    return obj
 
 
 def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
@@ -108,6 +130,8 @@ class Informer:
         self.resource_version = ""
         self.listeners: list[Listener] = []
         self._task: asyncio.Task[None] | None = None
+        #: (resourceVersion, future) of readers waiting for the watch to reach that version.
+        self._version_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     def start(self) -> None:
         if self._task is None:
@@ -124,8 +148,8 @@ class Informer:
         items, version = await self.kube.list_with_version(
             self.kind, self.namespace, self.label_selector, self.field_selector
         )
-        self.objects = {_key(o): o for o in items}
-        self.resource_version = version
+        self.objects = {_key(o): _trimmed(o) for o in items}
+        self._reached(version)
         metrics.CACHE_LISTS.labels(self.kind).inc()
         metrics.CACHE_OBJECTS.labels(self.kind).set(len(self.objects))
         self.synced.set()
@@ -161,11 +185,47 @@ class Informer:
                     if code == 410
                     else KubeError(code, str(obj.get("message", "watch error")))
                 )
+            if kind in ("ADDED", "MODIFIED", "DELETED"):
+                self._apply(kind, _trimmed(obj))
             version = (obj.get("metadata") or {}).get("resourceVersion")
             if version:
-                self.resource_version = str(version)
-            if kind in ("ADDED", "MODIFIED", "DELETED"):
-                self._apply(kind, obj)
+                self._reached(str(version))
+
+    def _reached(self, version: str) -> None:
+        """The cache holds every change up to `version`: release the readers waiting for it."""
+        self.resource_version = version
+        reached = _version_number(version)
+        if reached is None:
+            return
+        waiting = []
+        for wanted, future in self._version_waiters:
+            if wanted <= reached:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                waiting.append((wanted, future))
+        self._version_waiters = waiting
+
+    async def wait_for_version(self, version: str, seconds: float) -> bool:
+        """Whether the cache has seen `version` (a write's resourceVersion) within `seconds`.
+
+        resourceVersions are etcd revisions, compared as numbers as client-go's caches do; a
+        version that is not a number is never assumed seen (the caller falls back to a LIST).
+        """
+        wanted = _version_number(version)
+        if wanted is None:
+            return False
+        await self.synced.wait()
+        current = _version_number(self.resource_version)
+        if current is not None and current >= wanted:
+            return True
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._version_waiters.append((wanted, future))
+        try:
+            await asyncio.wait_for(future, seconds)
+        except TimeoutError:
+            return False
+        return True
 
     async def _run(self) -> None:
         failures = 0
@@ -209,16 +269,24 @@ class ClusterCache:
         self.pod_informer = Informer(kube, "Pod", field_selector=BOUND_POD_FIELDS)
         self.deployment_informer = Informer(kube, "Deployment", label_selector=MANAGED_LABELS)
         self.service_informer = Informer(kube, "Service", label_selector=MANAGED_LABELS)
+        self.worker_informer = Informer(kube, "Pod", label_selector=TRAINING_WORKER_LABELS)
         self.node_power_informer = Informer(kube, "NodePower")
         self.informers = (
             self.node_informer,
             self.pod_informer,
             self.deployment_informer,
             self.service_informer,
+            self.worker_informer,
             self.node_power_informer,
         )
         #: The operator's children, by kind, as the cache sees them (for `child` and `prune`).
         self.children = {"Deployment": self.deployment_informer, "Service": self.service_informer}
+
+    def on_child_change(self, listener: Listener) -> None:
+        """Call `listener` on every change of a child the cache watches (Deployments, Services,
+        TrainingJob workers): how a child's change wakes its owner (`controllers.wakeups`)."""
+        for informer in (self.deployment_informer, self.service_informer, self.worker_informer):
+            informer.listeners.append(listener)
 
     async def start(self, sync_seconds: float = SYNC_TIMEOUT_SECONDS) -> None:
         """Start every informer and wait (up to `sync_seconds`) until each has its first list."""
@@ -260,6 +328,11 @@ class ClusterCache:
         if namespace is not None:
             items = [d for d in items if d["metadata"].get("namespace") == namespace]
         return _matching(items, selector)
+
+    async def workers(self, namespace: str, selector: str) -> list[Object]:
+        """TrainingJob worker pods of one namespace and label selector, in every phase."""
+        items = await self.worker_informer.items()
+        return _matching([p for p in items if p["metadata"].get("namespace") == namespace], selector)
 
     async def node_powers(self) -> list[Object]:
         return await self.node_power_informer.items()

@@ -1,19 +1,30 @@
 """One level-based reconcile loop per kind, wired into kopf.
 
 Every kind registers a single `reconcile(ctx)` coroutine. It runs on create,
-on spec changes, on operator start (resume) and on a timer, so the status
-always follows the observed state of the children, whatever event was missed.
-This module owns what every reconciler shares: parsing the spec (a bad spec
-sets a condition instead of crash-looping), conditions and their Events,
-metrics, retries (a failure is a Ready=False condition in words, retried with a
-growing delay) and the status patch (not sent when nothing changed). A reconcile
-reads the cluster from the shared cache (`ctx.cache`, `controllers.cache`) and
-writes children with `ctx.apply`, which skips a child that is as last applied.
+on spec changes, on operator start (resume), when one of the object's children
+changes (the cache's watches wake it, `controllers.wakeups`), when the reconcile
+asked to be run again (`ctx.requeue_after`: a backoff ending, a poll of a
+service), and otherwise on a long resync, so the status always follows the
+observed state of the children, whatever event was missed, while a settled
+object costs nothing. This module owns what every reconciler shares: parsing the
+spec (a bad spec sets a condition instead of crash-looping), conditions and their
+Events, metrics, retries (a failure is a Ready=False condition in words, retried
+with a growing delay) and the status patch (not sent when nothing changed). A
+reconcile reads the cluster from the shared cache (`ctx.cache`,
+`controllers.cache`) and writes children with `ctx.apply`, which skips a child
+that is as last applied.
+
+Read-your-writes for the object itself: the status patch is sent here (not left
+to kopf), and the object it returns is kept; a pass that starts from an older body
+than that (kopf's view lags its own watch) reconciles from the written object
+instead, so a pass right after another never undoes or repeats what that one did.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import hashlib
 import json
 import time
@@ -26,10 +37,11 @@ from pydantic import ValidationError
 
 from ampacity.api import Resource
 from ampacity.api.meta import LABEL_PREFIX, ApiModel, ConditionStatus, Status
-from ampacity.kube import ApiUnavailable, Forbidden, Invalid, Kube, KubeError, Unauthorized
+from ampacity.kube import ApiUnavailable, Forbidden, Invalid, Kube, KubeError, NotFound, Unauthorized
 from ampacity.kubeconfig import ConfigError
 from controllers import metrics
 from controllers.cache import ClusterCache
+from controllers.wakeups import WAKEUPS_MEMO, Wakeups
 
 READY = "Ready"
 MANAGED_BY = "ampacity-operator"
@@ -37,6 +49,8 @@ MANAGED_BY = "ampacity-operator"
 CACHE_MEMO = "cache"
 #: Where a per-object memo keeps what `Context.apply` last wrote (digest, resourceVersion) per child.
 APPLIED_MEMO = "applied"
+#: Where a per-object memo keeps the object as its last status patch returned it.
+WRITTEN_MEMO = "written"
 
 
 @dataclass
@@ -55,6 +69,12 @@ class Context:
     #: Status fields another writer owns (e.g. the trainer report endpoint): left out of the
     #: reconciler's status patch, so that each field has one writer.
     status_fields_not_owned: set[str] = field(default_factory=set)
+    #: Seconds after which this object wants another pass even if nothing changes (None: the
+    #: kind's resync); the soonest request of a pass wins.
+    requeue_after: float | None = None
+    #: Work that must see this pass's status as written (e.g. another writer deciding its own
+    #: field from it), run once the status patch was sent.
+    after_status: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     @property
     def cache(self) -> ClusterCache:
@@ -141,6 +161,11 @@ class Context:
         self.status.set_condition(
             READY, ConditionStatus.TRUE if ready else ConditionStatus.FALSE, reason, message, self.generation
         )
+
+    def requeue(self, seconds: float) -> None:
+        """Ask for another pass within `seconds` (a backoff that ends, a service to poll)."""
+        seconds = max(0.0, seconds)
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
 
     def event(self, reason: str, message: str, warning: bool = False) -> None:
         """Queue a Kubernetes Event on the object; posted once the reconcile ends."""
@@ -259,10 +284,11 @@ async def reconcile_object(
     logger: Any,
     retry: int = 0,
     post_event: EventPoster = kopf.event,
-) -> None:
-    """One reconcile of one object: parse, reconcile, set conditions and Events, patch the status
-    only where it changed. A failure sets Ready=False with a reason in words and is retried later
-    (kopf.TemporaryError), with a growing delay."""
+) -> Context:
+    """One reconcile of one object: parse, reconcile, set conditions and Events, put the status
+    into `patch` only where it changed; returns the pass's context. A failure sets
+    Ready=False with a reason in words and is retried later (kopf.TemporaryError), with a growing
+    delay."""
     name = resource.singular
     before = _parse_status(resource, body.get("status")).condition(READY)
     started = time.monotonic()
@@ -307,27 +333,153 @@ async def reconcile_object(
     if failure is not None:
         condition = ctx.status.condition(READY)
         raise kopf.TemporaryError(condition.message if condition else str(failure), delay=delay) from failure
+    return ctx
 
 
-def controller(resource: Resource, reconcile: Reconcile, interval: float = 10.0) -> None:
-    """Register the kopf handlers that drive `reconcile` for `resource`."""
+def _version(obj: Mapping[str, Any]) -> int | None:
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion", ""))
+    except ValueError:
+        return None
+
+
+def freshest(body: kopf.Body, memo: Mapping[str, Any]) -> kopf.Body:
+    """`body`, or the object as this operator's last status patch returned it when `body` is older
+    (resourceVersions are etcd revisions, compared as numbers as client-go's caches do)."""
+    written = memo.get(WRITTEN_MEMO)
+    if written is None:
+        return body
+    seen, ours = _version(body), _version(written)
+    if seen is not None and ours is not None and seen < ours:
+        return kopf.Body(copy.deepcopy(written))
+    return body
+
+
+async def run_pass(
+    resource: Resource,
+    reconcile: Reconcile,
+    body: kopf.Body,
+    memo: Any,
+    logger: Any,
+    retry: int = 0,
+    post_event: EventPoster = kopf.event,
+) -> float | None:
+    """One pass as the operator runs it: reconcile from the freshest body, send the status patch,
+    keep what it returned (`freshest`); returns the pass's `requeue_after`."""
+    body = freshest(body, memo)
+    patch = kopf.Patch()
+    try:
+        ctx = await reconcile_object(resource, reconcile, body, patch, memo, logger, retry, post_event)
+    finally:
+        status = dict(patch.get("status") or {})
+        if status:
+            with contextlib.suppress(NotFound):  # deleted meanwhile: nothing left to write to
+                memo[WRITTEN_MEMO] = await memo["kube"].patch_status(
+                    resource.kind, body.metadata.namespace, str(body.metadata.name), status
+                )
+    for work in ctx.after_status:
+        await work()
+    return ctx.requeue_after
+
+
+#: Seconds between passes of an object nothing wakes (the safety net for a missed event).
+RESYNC_SECONDS = 300.0
+#: Per-object memo: when a change handler's pass asked for the next one, and the event telling the
+#: refresh loop so.
+REQUEUE_AT = "requeue_at"
+RESCHEDULE = "refresh_reschedule"
+
+
+async def _first_of(wake: asyncio.Event, reschedule: asyncio.Event, seconds: float) -> None:
+    """Until either event is set or `seconds` pass."""
+    waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(reschedule.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+def controller(
+    resource: Resource,
+    reconcile: Reconcile,
+    interval: float = RESYNC_SECONDS,
+    trigger: Callable[[kopf.Body], object] | None = None,
+) -> None:
+    """Register the kopf handlers that drive `reconcile` for `resource`: change handlers, and a
+    refresh loop per object that runs a pass when a child changes (`controllers.wakeups`), when
+    the last pass asked (`Context.requeue`, a retry's delay) or else every `interval` seconds.
+
+    `trigger` reads a value of the object that another writer sets to ask for a reconcile at
+    once (a status field, which kopf's change handlers ignore): every watch event where it differs
+    from the last one seen reconciles."""
     name = resource.singular
 
-    async def handle(
-        body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any, retry: int = 0, **_: Any
-    ) -> None:
-        # Timers and change handlers may fire together; one reconcile per object at a time.
-        lock = memo.setdefault("reconcile_lock", asyncio.Lock())
-        async with lock:
-            await reconcile_object(resource, reconcile, body, patch, memo, logger, retry)
+    def lock_of(memo: Any) -> asyncio.Lock:
+        # Refreshes and change handlers may fire together; one reconcile per object at a time.
+        lock: asyncio.Lock = memo.setdefault("reconcile_lock", asyncio.Lock())
+        return lock
+
+    async def handle(body: kopf.Body, memo: kopf.Memo, logger: Any, retry: int = 0, **_: Any) -> None:
+        async with lock_of(memo):
+            requeue = await run_pass(resource, reconcile, body, memo, logger, retry)
+        if requeue is not None:  # the refresh loop's next pass comes no later than asked
+            memo[REQUEUE_AT] = time.monotonic() + requeue
+            memo.setdefault(RESCHEDULE, asyncio.Event()).set()
+
+    async def refresh(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+        key = (name, str(body.metadata.namespace or ""), str(body.metadata.name))
+        wakeups = memo.get(WAKEUPS_MEMO)
+        wake = wakeups.register(key) if isinstance(wakeups, Wakeups) else asyncio.Event()
+        reschedule = memo.setdefault(RESCHEDULE, asyncio.Event())
+        retry, due = 0, time.monotonic() + interval
+        try:
+            while True:
+                await _first_of(wake, reschedule, due - time.monotonic())
+                if reschedule.is_set():
+                    reschedule.clear()
+                    due = min(due, memo.pop(REQUEUE_AT, due))
+                if not wake.is_set() and time.monotonic() < due:
+                    continue
+                wake.clear()
+                try:
+                    async with lock_of(memo):
+                        requeue = await run_pass(resource, reconcile, body, memo, logger, retry)
+                except kopf.TemporaryError as error:
+                    retry, delay = retry + 1, float(error.delay or RETRY_SECONDS)
+                except KubeError as error:  # the status patch itself failed
+                    logger.warning("writing the status of %s failed: %s", key[2], error)
+                    retry, delay = retry + 1, float(retry_delay(retry))
+                else:
+                    retry, delay = 0, interval if requeue is None else min(interval, requeue)
+                due = time.monotonic() + delay
+        finally:
+            if isinstance(wakeups, Wakeups):
+                wakeups.unregister(key)
 
     def forget(body: kopf.Body, **_: Any) -> None:
         metrics.forget_object(resource.kind, str(body.metadata.namespace or ""), str(body.metadata.name))
 
     group, version, plural = resource.group, resource.version, resource.plural
     handle.__name__ = handle.__qualname__ = f"reconcile_{name}"
+    refresh.__name__ = refresh.__qualname__ = f"refresh_{name}"
     kopf.on.resume(group, version, plural, id="reconcile-on-resume")(handle)
     kopf.on.create(group, version, plural, id="reconcile-on-create")(handle)
     kopf.on.update(group, version, plural, id="reconcile-on-update", field="spec")(handle)
-    kopf.timer(group, version, plural, id="refresh", interval=interval, initial_delay=interval)(handle)
+    # Cancelled at once when the object goes: a pass holds nothing that needs finishing.
+    kopf.daemon(group, version, plural, id="refresh", cancellation_timeout=1.0)(refresh)
     kopf.on.delete(group, version, plural, id="forget", optional=True)(forget)
+    if trigger is not None:
+        read = trigger
+
+        async def triggered(
+            body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_: Any
+        ) -> None:
+            value = read(body)
+            if value is None or memo.get("trigger_seen") == value:
+                return
+            memo["trigger_seen"] = value
+            await handle(body=body, patch=patch, memo=memo, logger=logger)
+
+        triggered.__name__ = triggered.__qualname__ = f"reconcile_{name}_triggered"
+        kopf.on.event(group, version, plural, id="reconcile-on-trigger")(triggered)

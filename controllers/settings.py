@@ -4,6 +4,7 @@ closed at cleanup."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any
@@ -19,9 +20,12 @@ from controllers.powerbudget import endpoint as power_endpoint
 from controllers.powerbudget.controller import POWER_MEMO
 from controllers.powerbudget.runtime import PowerRuntime
 from controllers.reconciler import CACHE_MEMO
+from controllers.servingpool.controller import PLANNING_LOCK_MEMO
 from controllers.trainingjob import reports
 from controllers.trainingjob.admission import ADMISSION_MEMO, GangAdmission
+from controllers.trainingjob.controller import REPORTS_MEMO, wake_on_node_loss
 from controllers.trainingjob.history import HISTORY_MEMO, ClusterFailureHistory
+from controllers.wakeups import WAKEUPS_MEMO, Wakeups
 
 #: Port of the Prometheus /metrics endpoint (probes are served by kopf's --liveness endpoint).
 METRICS_PORT = int(os.environ.get("AMPACITY_METRICS_PORT", "8080"))
@@ -43,9 +47,15 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo["kube"] = Kube()
     # One list+watch per kind the reconcilers read, instead of a LIST per reconcile.
     cache = memo[CACHE_MEMO] = ClusterCache(memo["kube"])
+    # A child's change wakes its owner's reconcile (instead of a short timer per object).
+    wakeups = memo[WAKEUPS_MEMO] = Wakeups()
+    cache.on_child_change(wakeups.child_changed)
+    wake_on_node_loss(cache, wakeups)
     await cache.start()
     start_http_server(METRICS_PORT)
-    memo["reports"] = await reports.start(memo["kube"], reports.REPORT_PORT)
+    memo[REPORTS_MEMO] = await reports.start(memo["kube"], reports.REPORT_PORT)
+    # ServingPools plan one at a time (`controllers.servingpool.controller._plan`).
+    memo[PLANNING_LOCK_MEMO] = asyncio.Lock()
     # Gang admission decides across jobs: one waiting queue and one set of reservations.
     memo[ADMISSION_MEMO] = GangAdmission()
     # The failures the operator sees on every job move the failure-rate prior of each.
@@ -76,8 +86,8 @@ async def login(**_: Any) -> kopf.ConnectionInfo:
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
-    if "reports" in memo:
-        await reports.stop(memo["reports"])
+    if REPORTS_MEMO in memo:
+        await reports.stop(memo[REPORTS_MEMO])
     if "power_endpoint" in memo:
         await memo["power_endpoint"].close()
     if POWER_MEMO in memo:

@@ -10,8 +10,10 @@ store keeps), so `controllers.cache.ClusterCache` runs against it unchanged.
 Failures are injected with `fail(...)` (the next matching calls raise a given `KubeError`)
 or `down` (every call raises `ApiUnavailable`, as a client whose server does not answer).
 
-`Operator` drives a reconciler as kopf does (parse, reconcile, conditions, Events, one status
-merge patch, skipped when unchanged) against the fake and a `ClusterCache` over it.
+`Operator` drives a reconciler as the operator does (`controllers.reconciler.run_pass`: parse,
+reconcile, conditions, Events, one status merge patch, skipped when unchanged) against the fake
+and a `ClusterCache` over it, whose child watches wake owners through `Wakeups` (`woken` says
+which were).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import kopf
 from ampacity.api import Resource
 from ampacity.kube import KINDS, ApiUnavailable, Conflict, Kube, KubeError, NotFound
 from controllers.cache import ClusterCache, selector_matches
-from controllers.reconciler import CACHE_MEMO, Reconcile, reconcile_object
+from controllers.reconciler import CACHE_MEMO, Reconcile, run_pass
+from controllers.wakeups import WAKEUPS_MEMO, Key, Wakeups
 
 Object = dict[str, Any]
 
@@ -97,6 +100,8 @@ class FakeKube(Kube):
         self.page_size = page_size
         #: Every call, as (method, kind), in order.
         self.calls: list[tuple[str, str]] = []
+        #: Every status merge patch, as (kind, namespace, name, patch), in order.
+        self.status_patches: list[tuple[str, str, str, Object]] = []
         self.down = False
         self.failures: list[Failure] = []
         self._watchers: list[tuple[str, asyncio.Queue[Object]]] = []
@@ -207,6 +212,7 @@ class FakeKube(Kube):
 
     async def patch_status(self, kind: str, namespace: str | None, name: str, status: Object) -> Object:
         self._check("patch_status", kind)
+        self.status_patches.append((kind, namespace or "", name, copy.deepcopy(status)))
         return self._update(
             kind, namespace, name, lambda cur: merge_patch(cur, {"status": status}), status_only=True
         )
@@ -337,11 +343,25 @@ class FakeKube(Kube):
 
 @dataclass
 class Pass:
-    """What one reconcile did: the status patch it sent (None when skipped), its Events, its error."""
+    """What one reconcile did: the status patch it sent (None when skipped), its Events, its error,
+    and when it asked for the next pass (None: the resync)."""
 
     patch: Object | None
     events: list[tuple[str, str, str]]
     error: Exception | None
+    requeue_after: float | None = None
+
+
+class RecordingWakeups(Wakeups):
+    """`Wakeups` that also records every owner woken, registered or not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.woken: list[Key] = []
+
+    def wake(self, key: Key) -> None:
+        self.woken.append(key)
+        super().wake(key)
 
 
 class Operator:
@@ -350,7 +370,9 @@ class Operator:
     def __init__(self, kube: FakeKube) -> None:
         self.kube = kube
         self.cache = ClusterCache(kube)
-        self.memo: dict[str, Any] = {"kube": kube, CACHE_MEMO: self.cache}
+        self.wakeups = RecordingWakeups()
+        self.cache.on_child_change(self.wakeups.child_changed)
+        self.memo: dict[str, Any] = {"kube": kube, CACHE_MEMO: self.cache, WAKEUPS_MEMO: self.wakeups}
         #: Per-object memo, as kopf keeps one per object.
         self.object_memos: dict[str, dict[str, Any]] = {}
 
@@ -373,25 +395,37 @@ class Operator:
         await self.settle()
         obj = self.kube.stored(resource.kind, namespace, name)
         assert obj is not None, f"no {resource.kind} {namespace}/{name}"
-        body = kopf.Body(copy.deepcopy(obj))
-        patch = kopf.Patch()
+        return await self.reconcile_body(resource, reconcile, copy.deepcopy(obj), retry)
+
+    async def reconcile_body(
+        self, resource: Resource, reconcile: Reconcile, body: Object, retry: int = 0
+    ) -> Pass:
+        """A pass from `body` as given (kopf's view of the object, possibly older than the store)."""
         events: list[tuple[str, str, str]] = []
 
         def post_event(_: object, *, type: str, reason: str, message: str) -> None:  # noqa: A002
             events.append((type, reason, message))
 
-        memo = self.object_memos.setdefault(f"{namespace}/{name}", dict(self.memo))
+        metadata = body["metadata"]
+        memo = self.object_memos.setdefault(
+            f"{metadata.get('namespace')}/{metadata['name']}", dict(self.memo)
+        )
+        patches_before = len(self.kube.status_patches)
         error: Exception | None = None
+        requeue = None
         try:
-            await reconcile_object(
-                resource, reconcile, body, patch, memo, logging.getLogger("test"), retry, post_event
+            requeue = await run_pass(
+                resource, reconcile, kopf.Body(body), memo, logging.getLogger("test"), retry, post_event
             )
         except kopf.TemporaryError as raised:
             error = raised
-        status = dict(patch.get("status") or {})
-        if status:  # as kopf does: one merge patch of the status subresource
-            await self.kube.patch_status(resource.kind, namespace, name, status)
-        return Pass(status or None, events, error)
+        sent = [
+            patch
+            for kind, _, patched, patch in self.kube.status_patches[patches_before:]
+            if (kind, patched) == (resource.kind, metadata["name"])
+        ]
+        # The first is the reconciler's own; work after it (`Context.after_status`) may write more.
+        return Pass(sent[0] if sent else None, events, error, requeue)
 
     def condition(self, kind: str, namespace: str | None, name: str, type_: str = "Ready") -> Object:
         obj = self.kube.stored(kind, namespace, name) or {}

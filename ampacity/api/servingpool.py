@@ -9,7 +9,8 @@ from typing import Annotated, Any
 
 from pydantic import Field, JsonValue, StringConstraints, model_validator
 
-from ampacity.api.meta import ApiModel, Duration, NameLimit, PositiveDuration, Status, cel
+from ampacity.api.meta import DNS_LABEL, ApiModel, Duration, NameLimit, PositiveDuration, Status, cel
+from ampacity.api.podtemplate import Quantity
 from ampacity.api.resource import Resource, age_column, ready_column, reason_column
 
 #: The model sources vLLM can load (see controllers/servingpool/children.py for how each is wired).
@@ -397,6 +398,74 @@ class Autoscaling(ApiModel):
     )
 
 
+class Activator(ApiModel):
+    """The activator: the pool's front door while it can be at zero or asleep.
+
+    It holds a request that finds no engine ready (stopped or asleep) instead of refusing it, asks
+    the operator to wake the pool at once (it writes status.activation, the only field it may
+    write), and sends the request on through the router once every phase serves. Past either limit
+    it answers 503 with Retry-After and the reason. Deployed with the pool whenever
+    autoscaling.scaleToZeroAfter or sleep is set; the defaults apply when this is unset.
+    """
+
+    max_queue: int = Field(
+        default=100, ge=1, le=10000, description="Requests held at most while the pool wakes; more get 503."
+    )
+    max_wait: PositiveDuration = Field(
+        default=300.0,
+        description="Longest a request is held, e.g. 5m (a cold start loads the weights: minutes); then 503.",
+    )
+    replicas: int = Field(default=1, ge=1, le=16, description="Activators behind the pool's Service.")
+    image: str | None = Field(
+        default=None, description="Image with the `ampacity` command; default: the operator's image."
+    )
+
+
+class SleepGroup(ApiModel):
+    """Opt-in: the pool's engines sleep (vLLM sleep mode) instead of stopping when idle, sharing GPUs
+    with the engines of the other pools of the same group, at most one awake per GPU.
+
+    A sleeping engine frees its GPU memory but its pod keeps the GPU in Kubernetes' accounting, so
+    sleeping saves GPU-time only when pools share GPUs (time-sliced GPUs advertised as several
+    nvidia.com/gpu). The engines get `--enable-sleep-mode` and VLLM_SERVER_DEV_MODE=1; an engine
+    whose sleep fails is stopped and started instead (condition SleepModeUnavailable).
+    """
+
+    group: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=DNS_LABEL,
+        description="Name of the group; pools in one namespace with the same name share GPUs.",
+    )
+    sleepers_per_gpu: int = Field(
+        default=4, ge=1, le=16, description="How many sleeping models may share one GPU (with one awake)."
+    )
+    host_memory: Quantity | None = Field(
+        default=None,
+        description="Host memory each engine needs to keep its weights while asleep at level 1, e.g. "
+        "160Gi (about the weights' size); requested by the engine pods so the scheduler counts it.",
+    )
+    level: int = Field(
+        default=1,
+        ge=1,
+        le=2,
+        description="vLLM sleep level: 1 offloads the weights to host memory (wakes in about a second), "
+        "2 drops them (wakes by reloading them, seconds more; no host memory needed).",
+    )
+    sleep_after: PositiveDuration = Field(
+        default=60.0, description="Idle time (nothing running or waiting) before an engine sleeps, e.g. 1m."
+    )
+
+    validations = (
+        cel(
+            "self.level == 2 || has(self.hostMemory)",
+            "sleep level 1 keeps the weights in host memory: set hostMemory (or use level 2)",
+            ".hostMemory",
+            check=lambda s: s.level == 2 or s.host_memory is not None,
+        ),
+    )
+
+
 class LatencyProfileRef(ApiModel):
     """A ConfigMap in the pool's namespace with measured latencies of the model on the GPU type."""
 
@@ -444,6 +513,14 @@ class ServingPoolSpec(ApiModel):
     router: Router = Field(
         default_factory=lambda: Router(), description="The router in front of the engines."
     )
+    activator: Activator | None = Field(
+        default=None,
+        description="Limits of the activator that holds requests while the pool wakes (needs "
+        "autoscaling.scaleToZeroAfter or sleep); unset: its defaults.",
+    )
+    sleep: SleepGroup | None = Field(
+        default=None, description="Sleep instead of stopping, sharing GPUs with the group's other pools."
+    )
 
     validations = (
         cel(
@@ -466,7 +543,43 @@ class ServingPoolSpec(ApiModel):
                 s.autoscaling is None or s.autoscaling.scale_to_zero_after is None or s.min_gpus == 0
             ),
         ),
+        cel(
+            "!has(self.activator) || has(self.sleep) || "
+            "(has(self.autoscaling) && has(self.autoscaling.scaleToZeroAfter))",
+            "activator settings need a pool that can be at zero or asleep: set "
+            "autoscaling.scaleToZeroAfter or sleep",
+            ".activator",
+            check=lambda s: s.activator is None or s.sleep is not None or s.scales_to_zero,
+        ),
+        cel(
+            "!has(self.sleep) || has(self.autoscaling)",
+            "sleep needs autoscaling: an engine's idle time is read from the live metrics it scrapes",
+            ".sleep",
+            check=lambda s: s.sleep is None or s.autoscaling is not None,
+        ),
+        cel(
+            "!has(self.sleep) || !has(self.autoscaling) || !has(self.autoscaling.scaleToZeroAfter) || "
+            "duration(self.sleep.sleepAfter) < duration(self.autoscaling.scaleToZeroAfter)",
+            "sleep.sleepAfter must be shorter than autoscaling.scaleToZeroAfter: an engine sleeps before "
+            "it is stopped",
+            ".sleep",
+            check=lambda s: (
+                s.sleep is None
+                or s.autoscaling is None
+                or s.autoscaling.scale_to_zero_after is None
+                or s.sleep.sleep_after < s.autoscaling.scale_to_zero_after
+            ),
+        ),
     )
+
+    @property
+    def scales_to_zero(self) -> bool:
+        return self.autoscaling is not None and self.autoscaling.scale_to_zero_after is not None
+
+    @property
+    def activated(self) -> bool:
+        """The pool can be at zero or asleep, so an activator stands in front of it."""
+        return self.scales_to_zero or self.sleep is not None
 
 
 class ServingPlan(ApiModel):
@@ -529,8 +642,54 @@ class AutoscalingStatus(ApiModel):
     state: str = Field(default="", description="The re-planner's memory between intervals (JSON).")
 
 
+class ActivationStatus(ApiModel):
+    """What the activator reports: written by the activator only (never by the operator)."""
+
+    wake_requested_at: datetime | None = Field(
+        default=None,
+        description="When the activator last asked for the pool to wake: it held a request and no "
+        "engine served. The operator scales the pool up (or wakes its engines) at once.",
+    )
+    held_requests: int = Field(default=0, ge=0, description="Requests it held when it asked.")
+    wakes: int = Field(default=0, ge=0, description="Wake-ups it has asked for since it started.")
+    last_wait_seconds: float = Field(
+        default=0, ge=0, description="Longest wait of a held request in the last wake-up, in seconds."
+    )
+    waited_seconds: float = Field(
+        default=0, ge=0, description="Seconds requests have spent held, summed, since it started."
+    )
+
+
+class PoolTier(StrEnum):
+    AWAKE = "awake"
+    WAKING = "waking"
+    ASLEEP = "asleep"
+    STOPPED = "stopped"
+
+
+class SleepStatus(ApiModel):
+    """The pool's engines in the sleep group, as the operator last saw them."""
+
+    awake: int = Field(default=0, ge=0, description="Engines awake.")
+    asleep: int = Field(default=0, ge=0, description="Engines asleep (weights offloaded or dropped).")
+    wakes: int = Field(default=0, ge=0, description="Wakes the operator issued (POST /wake_up).")
+    sleeps: int = Field(default=0, ge=0, description="Sleeps the operator issued (POST /sleep).")
+    blocked: str = Field(
+        default="", description="Why a wake waits (another pool of the group is awake on its GPU)."
+    )
+
+
 class ServingPoolStatus(Status):
     """Observed state of a ServingPool."""
+
+    tier: PoolTier | None = Field(
+        default=None,
+        description="awake (serving), waking, asleep (engines asleep, GPUs kept) or stopped (no engine).",
+    )
+    activation: ActivationStatus | None = Field(
+        default=None, description="The activator's own report (wake requests, time requests waited)."
+    )
+    sleep: SleepStatus | None = Field(default=None, description="Sleep-group state, when spec.sleep is set.")
 
     plan: ServingPlan | None = Field(default=None, description="The plan in force.")
     autoscaling: AutoscalingStatus | None = Field(
@@ -573,6 +732,12 @@ SERVING_POOL = Resource(
             "type": "string",
             "jsonPath": ".status.endpoint",
             "description": "OpenAI base URL of the pool.",
+        },
+        {
+            "name": "Tier",
+            "type": "string",
+            "jsonPath": ".status.tier",
+            "description": "awake, waking, asleep or stopped.",
         },
         {
             "name": "Ready-Replicas",

@@ -77,6 +77,23 @@ PROXIED, QUEUE_FULL, WAIT_EXPIRED, UPSTREAM_ERROR = "proxied", "queue-full", "wa
 
 Ready = Callable[[], Awaitable[bool]]
 Wake = Callable[[], Awaitable[None]]
+Upstream = Callable[[], str | None]
+"""The router to send a request to now (one of the pool's router pods); None: none is ready."""
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One wake-up, as the activator saw it: what `report` gets once its held requests are through."""
+
+    held: int
+    """Requests held in it."""
+    longest_wait: float
+    """Seconds the first held request waited."""
+    waited_total: float
+    """Seconds held, summed over every request since the activator started."""
+
+
+Report = Callable[[Episode], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -136,7 +153,7 @@ class Activator:
     def __init__(
         self,
         pool: str,
-        upstream: str,
+        upstream: str | Upstream,
         ready: Ready,
         wake: Wake,
         limits: HoldLimits | None = None,
@@ -144,9 +161,14 @@ class Activator:
         refresh_interval: float = 1.0,
         rewake_interval: float = 5.0,
         metrics: ActivatorMetrics | None = None,
+        report: Report | None = None,
     ) -> None:
         self.pool = pool
-        self.upstream = upstream.rstrip("/")
+        if isinstance(upstream, str):
+            fixed = upstream.rstrip("/")
+            self.upstream: Upstream = lambda: fixed
+        else:
+            self.upstream = upstream
         self._ready, self._wake = ready, wake
         self.limits = limits if limits is not None else HoldLimits()
         self.probe_interval, self.refresh_interval = probe_interval, refresh_interval
@@ -161,6 +183,18 @@ class Activator:
         self._waking: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._refresh: asyncio.Task[None] | None = None
+        self._report = report
+        self._reports: set[asyncio.Task[None]] = set()
+        # The episode under way: when its first request arrived, how many it held, all waits so far.
+        self._episode_start: float | None = None
+        self._episode_held = 0
+        self._in_episode = 0
+        self.waited_total = 0.0
+
+    @property
+    def held(self) -> int:
+        """Requests held now."""
+        return self._held
 
     # --- the pool's state ---
 
@@ -217,7 +251,7 @@ class Activator:
             self.metrics.outcome(QUEUE_FULL)
             return (
                 f"pool {self.pool} has no ready engine and already holds {self._held} requests"
-                f" (its queue limit, maxQueue={self.limits.max_queue}); retry later"
+                f" (its queue limit, activator.maxQueue={self.limits.max_queue}); retry later"
             )
         self._held += 1
         self.metrics.held.inc()
@@ -232,11 +266,43 @@ class Activator:
             self.metrics.outcome(WAIT_EXPIRED)
             return (
                 f"pool {self.pool} did not become ready within {self.limits.max_wait:g}s"
-                f" (its wait limit, maxWaitSeconds); the wake-up goes on, retry later"
+                f" (its wait limit, activator.maxWait); the wake-up goes on, retry later"
             )
         finally:
             self._held -= 1
             self.metrics.held.dec()
+
+    def _join(self, arrived: float) -> None:
+        """A request found the pool down: it is part of this wake-up until the pool answers it."""
+        if self._in_episode == 0:
+            self._episode_start = arrived
+        self._in_episode += 1
+        self._episode_held += 1
+
+    def _leave(self, arrived: float) -> None:
+        """The pool answered the request (or it was refused); the last one ends the wake-up.
+
+        From the request's arrival, not from one hold: a request the router refused after the
+        engines came up is held again, and its wait runs on."""
+        now = time.monotonic()
+        self._in_episode -= 1
+        self.waited_total += now - arrived
+        if self._in_episode > 0:
+            return
+        assert self._episode_start is not None
+        episode = Episode(self._episode_held, now - self._episode_start, self.waited_total)
+        self._episode_start, self._episode_held = None, 0
+        if self._report is not None:
+            task = asyncio.create_task(self._send_report(episode))
+            self._reports.add(task)
+            task.add_done_callback(self._reports.discard)
+
+    async def _send_report(self, episode: Episode) -> None:
+        assert self._report is not None
+        try:
+            await self._report(episode)
+        except Exception as error:  # the report is for status; serving goes on without it
+            log.warning("reporting the wake-up of pool %s failed: %s", self.pool, error)
 
     def _refuse(self, reason: str) -> web.Response:
         retry = max(1, math.ceil(min(self.limits.max_wait, 30.0)))
@@ -252,33 +318,47 @@ class Activator:
         arrived = time.monotonic()
         deadline = arrived + self.limits.max_wait
         body = await request.read()
-        while True:
-            reason = await self._hold(deadline)
-            if reason is not None:
-                return self._refuse(reason)
-            try:
-                response = await self._proxy(request, body, arrived)
-            except aiohttp.ClientConnectionError as error:
-                # Nothing was sent back yet: the engine went away after the pool looked up.
-                log.info("pool %s refused a request (%s): holding it again", self.pool, error)
-                self._up.clear()
-                if time.monotonic() >= deadline:
-                    self.metrics.outcome(UPSTREAM_ERROR)
-                    return self._refuse(
-                        f"pool {self.pool} could not be reached ({error}) and did not recover within"
-                        f" {self.limits.max_wait:g}s; retry later"
-                    )
-                continue
-            return response
+        wait = _Wait(self, arrived)
+        try:
+            while True:
+                if not self._up.is_set():
+                    wait.join()
+                reason = await self._hold(deadline)
+                if reason is not None:
+                    return self._refuse(reason)
+                try:
+                    response = await self._proxy(request, body, arrived, wait.leave)
+                except aiohttp.ClientConnectionError as error:
+                    # Nothing was sent back yet: the engine went away after the pool looked up.
+                    log.info("pool %s refused a request (%s): holding it again", self.pool, error)
+                    self._up.clear()
+                    if time.monotonic() >= deadline:
+                        self.metrics.outcome(UPSTREAM_ERROR)
+                        return self._refuse(
+                            f"pool {self.pool} could not be reached ({error}) and did not recover within"
+                            f" {self.limits.max_wait:g}s; retry later"
+                        )
+                    # The engines may serve before the router does: look again after a pause.
+                    await asyncio.sleep(self.probe_interval)
+                    continue
+                return response
+        finally:
+            wait.leave()
 
-    async def _proxy(self, request: web.Request, body: bytes, arrived: float) -> web.StreamResponse:
+    async def _proxy(
+        self, request: web.Request, body: bytes, arrived: float, answered: Callable[[], None]
+    ) -> web.StreamResponse:
         assert self._session is not None, "the activator's client session starts with its app"
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
-        url = self.upstream + request.rel_url.path_qs
+        base = self.upstream()
+        if base is None:
+            raise aiohttp.ClientConnectionError(f"no router of pool {self.pool} is ready")
+        url = base.rstrip("/") + request.rel_url.path_qs
         async with self._session.request(
             request.method, url, headers=headers, data=body, allow_redirects=False
         ) as upstream:
             self.metrics.wait.observe(time.monotonic() - arrived)
+            answered()
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for key, value in upstream.headers.items():
                 if key.lower() not in _HOP_BY_HOP:
@@ -320,7 +400,7 @@ class Activator:
         self._refresh = asyncio.create_task(self._refresh_loop())
 
     async def _stop(self, _app: web.Application) -> None:
-        for task in (self._refresh, self._watch, self._waking):
+        for task in (self._refresh, self._watch, self._waking, *self._reports):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -336,6 +416,25 @@ class Activator:
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
+
+
+class _Wait:
+    """One request's part in a wake-up: from when it first found the pool down until the pool
+    answered it (or it was refused)."""
+
+    def __init__(self, activator: Activator, arrived: float) -> None:
+        self.activator, self.arrived = activator, arrived
+        self.joined = self.left = False
+
+    def join(self) -> None:
+        if not self.joined:
+            self.joined = True
+            self.activator._join(self.arrived)
+
+    def leave(self) -> None:
+        if self.joined and not self.left:
+            self.left = True
+            self.activator._leave(self.arrived)
 
 
 # --- What "up" and "wake" mean for engines that speak vLLM's protocol. ---

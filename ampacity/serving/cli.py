@@ -10,7 +10,6 @@ import math
 import re
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -454,53 +453,6 @@ def _plot_frontier(
     plt.close(fig)
 
 
-def _phases(specs: list[str]) -> dict[str, list[str]]:
-    phases: dict[str, list[str]] = {}
-    for spec in specs:
-        phase, sep, url = spec.partition("=")
-        if not sep or not url.startswith(("http://", "https://")):
-            raise SystemExit(f"--engine {spec!r}: expected PHASE=URL, e.g. decode=http://10.0.0.7:8000")
-        phases.setdefault(phase, []).append(url.rstrip("/"))
-    if not phases:
-        raise SystemExit("give at least one --engine PHASE=URL: the activator must know when the pool is up")
-    return phases
-
-
-def _fixed(urls: list[str]) -> Callable[[], list[str]]:
-    return lambda: urls
-
-
-def _activator(args: argparse.Namespace) -> int:
-    import aiohttp
-    from aiohttp import web
-
-    from ampacity.serving.activator import Activator, EngineProbe, HoldLimits, wake_engines
-
-    phases = _phases(args.engine)
-    host, _, port = args.listen.rpartition(":")
-    sessions: list[aiohttp.ClientSession] = []
-
-    def session() -> aiohttp.ClientSession:
-        if not sessions:
-            sessions.append(aiohttp.ClientSession())
-        return sessions[0]
-
-    probe = EngineProbe({phase: _fixed(urls) for phase, urls in phases.items()}, session)
-    activator = Activator(
-        args.pool, args.upstream, probe, wake_engines(probe), HoldLimits(args.max_queue, args.max_wait)
-    )
-    app = activator.app()
-
-    async def close(_app: web.Application) -> None:
-        for s in sessions:
-            await s.close()
-
-    app.on_cleanup.append(close)
-    print(f"activator for pool {args.pool}: {args.listen} -> {args.upstream}; phases {', '.join(phases)}")
-    web.run_app(app, host=host or "127.0.0.1", port=int(port), print=None)
-    return 0
-
-
 # `replan-eval`'s trace: a quiet start, a 4x burst, a burst of 3x longer prompts (prefill only
 # should grow), a lull, and two more bursts; gamma arrivals within each segment.
 BURST_PROFILE = (
@@ -935,31 +887,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     keepalive_eval.add_argument("--plot", type=Path, default=None, help="write the frontier plot (PNG) here")
     keepalive_eval.set_defaults(func=_keepalive_eval)
-
-    activator = actions.add_parser(
-        "activator",
-        help="hold requests to a pool with no ready engine, wake it, pass them on (in front of its router)",
-    )
-    activator.add_argument("--pool", required=True, help="the pool's name (metrics label, messages)")
-    activator.add_argument(
-        "--upstream", required=True, help="the pool's router URL, e.g. http://chat-router:8000"
-    )
-    activator.add_argument(
-        "--engine",
-        action="append",
-        default=[],
-        metavar="PHASE=URL",
-        help="an engine to probe and wake, by phase (prefill=, decode=, engine=); repeat for each",
-    )
-    activator.add_argument("--listen", default="127.0.0.1:8081", help="address to serve on (127.0.0.1:8081)")
-    activator.add_argument("--max-queue", type=int, default=100, help="requests held at most (100)")
-    activator.add_argument(
-        "--max-wait",
-        type=parse_duration,
-        default=parse_duration("300s"),
-        help="longest hold of a request (300s)",
-    )
-    activator.set_defaults(func=_activator)
 
     replan_eval = actions.add_parser(
         "replan-eval", help="re-planning vs static peak provisioning on a bursty trace, in the simulator"

@@ -5,7 +5,8 @@ What vLLM does (docs/features/sleep_mode.md and the API server's routes, vLLM 0.
 - the engine must be started with `--enable-sleep-mode`, and the endpoints exist only when the
   server runs with `VLLM_SERVER_DEV_MODE=1` (they are administrative; without it they are 404);
 - `POST /sleep?level=1` (the default level) offloads the weights to host memory and discards the
-  KV cache; `level=2` discards both (only buffers stay). 200 with an empty body;
+  KV cache; `level=2` discards both (only buffers stay). 200 with an empty body. Requests in flight
+  are aborted (`mode=abort`, the default) or finished first (`mode=wait`);
 - `POST /wake_up` restores everything; `?tags=weights` or `?tags=kv_cache` (repeatable) restores
   only those, and the engine counts as sleeping until both are back. After level 2 the weights
   must be reloaded (`/collective_rpc` `reload_weights`): a wake from level 2 takes a load from
@@ -19,7 +20,9 @@ What vLLM does (docs/features/sleep_mode.md and the API server's routes, vLLM 0.
   the KV cache it holds (`ampacity_engine_kv_cache_bytes`), which vLLM only logs.
 
 `SleepMode` is the state machine; `add_routes` mounts the endpoints on an aiohttp application.
-The engine of the request-path issue mounts them when started with `--enable-sleep-mode`.
+The test engine (`ampacity serving engine`) mounts them under `VLLM_SERVER_DEV_MODE=1`; without
+`--enable-sleep-mode` they answer as vLLM's do on an engine without it (`/sleep` fails), which is
+how the operator learns that an image has no sleep mode.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from ampacity.serving import tiers
 
 WEIGHTS, KV_CACHE = "weights", "kv_cache"
+ABORT, WAIT = "abort", "wait"
 TAGS = (WEIGHTS, KV_CACHE)
 AWAKE, WEIGHTS_OFFLOADED, DISCARD_ALL = "awake", "weights_offloaded", "discard_all"
 DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"
@@ -53,12 +57,20 @@ class SleepMode:
         model: str,
         wake_seconds: Callable[[int, float], float] = tiers.wake_seconds,
         pause: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        tensor_parallel: int = 1,
+        settle: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.weight_bytes, self.kv_cache_bytes = weight_bytes, kv_cache_bytes
         self._wake_seconds, self._pause = wake_seconds, pause
+        # Each GPU moves its own shard of the weights, all at once.
+        self._shard_bytes = weight_bytes / max(1, tensor_parallel)
+        # What happens to the requests in flight before the engine sleeps (`mode`).
+        self._settle = settle
         self.level = 0
         """0 awake, else the level it went to sleep at."""
         self.asleep_tags: set[str] = set()
+        # From the start of a sleep until it is done, new requests are refused as while asleep.
+        self._falling_asleep = False
         self.wakes = 0
         self._lock = asyncio.Lock()
         self._state = Gauge(
@@ -102,15 +114,23 @@ class SleepMode:
         self._weights.labels(self.model, "host").set(on_host)
         self._kv.labels(self.model).set(0.0 if KV_CACHE in self.asleep_tags else self.kv_cache_bytes)
 
-    async def sleep(self, level: int) -> None:
+    async def sleep(self, level: int, mode: str = ABORT) -> None:
         if level not in (1, 2):
             raise SleepModeError(f"sleep level must be 1 or 2, not {level}")
+        if mode not in (ABORT, WAIT):
+            raise SleepModeError(f"sleep mode must be {ABORT} or {WAIT}, not {mode}")
         async with self._lock:
             if self.is_sleeping:
                 return  # vLLM: sleeping again changes nothing
-            # Level 1 copies the weights out over PCIe; level 2 only frees them.
-            await self._pause(self.weight_bytes / 25e9 if level == 1 else 0.0)
-            self.level, self.asleep_tags = level, set(TAGS)
+            self._falling_asleep = True
+            try:
+                if self._settle is not None:
+                    await self._settle(mode)
+                # Level 1 copies the weights out over PCIe; level 2 only frees them.
+                await self._pause(self._shard_bytes / 25e9 if level == 1 else 0.0)
+                self.level, self.asleep_tags = level, set(TAGS)
+            finally:
+                self._falling_asleep = False
             self._export()
 
     async def wake_up(self, tags: list[str] | None = None) -> None:
@@ -123,7 +143,7 @@ class SleepMode:
             if not waking:
                 return
             if WEIGHTS in waking:
-                await self._pause(self._wake_seconds(self.level, self.weight_bytes))
+                await self._pause(self._wake_seconds(self.level, self._shard_bytes))
             self.asleep_tags -= waking
             if not self.asleep_tags:
                 self.level = 0
@@ -132,12 +152,13 @@ class SleepMode:
 
     def refusal(self) -> web.Response | None:
         """The 503 a request that needs the weights gets while the engine sleeps, else None."""
-        if not self.is_sleeping:
+        if not self.is_sleeping and not self._falling_asleep:
             return None
         return web.json_response(
             {
                 "error": {
-                    "message": f"The model is sleeping (sleep level {self.level}); POST /wake_up first",
+                    "message": f"The model is sleeping (sleep level {self.level or 'pending'});"
+                    " POST /wake_up first",
                     "type": "ServiceUnavailableError",
                     "param": None,
                     "code": 503,
@@ -147,17 +168,27 @@ class SleepMode:
         )
 
 
-def add_routes(app: web.Application, mode: SleepMode) -> None:
-    """`POST /sleep`, `POST /wake_up`, `GET /is_sleeping` (mount only under VLLM_SERVER_DEV_MODE=1)."""
+NOT_ENABLED = "Sleep mode is not enabled: start the engine with --enable-sleep-mode"
+
+
+def add_routes(app: web.Application, mode: SleepMode | None) -> None:
+    """`POST /sleep`, `POST /wake_up`, `GET /is_sleeping` (mount only under VLLM_SERVER_DEV_MODE=1).
+
+    `mode` None: an engine started without `--enable-sleep-mode`, whose sleep and wake fail (500)
+    and which is never sleeping."""
 
     async def sleep(request: web.Request) -> web.Response:
+        if mode is None:
+            return web.json_response({"error": NOT_ENABLED}, status=500)
         try:
-            await mode.sleep(int(request.query.get("level", "1")))
+            await mode.sleep(int(request.query.get("level", "1")), request.query.get("mode", ABORT))
         except (SleepModeError, ValueError) as error:
             return web.json_response({"error": str(error)}, status=400)
         return web.Response(status=200)
 
     async def wake_up(request: web.Request) -> web.Response:
+        if mode is None:
+            return web.json_response({"error": NOT_ENABLED}, status=500)
         try:
             await mode.wake_up(request.query.getall("tags", []))
         except SleepModeError as error:
@@ -165,7 +196,7 @@ def add_routes(app: web.Application, mode: SleepMode) -> None:
         return web.Response(status=200)
 
     async def is_sleeping(_request: web.Request) -> web.Response:
-        return web.json_response({"is_sleeping": mode.is_sleeping})
+        return web.json_response({"is_sleeping": mode is not None and mode.is_sleeping})
 
     app.router.add_post("/sleep", sleep)
     app.router.add_post("/wake_up", wake_up)

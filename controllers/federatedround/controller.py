@@ -658,19 +658,35 @@ async def create_once(ctx: Context, manifest: dict[str, Any]) -> None:
             raise
 
 
-async def ensure_secrets(ctx: Context, spec: FederatedRoundSpec) -> str:
+#: Per-object memo: (uid, monotonic time) of the round whose Secrets were last made sure of.
+SECRETS_MEMO = "secrets_ensured"
+#: While the aggregator is not available, its Secrets are made sure of again this often (one may
+#: have been deleted by hand, and the aggregator cannot start without it).
+SECRETS_RECHECK_SECONDS = 600.0
+
+
+async def ensure_secrets(ctx: Context, spec: FederatedRoundSpec, available: bool) -> str:
     """The admin, enrolment and (unless insecureHTTP) TLS Secrets; returns the admin token.
 
-    The TLS key is generated here and written once: the 409 of a second create means the aggregator
-    already has its key, and a new one is never sent (nor the old one read).
+    Once per round and operator process, and again every SECRETS_RECHECK_SECONDS while the
+    aggregator is not available: the operator never reads Secrets back, so a create that answers
+    409 is the only check there is, and repeating it on every poll cost three requests and a TLS
+    key each time. The TLS key is generated here and written once: the 409 of a second
+    create means the aggregator already has its key, and a new one is never sent (nor the old one
+    read).
     """
-    ca = None if spec.aggregator.insecure_http else operator_ca()
     token = admin_token(ctx)
+    uid = str(ctx.body.metadata.uid)
+    ensured_uid, ensured_at = ctx.memo.get(SECRETS_MEMO, ("", 0.0))
+    if ensured_uid == uid and (available or time.monotonic() - ensured_at < SECRETS_RECHECK_SECONDS):
+        return token
+    ca = None if spec.aggregator.insecure_http else operator_ca()
     await create_once(ctx, admin_secret(ctx, token))
     await create_once(ctx, enrolment_secret(ctx, enrolment_token(ctx), None if ca is None else ca.cert_pem))
     if ca is not None:
         issued = tls.issue_server_cert(ca, service_names(ctx.name, ctx.namespace))
         await create_once(ctx, tls_secret(ctx, issued, ca.cert_pem))
+    ctx.memo[SECRETS_MEMO] = (uid, time.monotonic())
     return token
 
 
@@ -798,11 +814,11 @@ async def reconcile(ctx: Context) -> None:
         deployment = await ctx.apply(aggregator_deployment(ctx, spec))
         await ctx.apply(aggregator_service(ctx, spec))
         available = deployment.get("status", {}).get("availableReplicas", 0) >= 1
-        # Three creates that answer 409 once the Secrets exist: only while the aggregator is not up
-        # or a round is being set up, not on every poll of a running round.
-        if not available or status.phase in (RoundPhase.PENDING, RoundPhase.SELECTING):
-            await ensure_secrets(ctx, spec)
-        token = admin_token(ctx)
+        token = await ensure_secrets(ctx, spec, available)
+    # The aggregator's state is polled (an ended round's too: a selected client may still deliver
+    # late); an aggregator not yet available is not (its Deployment's change wakes this round),
+    # unless the operator reaches it by another way (the override).
+    polled = ended or available or bool(os.environ.get(URL_OVERRIDE_ENV))
     insecure = spec.aggregator.insecure_http
     status.aggregator = service_url(ctx.name, ctx.namespace, insecure)
     metrics.FEDERATED_ROUND_RECEIVED.labels(ctx.namespace, ctx.name).set(status.received_updates)
@@ -824,6 +840,7 @@ async def reconcile(ctx: Context) -> None:
         server_name = f"{aggregator_name(ctx.name)}.{ctx.namespace}.svc"
         async with AggregatorClient(url, token, verify=verify, server_name=server_name) as agg:
             await follow(ctx, agg, str(ctx.body.metadata.uid or ""))
+        ctx.memo.pop(UNREACHABLE_MEMO, None)
     except AggregatorRefused as error:
         # 401 most likely: the aggregator runs with another admin token than the round's Secret.
         if not ended:
@@ -831,7 +848,9 @@ async def reconcile(ctx: Context) -> None:
                 False, "AggregatorRefused", f"the aggregator at {url} refused the operator: {error}"
             )
     except AggregatorUnavailable as error:
+        ctx.memo[UNREACHABLE_MEMO] = ctx.memo.get(UNREACHABLE_MEMO, 0) + 1
         if ended:
+            ctx.requeue(poll_seconds(ctx.memo[UNREACHABLE_MEMO]))
             return
         if status.phase == RoundPhase.PENDING and not available:
             ctx.set_ready(
@@ -844,6 +863,22 @@ async def reconcile(ctx: Context) -> None:
     metrics.FEDERATED_ROUND_OPEN.labels(ctx.namespace, ctx.name).set(1 if is_open else 0)
     if status.deadline_time is not None:
         metrics.FEDERATED_ROUND_DEADLINE.labels(ctx.namespace, ctx.name).set(status.deadline_time.timestamp())
+    if polled:
+        ctx.requeue(poll_seconds(ctx.memo.get(UNREACHABLE_MEMO, 0)))
 
 
-controller(FEDERATED_ROUND, reconcile, interval=POLL_INTERVAL_S)
+#: Per-object memo: polls in a row that could not reach the aggregator.
+UNREACHABLE_MEMO = "aggregator_unreachable"
+#: An aggregator that does not answer is polled less and less often, down to this.
+UNREACHABLE_POLL_MAX_S = 60.0
+
+
+def poll_seconds(unreachable: int) -> float:
+    """POLL_INTERVAL_S, doubling with each poll in a row that could not reach the aggregator (up to
+    UNREACHABLE_POLL_MAX_S): many rounds whose aggregators are down do not keep the operator busy."""
+    return float(
+        min(POLL_INTERVAL_S * 2 ** min(unreachable, 10), max(POLL_INTERVAL_S, UNREACHABLE_POLL_MAX_S))
+    )
+
+
+controller(FEDERATED_ROUND, reconcile)

@@ -17,7 +17,14 @@ from datetime import datetime
 import numpy as np
 
 from ampacity.api.meta import format_duration
-from ampacity.api.servingpool import AutoscalingStatus, ServingPlan, ServingPoolSpec
+from ampacity.api.servingpool import (
+    ActivationStatus,
+    AutoscalingStatus,
+    PoolTier,
+    ServingPlan,
+    ServingPoolSpec,
+    SleepStatus,
+)
 from ampacity.serving.lengths import load_profile
 from ampacity.serving.planner import PoolPlan
 from ampacity.serving.replan import (
@@ -162,3 +169,36 @@ def next_size(
         state=json.dumps(asdict(decision.state)),
         **common,
     )
+
+
+def woken(
+    plan: ServingPlan, size: AutoscalingStatus, activation: ActivationStatus | None
+) -> AutoscalingStatus:
+    """The size once the activator's wake request is heard: a request is held, so the pool counts
+    as active from when it asked, and a pool at zero goes back to its planned size, prefill and
+    decode together (a disaggregated pool serves only with both). A request already acted on (no
+    later than the last request seen) changes nothing."""
+    at = activation.wake_requested_at if activation is not None else None
+    if at is None or (size.last_request_time is not None and at <= size.last_request_time):
+        return size
+    update: dict[str, object] = {"last_request_time": at}
+    if size.prefill_replicas == 0 and size.decode_replicas == 0:
+        assert activation is not None
+        update |= {
+            "prefill_replicas": plan.prefill_replicas,
+            "decode_replicas": plan.decode_replicas,
+            "reason": f"woken by the activator ({activation.held_requests} requests held)",
+        }
+    return size.model_copy(update=update)
+
+
+def pool_tier(desired: int, ready: int, sleep: SleepStatus | None = None) -> PoolTier:
+    """stopped: no engine planned; waking: engines planned, none ready yet; asleep: every ready
+    engine asleep; awake: serving."""
+    if desired == 0:
+        return PoolTier.STOPPED
+    if ready == 0:
+        return PoolTier.WAKING
+    if sleep is not None and sleep.asleep and not sleep.awake:
+        return PoolTier.ASLEEP
+    return PoolTier.AWAKE

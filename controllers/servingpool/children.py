@@ -12,6 +12,15 @@ Pure builders (no Kubernetes I/O): the reconciler applies what they return. Each
   a decode selector. It drops a pod once it is not Ready or has a deletion timestamp.
 - Scale-down drains: an engine's preStop waits (within terminationGracePeriodSeconds) until the pod
   has left the router's rotation and its running and waiting requests are done.
+- A pool that can be at zero or asleep (`spec.activated`) gets the activator (`ampacity activator`)
+  as its front door: the pool's Service selects the activator pods, which hold requests while no
+  engine serves and send them on to the router pods. Always in the path rather than swapped in at
+  zero: the endpoint never changes, no request races a Service switch, and the cost is one
+  proxy hop (docs/results/serving.md). Its RBAC: read the namespace's pods (to find the engines
+  and routers, as the router does) and patch this one pool's status subresource (its own field,
+  status.activation), nothing else; it cannot scale or change anything.
+- Engines of a sleep group (`spec.sleep`) run with `--enable-sleep-mode` and VLLM_SERVER_DEV_MODE=1
+  (vLLM serves /sleep and /wake_up only then) and request the host memory their sleeping weights take.
 """
 
 from __future__ import annotations
@@ -23,11 +32,18 @@ from typing import Any
 
 from ampacity.api.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TYPE_LABEL
 from ampacity.api.gpu_products import gpu_product
-from ampacity.api.servingpool import PLANNED_ENGINE_FLAGS, ServingPoolSpec
+from ampacity.api.meta import GROUP, LABEL_PREFIX, format_duration
+from ampacity.api.servingpool import PLANNED_ENGINE_FLAGS, Activator, ServingPoolSpec
 from controllers.reconciler import Context
 
 ENGINE_ROLES = ("engine", "prefill", "decode")
 ROUTER = "router"
+ACTIVATOR = "activator"
+ACTIVATOR_PORT = 8081
+SLEEP_MODE_FLAG = "--enable-sleep-mode"
+SLEEP_GROUP_LABEL = f"{LABEL_PREFIX}/sleep-group"
+ENGINE_PORT_LABEL = f"{LABEL_PREFIX}/engine-port"
+DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"
 KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
 NIXL_SIDE_CHANNEL_PORT = 5600
 ROUTER_METRICS_PORT = 29000
@@ -132,6 +148,8 @@ def engine_args(spec: ServingPoolSpec, role: str, tp: int, chunk: int = 0) -> li
     if chunk > 0:
         # The plan's chunked prefill: prompts enter each pass at most `chunk` tokens at a time.
         args += ["--enable-chunked-prefill", "--max-num-batched-tokens", str(chunk)]
+    if spec.sleep is not None and SLEEP_MODE_FLAG not in spec.engine.args:
+        args.append(SLEEP_MODE_FLAG)
     return args + list(spec.engine.args)
 
 
@@ -140,10 +158,13 @@ def shm_size(tp: int) -> str:
     return f"{max(1, tp) * 2}Gi"
 
 
-def _merge_resources(extra: dict[str, Any], tp: int) -> dict[str, Any]:
+def _merge_resources(extra: dict[str, Any], tp: int, host_memory: int | str | None = None) -> dict[str, Any]:
     resources: dict[str, Any] = {k: dict(v) for k, v in extra.items() if isinstance(v, dict)}
     for kind in ("limits", "requests"):
         resources.setdefault(kind, {})[GPU_RESOURCE] = str(tp)
+    if host_memory is not None:
+        # The weights of a level-1 sleeper live in host memory: the scheduler must count them.
+        resources["requests"].setdefault("memory", str(host_memory))
     return resources
 
 
@@ -194,6 +215,8 @@ def engine_deployment(
             {"name": "VLLM_NIXL_SIDE_CHANNEL_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             {"name": "VLLM_NIXL_SIDE_CHANNEL_PORT", "value": str(NIXL_SIDE_CHANNEL_PORT)},
         ]
+    if spec.sleep is not None:
+        env.append({"name": DEV_MODE_ENV, "value": "1"})
     env += engine.env
     env_from = list(engine.env_from)
     if engine.model_credentials_secret:
@@ -209,7 +232,9 @@ def engine_deployment(
         "args": engine_args(spec, role, tp, chunk),
         "env": env,
         "ports": ports,
-        "resources": _merge_resources(engine.resources, tp),
+        "resources": _merge_resources(
+            engine.resources, tp, spec.sleep.host_memory if spec.sleep and spec.sleep.level == 1 else None
+        ),
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, *source.mounts, *engine.volume_mounts],
         "startupProbe": {
             "httpGet": {"path": "/health", "port": "http"},
@@ -244,6 +269,10 @@ def engine_deployment(
         pod["serviceAccountName"] = engine.service_account_name
     if engine.image_pull_secrets:
         pod["imagePullSecrets"] = engine.image_pull_secrets
+    pod_labels = dict(labels)
+    if spec.sleep is not None:
+        # How the group's reconcilers find every engine that shares GPUs with theirs, and its port.
+        pod_labels |= {SLEEP_GROUP_LABEL: spec.sleep.group, ENGINE_PORT_LABEL: str(engine.port)}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -253,7 +282,7 @@ def engine_deployment(
             "selector": {"matchLabels": labels},
             # Engines hold GPUs: replace one at a time without a surge pod that would need spare GPUs.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
-            "template": {"metadata": {"labels": labels}, "spec": pod},
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod},
         },
     }
 
@@ -345,16 +374,116 @@ def router_deployment(ctx: Context, spec: ServingPoolSpec, image: str, disaggreg
 
 
 def pool_service(ctx: Context, spec: ServingPoolSpec) -> dict[str, Any]:
-    """The pool's one endpoint: the router, under the pool's name."""
+    """The pool's one endpoint, under the pool's name: the activator when the pool can be at zero
+    or asleep, else the router."""
+    front = ACTIVATOR if spec.activated else ROUTER
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": ctx.child_metadata(ctx.name, ROUTER),
+        "metadata": ctx.child_metadata(ctx.name, front),
         "spec": {
-            "selector": ctx.child_labels(ROUTER),
+            "selector": ctx.child_labels(front),
             "ports": [{"name": "http", "port": spec.router.port, "targetPort": "http"}],
         },
     }
+
+
+def activator_name(ctx: Context) -> str:
+    return f"{ctx.name}-activator"
+
+
+def activator_args(ctx: Context, spec: ServingPoolSpec, phases: list[str]) -> list[str]:
+    """`ampacity activator` arguments: the pool, where its engines and routers listen, the limits."""
+    limits = spec.activator or Activator()
+    return [
+        "--pool",
+        ctx.name,
+        "--namespace",
+        ctx.namespace,
+        "--phases",
+        ",".join(phases),
+        "--engine-port",
+        str(spec.engine.port),
+        "--router-port",
+        str(spec.router.port),
+        "--listen",
+        f"0.0.0.0:{ACTIVATOR_PORT}",
+        "--max-queue",
+        str(limits.max_queue),
+        "--max-wait",
+        format_duration(limits.max_wait),
+    ]
+
+
+def activator_deployment(
+    ctx: Context, spec: ServingPoolSpec, image: str, phases: list[str]
+) -> dict[str, Any]:
+    labels = ctx.child_labels(ACTIVATOR)
+    limits = spec.activator or Activator()
+    container = {
+        "name": "activator",
+        "image": limits.image or image,
+        "command": ["ampacity", "activator"],
+        "args": activator_args(ctx, spec, phases),
+        "ports": [{"name": "http", "containerPort": ACTIVATOR_PORT}],
+        "readinessProbe": {"httpGet": {"path": "/activator/healthz", "port": "http"}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/activator/healthz", "port": "http"}, "periodSeconds": 15},
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": ctx.child_metadata(activator_name(ctx), ACTIVATOR),
+        "spec": {
+            "replicas": limits.replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "serviceAccountName": activator_name(ctx),
+                    "containers": [container],
+                    # Held requests and streams in flight end before the old activator goes.
+                    "terminationGracePeriodSeconds": int(limits.max_wait) + 30,
+                },
+            },
+        },
+    }
+
+
+def activator_rbac(ctx: Context) -> list[dict[str, Any]]:
+    """The activator reads the namespace's pods and patches its own pool's status, nothing more."""
+    name = activator_name(ctx)
+    meta = ctx.child_metadata(name, ACTIVATOR)
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": meta,
+            "rules": [
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                {
+                    "apiGroups": [GROUP],
+                    "resources": ["servingpools/status"],
+                    "resourceNames": [ctx.name],
+                    "verbs": ["patch"],
+                },
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ctx.namespace}],
+        },
+    ]
 
 
 def endpoint(ctx: Context, spec: ServingPoolSpec) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from datetime import UTC, datetime
@@ -24,9 +25,12 @@ from controllers.servingpool.autoscale import (
     LAST_PHASE,
     EngineScrape,
     Scrape,
+    busy,
     next_size,
     phase_increase,
     planned_size,
+    pool_tier,
+    woken,
 )
 from controllers.servingpool.plan import (
     LATENCY_PROFILE_INVALID,
@@ -37,18 +41,24 @@ from controllers.servingpool.plan import (
     record_plan,
     record_planning_error,
 )
+from controllers.servingpool.sleep import reconcile_sleep
 
 CAPACITY_LIMITED = "CapacityLimited"
+ACTIVATION = "activation"
 METRICS_AVAILABLE = "MetricsAvailable"
 METRICS_MEMO = "serving_metrics"
+#: Where the operator-wide planning lock sits in kopf's memo (`controllers.settings`).
+PLANNING_LOCK_MEMO = "planning_lock"
 SCRAPE_TIMEOUT_SECONDS = 3.0
+#: An autoscaled pool scrapes its engines this often; other pools run when a child changes.
+AUTOSCALE_SECONDS = 10.0
 #: The router runs from the operator's own image, which carries the vllm-router binary.
 ROUTER_IMAGE = os.environ.get("AMPACITY_IMAGE", "ghcr.io/ampacity/ampacity:0.1.0")
 
 
-def _has_gpu(node: dict[str, Any], gpu_type: str) -> bool:
+def _has_gpu(node: dict[str, Any], names: tuple[list[str], list[str]]) -> bool:
     labels = node["metadata"].get("labels", {})
-    short, products = children.gpu_names(gpu_type)
+    short, products = names
     return labels.get(GPU_TYPE_LABEL) in short or labels.get(GPU_PRODUCT_LABEL) in products
 
 
@@ -61,6 +71,10 @@ def warm_node_preferences(
     current GPU use: a preference that moved with load would rewrite the pod template, and so
     restart the engines, on every change. Where no node holds the weights there is nothing to prefer.
     """
+    model = resolve_model(spec)
+    if model is None:
+        return []  # no weight size to estimate load times from
+    names = children.gpu_names(spec.gpu_type)  # once, not per node (500 nodes per pass)
     caches = [
         node_from_labels(
             n["metadata"]["name"],
@@ -68,11 +82,8 @@ def warm_node_preferences(
             int(n.get("status", {}).get("allocatable", {}).get(GPU_RESOURCE, 0)),
         )
         for n in nodes
-        if _has_gpu(n, spec.gpu_type)
+        if _has_gpu(n, names)
     ]
-    model = resolve_model(spec)
-    if model is None:
-        return []  # no weight size to estimate load times from
     estimates = rank(caches, spec.model.name, model.weight_bytes, tp)
     if len({e.tier for e in estimates}) < 2:
         return []
@@ -219,7 +230,13 @@ async def _plan(ctx: Context) -> SizedPlan:
             planned.reason if planned else "Planned",
             planned.message if planned else "",
         )
-    sized = await asyncio.to_thread(plan_pool, ctx.spec, await _latency_profile(ctx))
+    profile = await _latency_profile(ctx)
+    # One plan at a time, operator-wide: planning holds the GIL, so plans in parallel threads only
+    # starve every other reconcile, and identical pools created together would each plan from
+    # scratch (the planner's memo answers the second at once only after the first has finished).
+    lock = ctx.memo.get(PLANNING_LOCK_MEMO)
+    async with lock if isinstance(lock, asyncio.Lock) else contextlib.nullcontext():
+        sized = await asyncio.to_thread(plan_pool, ctx.spec, profile)
     plan = sized.plan
     if not sized.planned:
         ctx.event(sized.reason, sized.message, warning=True)
@@ -246,6 +263,8 @@ async def _latency_profile(ctx: Context) -> str | None:
 
 async def reconcile(ctx: Context) -> None:
     spec: ServingPoolSpec = ctx.spec
+    # status.activation is the activator's: it is read here, never written.
+    ctx.status_fields_not_owned = {ACTIVATION}
     try:
         sized = await _plan(ctx)
     except PlanningError as error:
@@ -271,7 +290,14 @@ async def reconcile(ctx: Context) -> None:
         ctx.generation,
     )
 
-    size = await _autoscale(ctx, plan) if spec.autoscaling else planned_size(plan)
+    if spec.autoscaling:
+        ctx.requeue(AUTOSCALE_SECONDS)  # the engines' metrics are scraped, not watched
+        scaled = await _autoscale(ctx, plan)
+        size = woken(plan, scaled, ctx.status.activation)
+        if size.prefill_replicas and not scaled.prefill_replicas:
+            ctx.event("Woken", size.reason)
+    else:
+        size = planned_size(plan)
     ctx.status.autoscaling = size if spec.autoscaling else None
     wanted = roles(plan, size)
     nodes = await ctx.cache.nodes()
@@ -291,6 +317,10 @@ async def reconcile(ctx: Context) -> None:
     for rbac in children.router_rbac(ctx):
         await _ensure(ctx, rbac)
     front = [router, children.pool_service(ctx, spec)]
+    if spec.activated:
+        for rbac in children.activator_rbac(ctx):
+            await _ensure(ctx, rbac)
+        front.append(children.activator_deployment(ctx, spec, ROUTER_IMAGE, list(wanted)))
     applied = [await ctx.apply(obj) for obj in deployments + front]
     # Engine Deployments and Services come and go with the mode; the router's RBAC stays.
     desired_names = {(o["kind"], o["metadata"]["name"]) for o in deployments + front}
@@ -306,6 +336,11 @@ async def reconcile(ctx: Context) -> None:
         if d["kind"] == "Deployment" and d["metadata"]["name"] in engines
     )
     ctx.status.replicas, ctx.status.ready_replicas = desired, ready
+    ctx.status.sleep = None
+    if spec.sleep is not None:
+        own_busy = busy(ctx.memo.get(METRICS_MEMO) or {})
+        ctx.status.sleep = await reconcile_sleep(ctx, own_busy, datetime.now(UTC))
+    ctx.status.tier = pool_tier(desired, ready, ctx.status.sleep) if spec.activated else None
     metrics.SERVING_POOL_GPUS.labels(ctx.namespace, ctx.name).set(plan.gpus)
     metrics.SERVING_POOL_READY_REPLICAS.labels(ctx.namespace, ctx.name).set(ready)
     metrics.SERVING_POOL_REPLICAS.labels(ctx.namespace, ctx.name).set(desired)
@@ -320,4 +355,9 @@ async def reconcile(ctx: Context) -> None:
         ctx.set_ready(True, "EnginesReady", f"{ready}/{desired} engine instances ready")
 
 
-controller(SERVING_POOL, reconcile)
+def wake_request(body: Any) -> object:
+    """The activator's wake request (status.activation.wakeRequestedAt): reconcile at once on it."""
+    return ((body.get("status") or {}).get(ACTIVATION) or {}).get("wakeRequestedAt")
+
+
+controller(SERVING_POOL, reconcile, trigger=wake_request)

@@ -18,6 +18,10 @@ carry that number. A pass of the reconciler:
    InsufficientCapacity. The workers resume from the latest complete checkpoint
    (AMPACITY_RESUME_STEP); a checkpoint counts only once the trainer reported its
    manifest committed (`controllers.trainingjob.reports`).
+
+The workers are read from the operator's cache (`ClusterCache.workers`), whose watch wakes the
+job when one changes, as does a node of a worker going away or not ready (`wake_on_node_loss`);
+a pass right after creating workers waits until the cache has seen them, or LISTs them.
 """
 
 from __future__ import annotations
@@ -40,10 +44,12 @@ from ampacity.training.accounting import lost_gpu_seconds
 from ampacity.training.admission import GangRequest, Waiting, decide_admission
 from ampacity.training.rendezvous import RENDEZVOUS_PORT, master_address, rendezvous_env, worker_name
 from controllers import metrics, tokens
-from controllers.reconciler import Context, controller
+from controllers.cache import ClusterCache, Informer
+from controllers.reconciler import WRITTEN_MEMO, Context, controller
 from controllers.trainingjob import reports
 from controllers.trainingjob.admission import Reservation, gang_admission
 from controllers.trainingjob.history import cluster_history
+from controllers.wakeups import Wakeups
 
 GANG_LABEL = f"{LABEL_PREFIX}/gang"
 RANK_LABEL = f"{LABEL_PREFIX}/rank"
@@ -278,6 +284,32 @@ async def admit(ctx: Context, spec: TrainingJobSpec, ranks: list[int]) -> dict[i
         return {rank: reserved[name][0] for rank, name in names.items() if name in reserved}
 
 
+#: Per-object memo: the resourceVersion of the last worker this job created.
+WORKERS_WRITTEN_MEMO = "workers_written"
+#: How long a pass waits for the cache to show the workers the last one created before a LIST.
+CACHE_WAIT_SECONDS = 2.0
+
+
+async def workers(ctx: Context) -> list[Object]:
+    """The job's worker pods from the cache, read-your-writes: once the cache has seen the workers
+    the job last created (it usually has: their events woke this pass), else from a LIST."""
+    written = ctx.memo.get(WORKERS_WRITTEN_MEMO)
+    if written and not await ctx.cache.worker_informer.wait_for_version(written, CACHE_WAIT_SECONDS):
+        return await ctx.kube.list_objects("Pod", ctx.namespace, ctx.selector())
+    return await ctx.cache.workers(ctx.namespace, ctx.selector())
+
+
+def bind_due(pods: Iterable[Mapping[str, Any]], now: datetime) -> float | None:
+    """Seconds until the first unbound worker has waited BIND_TIMEOUT_SECONDS (None: all bound)."""
+    due = []
+    for pod in pods:
+        created = pod["metadata"].get("creationTimestamp")
+        if created and not pod.get("spec", {}).get("nodeName") and not _terminating(pod):
+            waited = (now - datetime.fromisoformat(created.replace("Z", "+00:00"))).total_seconds()
+            due.append(max(0.0, BIND_TIMEOUT_SECONDS - waited))
+    return min(due) if due else None
+
+
 def unbound_too_long(pods: Iterable[Mapping[str, Any]], now: datetime) -> list[str]:
     """Workers still not bound to a node BIND_TIMEOUT_SECONDS after they were created."""
     late = []
@@ -335,6 +367,17 @@ def interval_stale(spec: TrainingJobSpec, status: TrainingJobStatus) -> bool:
     return was_fixed
 
 
+#: Per-object memo: this pass decided the interval again (a failure, a policy change).
+REDECIDED_MEMO = "interval_redecided"
+
+
+def redecide_interval(ctx: Context, spec: TrainingJobSpec, now: datetime) -> None:
+    """Decide the interval in this pass's status (the new gang's environment carries it) and
+    have the report endpoint, its writer, decide it again once this pass's status is written."""
+    reports.set_interval(spec, ctx.status, now)
+    ctx.memo[REDECIDED_MEMO] = True
+
+
 def node_ready(node: Mapping[str, Any]) -> bool:
     """A node is lost when its Ready condition is False or Unknown (no heartbeat); no condition: ready."""
     for cond in node.get("status", {}).get("conditions", []):
@@ -380,6 +423,17 @@ async def reconcile(ctx: Context) -> None:
     await _reconcile(ctx, datetime.now(UTC))
     decided = status.model_dump(include=set(reports.REPORT_FIELDS))
     ctx.status_fields_not_owned = {f for f in reports.REPORT_FIELDS if decided[f] == reported[f]}
+    endpoint = ctx.memo.get(REPORTS_MEMO)
+    if isinstance(endpoint, reports.ReportEndpoint):
+        # The interval has one writer, the endpoint: this pass's decision only set the new gang's
+        # environment; the endpoint decides again from the status this pass writes.
+        if ctx.memo.pop(REDECIDED_MEMO, False):
+
+            async def redecide() -> None:
+                await endpoint.redecide_interval(ctx.namespace, ctx.name, ctx.memo.get(WRITTEN_MEMO))
+
+            ctx.after_status.append(redecide)
+        ctx.status_fields_not_owned |= reports.INTERVAL_FIELDS
     metrics.TRAINING_JOB_GPU_SECONDS_LOST.labels(ctx.namespace, ctx.name).set(status.gpu_seconds_lost)
     if status.latest_checkpoint is not None:
         metrics.TRAINING_JOB_LAST_CHECKPOINT.labels(ctx.namespace, ctx.name).set(
@@ -402,7 +456,7 @@ async def _reconcile(ctx: Context, now: datetime) -> None:
     # rewritten every pass while the other gangs run.
     status.cluster_failures, status.cluster_exposure_node_hours = others_failed, float(f"{others_ran:.2g}")
     if interval_stale(spec, status):
-        reports.set_interval(spec, status, now)
+        redecide_interval(ctx, spec, now)
     if status.phase in (TrainingPhase.SUCCEEDED, TrainingPhase.FAILED):
         gang_admission(ctx.memo).forget(f"{ctx.namespace}/{ctx.name}")
         return
@@ -410,7 +464,7 @@ async def _reconcile(ctx: Context, now: datetime) -> None:
     await ctx.apply(rendezvous_service(ctx))
     status.report_token_hash = await issue_token(ctx)
 
-    pods = await ctx.kube.list_objects("Pod", ctx.namespace, ctx.selector())
+    pods = await workers(ctx)
     current = [p for p in pods if p["metadata"]["labels"].get(GANG_LABEL) == str(status.gang)]
     stale = [p for p in pods if p not in current]
     for pod in stale:
@@ -442,6 +496,9 @@ async def _reconcile(ctx: Context, now: datetime) -> None:
         await _restart_gang(ctx, spec, current, f"{world_size - len(live)} worker(s) disappeared", now)
         return
     late = unbound_too_long(live, now) if created else []
+    due = bind_due(live, now) if created else None
+    if due is not None:
+        ctx.requeue(due)
     if late:
         # Admission's reservation did not hold (something else took the GPUs): give the GPUs
         # of the bound workers back and queue again; not a failure of the job.
@@ -458,13 +515,10 @@ async def _reconcile(ctx: Context, now: datetime) -> None:
         return
 
     if not created:
-        if not await _start_gang(ctx, spec, pods, current, world_size, now):
+        started = await _start_gang(ctx, spec, pods, current, world_size, now)
+        if started is None:
             return
-        live = [
-            p
-            for p in await ctx.kube.list_objects("Pod", ctx.namespace, ctx.selector())
-            if p["metadata"]["labels"].get(GANG_LABEL) == str(status.gang) and not _terminating(p)
-        ]
+        live = [*live, *started]
 
     running = [p for p in live if _phase(p) == "Running"]
     metrics.TRAINING_JOB_WORKERS.labels(ctx.namespace, ctx.name).set(len(running))
@@ -487,19 +541,21 @@ async def _start_gang(
     current: list[Object],
     world_size: int,
     now: datetime,
-) -> bool:
-    """Create the gang's missing workers if the whole gang may start now; False when it may not."""
+) -> list[Object] | None:
+    """Create the gang's missing workers if the whole gang may start now (returns them as created);
+    None when it may not."""
     status: TrainingJobStatus = ctx.status
     waiting = TrainingPhase.PENDING if status.gang == 0 else TrainingPhase.RESTARTING
     if len(pods) > len(current):
         status.phase = waiting
         ctx.set_ready(False, "StoppingPreviousGang", f"waiting for {len(pods) - len(current)} old worker(s)")
-        return False
+        return None
     if status.restart_not_before is not None and now < status.restart_not_before:
         status.phase = waiting
         left = (status.restart_not_before - now).total_seconds()
         ctx.set_ready(False, "BackingOff", f"restarting the gang in {left:.0f}s (failurePolicy.backoff)")
-        return False
+        ctx.requeue(left)
+        return None
     existing = {p["metadata"]["name"] for p in current}
     missing = [r for r in range(world_size) if worker_name(ctx.name, r) not in existing]
     placement = await admit(ctx, spec, missing)
@@ -513,16 +569,25 @@ async def _start_gang(
         status.queue_position = placement.position
         place = f"number {placement.position} in line" if placement.position else "not in line"
         ctx.set_ready(False, "InsufficientCapacity", f"gang not started, {place}: {placement.reason}")
-        return False
+        # GPUs are freed by other gangs' workers ending or going away, which wake those jobs, not
+        # this one: look again soon.
+        ctx.requeue(ADMISSION_RETRY_SECONDS)
+        return None
     status.queue_position = None
     if not current:
         # A new gang: its progress starts where it resumes.
         status.current_step = resume_step(spec, status)
-    for rank in missing:
+    started = [
         await ctx.kube.apply(worker_pod(ctx, spec, rank, world_size, status.gang, node=placement[rank]))
+        for rank in missing
+    ]
+    # resourceVersions are decimal numbers (etcd revisions): the longer one is the later.
+    ctx.memo[WORKERS_WRITTEN_MEMO] = max(
+        (p["metadata"].get("resourceVersion", "") for p in started), key=lambda v: (len(v), v)
+    )
     status.replicas = world_size
     status.restart_not_before = None
-    return True
+    return started
 
 
 async def _stop_gang(ctx: Context, pods: list[Object], now: datetime) -> None:
@@ -568,7 +633,7 @@ async def _restart_gang(
     status.restart_not_before = now + timedelta(seconds=spec.failure_policy.backoff)
     status.phase = TrainingPhase.RESTARTING
     # One more observed failure moves the failure rate, hence the auto interval.
-    reports.set_interval(spec, status, now)
+    redecide_interval(ctx, spec, now)
     resume = resume_step(spec, status)
     ctx.set_ready(False, "GangRestarting", f"{why}; restarting all workers from step {resume}")
     ctx.event(
@@ -579,20 +644,51 @@ async def _restart_gang(
     )
 
 
+#: Where the operator keeps the report endpoint in kopf's memo (`controllers.settings`).
+REPORTS_MEMO = "reports"
+
 #: An admitted gang whose workers are not all bound this long after creation gives its GPUs back.
 BIND_TIMEOUT_SECONDS = 120.0
 
-#: A worker failure is noticed within this many seconds (the gang's pods are not watched).
-REFRESH_SECONDS = 5.0
+#: A gang waiting for GPUs asks admission again this often.
+ADMISSION_RETRY_SECONDS = 10.0
 
-controller(TRAINING_JOB, reconcile, interval=REFRESH_SECONDS)
+
+class NodeLossWakeups:
+    """A cache listener on Nodes: a node deleted or no longer Ready wakes the jobs with workers on it
+    (their pods may not change for a while: the pod garbage collector takes its time)."""
+
+    def __init__(self, worker_informer: Informer, wakeups: Wakeups) -> None:
+        self.worker_informer, self.wakeups = worker_informer, wakeups
+        self._ready: dict[str, bool] = {}
+
+    def __call__(self, kind: str, node: Object) -> None:
+        name = str(node["metadata"]["name"])
+        ready = kind != "DELETED" and node_ready(node)
+        was = self._ready.get(name, True)
+        if kind == "DELETED":
+            self._ready.pop(name, None)
+        else:
+            self._ready[name] = ready
+        if ready or not was:
+            return
+        for pod in self.worker_informer.objects.values():
+            if pod.get("spec", {}).get("nodeName") == name:
+                self.wakeups.child_changed("Pod", pod)
+
+
+def wake_on_node_loss(cache: ClusterCache, wakeups: Wakeups) -> None:
+    cache.node_informer.listeners.append(NodeLossWakeups(cache.worker_informer, wakeups))
+
+
+controller(TRAINING_JOB, reconcile)
 
 
 @kopf.on.delete(
     TRAINING_JOB.group, TRAINING_JOB.version, TRAINING_JOB.plural, id="forget-reports", optional=True
 )
 def _forget_reports(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    endpoint = memo.get("reports")
+    endpoint = memo.get(REPORTS_MEMO)
     if isinstance(endpoint, reports.ReportEndpoint):
         endpoint.forget(str(body.metadata.uid), str(body.metadata.namespace), str(body.metadata.name))
     gang_admission(memo).forget(f"{body.metadata.namespace}/{body.metadata.name}")

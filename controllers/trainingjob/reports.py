@@ -18,9 +18,11 @@ never reads Secrets). A report
 and is answered with a `TrainerReportAck` carrying the interval in force.
 
 One writer per status field: the endpoint writes only `REPORT_FIELDS`, as a merge patch of
-just those fields; the reconciler's status patch leaves them out, except on the passes that
-decide them anew (a new gang starts from its resume step; a failure or a policy change moves
-the interval), so a report is never undone by a reconcile that read an older status. Reports
+just those fields; the reconciler's status patch leaves them out, except `currentStep` on the
+pass that starts a new gang (from its resume step, before any worker of it can report). When a
+failure or a policy change moves the interval, the reconciler asks the endpoint to decide it
+again (`redecide_interval`, after its own status patch), so the interval too has one writer and
+a report is never undone by a reconcile that read an older status. Reports
 of one job are handled one at a time (they read, fold and write the job's status); progress
 alone is written at most every PATCH_MIN_SECONDS, and what was held back is written when that
 time is up.
@@ -81,6 +83,9 @@ REPORT_FIELDS = (
     "checkpoint_interval",
     "checkpoint_interval_reason",
 )
+
+#: The interval fields: decided by the endpoint alone (on reports, and when the reconciler asks).
+INTERVAL_FIELDS = {"checkpoint_interval", "checkpoint_interval_reason"}
 
 #: Fields whose change a report writes at once; progress alone waits for PATCH_MIN_SECONDS.
 URGENT_FIELDS = {"latest_checkpoint", "checkpoint_cost", "checkpoint_interval"}
@@ -260,6 +265,38 @@ class ReportEndpoint:
                         log.warning("writing the held-back progress of %s/%s: %s", held[0], held[1], error)
         finally:
             self._flushes.pop(uid, None)
+
+    async def redecide_interval(
+        self, namespace: str, job: str, written: dict[str, Any] | None = None
+    ) -> None:
+        """Decide the job's interval again from its status as it is now (the reconciler asks, once
+        its pass recorded a failure or saw a policy change) and write it if it moved. `written` is
+        the job as the reconciler's status patch returned it: current unless a report was written
+        for the job (then it is read again)."""
+        try:
+            obj = written
+            if obj is None or self._writes.get(f"{namespace}/{job}", 0):
+                obj = await self.kube.get("TrainingJob", namespace, job)
+            if obj is None:
+                return
+            spec = TrainingJobSpec.model_validate(obj.get("spec") or {})
+        except (KubeError, ValidationError) as error:
+            log.warning("deciding the checkpoint interval of %s/%s again: %s", namespace, job, error)
+            return
+        uid = str(obj["metadata"]["uid"])
+        async with self._locks.setdefault(uid, asyncio.Lock()):
+            if self._writes.get(f"{namespace}/{job}", 0):  # a report may have written since our read
+                obj = await self.kube.get("TrainingJob", namespace, job) or obj
+            held = self._held.get(uid)
+            status = _status_of({"status": {**(obj.get("status") or {}), **(held[2] if held else {})}})
+            before = status.model_dump(include=INTERVAL_FIELDS)
+            set_interval(spec, status, datetime.now(UTC))
+            if status.model_dump(include=INTERVAL_FIELDS) != before:
+                fields = status.model_dump(mode="json", by_alias=True, include=set(REPORT_FIELDS))
+                try:
+                    await self._write(uid, namespace, job, fields)
+                except KubeError as error:
+                    log.warning("writing the checkpoint interval of %s/%s: %s", namespace, job, error)
 
     async def handle(self, request: web.Request) -> web.Response:
         namespace, job = request.match_info["namespace"], request.match_info["job"]

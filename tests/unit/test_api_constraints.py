@@ -85,6 +85,7 @@ BASES: dict[str, list[dict[str, Any]]] = {
                 "cooldown": "5m",
                 "scaleToZeroAfter": "10m",
             },
+            "activator": {"maxQueue": 100, "maxWait": "5m", "replicas": 1, "image": "ghcr.io/ampacity/a:1"},
         },
         {
             "model": {"name": "llama2-70b", "uri": "hf://meta-llama/Llama-2-70b-chat-hf"},
@@ -106,6 +107,32 @@ BASES: dict[str, list[dict[str, Any]]] = {
                 "outputTokens": {
                     "percentiles": [{"percentile": 50, "tokens": 100}, {"percentile": 100, "tokens": 800}]
                 },
+            },
+        },
+        {
+            # Scale to zero without a sleep group: the activator's settings stand on scaleToZeroAfter.
+            "model": {"name": "llama2-70b", "uri": "hf://meta-llama/Llama-2-70b-chat-hf"},
+            "engine": {"image": "vllm/vllm-openai:v0.9.2"},
+            "gpuType": "h100",
+            "slo": {"ttft": "1s", "tpot": "100ms"},
+            "maxGpus": 16,
+            "autoscaling": {"scaleToZeroAfter": "10m"},
+            "activator": {"maxQueue": 10},
+        },
+        {
+            # A sleep group (its own base: sleepAfter must stay below scaleToZeroAfter).
+            "model": {"name": "llama2-70b", "uri": "hf://meta-llama/Llama-2-70b-chat-hf"},
+            "engine": {"image": "vllm/vllm-openai:v0.9.2"},
+            "gpuType": "h100",
+            "slo": {"ttft": "1s", "tpot": "100ms"},
+            "maxGpus": 16,
+            "autoscaling": {"scaleToZeroAfter": "10m"},
+            "sleep": {
+                "group": "chat",
+                "sleepersPerGpu": 4,
+                "hostMemory": "160Gi",
+                "level": 1,
+                "sleepAfter": "1m",
             },
         },
     ],
@@ -258,6 +285,21 @@ RULE_CASES: dict[str, tuple[Any, ...]] = {
     ),
     "minGpus must not exceed maxGpus": ("spec.minGpus", 17, 16, 1),
     "autoscaling.scaleToZeroAfter needs minGpus 0": ("spec.minGpus", 1, 0),
+    "activator settings need a pool that can be at zero or asleep: set autoscaling.scaleToZeroAfter "
+    "or sleep": ("spec.autoscaling", {"cooldown": "5m"}, {"scaleToZeroAfter": "10m"}, 3),
+    "sleep level 1 keeps the weights in host memory: set hostMemory (or use level 2)": (
+        "spec.sleep",
+        {"group": "chat", "level": 1},
+        {"group": "chat", "level": 2},
+    ),
+    "sleep.sleepAfter must be shorter than autoscaling.scaleToZeroAfter: an engine sleeps before it is "
+    "stopped": ("spec.sleep.sleepAfter", "10m", "9m", 4),
+    "sleep needs autoscaling: an engine's idle time is read from the live metrics it scrapes": (
+        "spec.autoscaling",
+        None,
+        {"cooldown": "5m"},
+        4,
+    ),
     "workers.minReplicas must not exceed workers.replicas": ("spec.workers.minReplicas", 5, 4),
     "workers.replicas must not exceed workers.maxReplicas": ("spec.workers.replicas", 9, 8),
     "template.spec.volumes may not be named ampacity-report-token or checkpoints: the operator adds "

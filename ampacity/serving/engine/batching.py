@@ -81,6 +81,9 @@ class Batcher:
         #: KV tokens held for other engines to read (a prefill engine's finished prompts).
         self.held = 0
         self._wake = asyncio.Event()
+        #: Set while nothing runs or waits (what a sleep with mode=wait waits for).
+        self.idle = asyncio.Event()
+        self.idle.set()
         self._on_token = on_token
         self._task: asyncio.Task[None] | None = None
 
@@ -107,6 +110,7 @@ class Batcher:
                 "completion). Please reduce the length of the messages or completion."
             )
         self.waiting.append(seq)
+        self.idle.clear()
         self._wake.set()
 
     def abort(self, seq: Sequence) -> None:
@@ -163,6 +167,7 @@ class Batcher:
             self._drop_aborted(time.monotonic())
             new, tokens, squares = self._admit(time.monotonic())
             if not new and not self.running:
+                self.idle.set()
                 self._wake.clear()
                 await self._wake.wait()
                 due = loop.time()

@@ -5,6 +5,7 @@
 
 `--role` is shorthand for `--kv-transfer-config` (prefill: NixlConnector as kv_producer, decode:
 kv_consumer, colocated: none); the side channel reads VLLM_NIXL_SIDE_CHANNEL_HOST/PORT as vLLM does.
+`--enable-sleep-mode` with VLLM_SERVER_DEV_MODE=1 serves vLLM's `/sleep`, `/wake_up`, `/is_sleeping`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import prometheus_client
 
-from ampacity.serving import hardware
+from ampacity.serving import hardware, sleepmode
 from ampacity.serving.engine import kv
 from ampacity.serving.engine.server import ROLES, EngineConfig, serve
 from ampacity.serving.simulator import Limits
@@ -52,6 +53,8 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         side_channel_port=int(os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT", "5600")),
         request_log=args.request_log,
         max_model_len=args.max_model_len,
+        enable_sleep_mode=args.enable_sleep_mode,
+        dev_mode=os.environ.get(sleepmode.DEV_MODE_ENV) == "1",
     )
 
 
@@ -100,6 +103,11 @@ def add_parser(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--enable-chunked-prefill",
         action="store_true",
         help="accepted as vllm serve takes it (no effect here)",
+    )
+    engine.add_argument(
+        "--enable-sleep-mode",
+        action="store_true",
+        help=f"vLLM's sleep mode: /sleep, /wake_up, /is_sleeping (served with {sleepmode.DEV_MODE_ENV}=1)",
     )
     engine.add_argument(
         "--time-scale",

@@ -1,4 +1,5 @@
-"""The engine's HTTP server: vLLM's OpenAI routes, `/health`, `/metrics`, and the NIXL side channel."""
+"""The engine's HTTP server: vLLM's OpenAI routes, `/health`, `/metrics`, the NIXL side channel, and
+vLLM's sleep endpoints (`--enable-sleep-mode`, mounted under `VLLM_SERVER_DEV_MODE=1` as vLLM does)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ampacity.serving import hardware
+from ampacity.serving import hardware, sleepmode
 from ampacity.serving.engine import kv, protocol
 from ampacity.serving.engine.batching import Batcher, Rejected, Sequence, kv_transfer_seconds
 from ampacity.serving.engine.metrics import EngineMetrics
@@ -46,6 +47,9 @@ class EngineConfig:
     request_log: Path | None = None
     max_model_len: int | None = None
     """vLLM's `--max-model-len`: longer requests get its 400 (None: no limit, as no model is loaded)."""
+    enable_sleep_mode: bool = False
+    dev_mode: bool = False
+    """VLLM_SERVER_DEV_MODE=1: the administrative endpoints (sleep, wake) are served."""
 
     @property
     def role(self) -> str:
@@ -75,6 +79,19 @@ class Engine:
             else None
         )
         self.consumes = role in kv.CONSUMER_ROLES
+        self.sleep = (
+            sleepmode.SleepMode(
+                self.latency.spec.weight_bytes,
+                self.batcher.kv_capacity * self.latency.spec.kv_bytes_per_token,
+                self.metrics.registry,
+                config.served_model_name,
+                pause=lambda seconds: asyncio.sleep(seconds * config.time_scale),
+                tensor_parallel=config.tensor_parallel_size,
+                settle=self._settle,
+            )
+            if config.enable_sleep_mode
+            else None
+        )
         self.session: aiohttp.ClientSession | None = None
         self.draining = False
         self._side_channel: web.AppRunner | None = None
@@ -104,6 +121,13 @@ class Engine:
     def _record(self, **fields: Any) -> None:
         if self._log is not None:
             self._log.write(json.dumps({"time": time.time(), "role": self.config.role, **fields}) + "\n")
+
+    async def _settle(self, mode: str) -> None:
+        """Before a sleep: abort the requests in flight (vLLM's default) or let them finish."""
+        if mode == sleepmode.ABORT:
+            for seq in [*self.batcher.running, *self.batcher.waiting]:
+                self.batcher.abort(seq)
+        await self.batcher.idle.wait()
 
     # --- routes --------------------------------------------------------------------------------
 
@@ -143,6 +167,10 @@ class Engine:
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         arrival = time.monotonic()
+        refused = self.sleep.refusal() if self.sleep is not None else None
+        if refused is not None:
+            self._record(path=request.path, status=503, error="sleeping")
+            return refused
         try:
             body = await request.json()
         except json.JSONDecodeError:
@@ -287,6 +315,8 @@ class Engine:
         app.router.add_get("/metrics", self.prometheus)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
+        if self.config.dev_mode:
+            sleepmode.add_routes(app, self.sleep)
         app.on_startup.append(self._startup)
         app.on_shutdown.append(self._shutdown)
         app.on_cleanup.append(self._cleanup)

@@ -142,9 +142,17 @@ class LocalPool:
         self.processes.append(proc)
         return proc
 
-    def engine(self, name: str, serve_args: Sequence[str], gpu: str = "h100") -> LocalProcess:
-        """An engine from `vllm serve` arguments (a Deployment's), on a free local port."""
-        port, side = free_port(), free_port()
+    def engine(
+        self,
+        name: str,
+        serve_args: Sequence[str],
+        gpu: str = "h100",
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> LocalProcess:
+        """An engine from `vllm serve` arguments (a Deployment's), on `port` (default: a free one),
+        with the Deployment's plain `env` values."""
+        port, side = port or free_port(), free_port()
         args = replace_flag(serve_args, "--port", str(port))
         request_log = self.workdir / f"{name}.requests.jsonl"
         argv = [
@@ -152,17 +160,36 @@ class LocalPool:
             "--host", "127.0.0.1", "--gpu", gpu, "--time-scale", str(self.time_scale),
             "--request-log", str(request_log),
         ]  # fmt: skip
-        env = {"VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1", "VLLM_NIXL_SIDE_CHANNEL_PORT": str(side)}
-        proc = self._start(name, argv, env, port, request_log=request_log, side_port=side)
+        local = {"VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1", "VLLM_NIXL_SIDE_CHANNEL_PORT": str(side)}
+        proc = self._start(
+            name, argv, {**(env or {}), **local}, port, request_log=request_log, side_port=side
+        )
         wait_healthy(proc)
         return proc
 
-    def router(self, deployment_args: Sequence[str], **urls: Sequence[str]) -> LocalProcess:
-        port, metrics = free_port(), free_port()
+    def router(
+        self, deployment_args: Sequence[str], port: int | None = None, **urls: Sequence[str]
+    ) -> LocalProcess:
+        port, metrics = port or free_port(), free_port()
         argv = [router_binary(), *static_router_args(deployment_args, port, metrics, **urls)]
         proc = self._start("router", argv, {}, port)
         proc.side_port = metrics
         wait_healthy(proc, path="/v1/models")
+        return proc
+
+    def activator(
+        self,
+        deployment_args: Sequence[str],
+        extra: Sequence[str],
+        env: dict[str, str],
+        port: int | None = None,
+    ) -> LocalProcess:
+        """`ampacity activator` with an activator Deployment's arguments, listening on 127.0.0.1."""
+        port = port or free_port()
+        args = [*replace_flag(deployment_args, "--listen", f"127.0.0.1:{port}"), *extra]
+        argv = [sys.executable, "-m", "ampacity.cli", "activator", *args]
+        proc = self._start("activator", argv, env, port)
+        wait_healthy(proc, path="/activator/healthz")
         return proc
 
     def close(self) -> None:

@@ -161,3 +161,26 @@ async def test_listeners_hear_every_change_after_the_first_list() -> None:
 
 async def _heard(heard: list[tuple[str, str]], count: int) -> bool:
     return len(heard) >= count
+
+
+async def test_the_cache_keeps_no_managed_fields_and_says_when_it_has_seen_a_write() -> None:
+    kube = FakeKube()
+    listed = node("n0")
+    listed["metadata"]["managedFields"] = [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]
+    kube.add(listed)
+    informer = Informer(kube, "Node")
+    informer.start()
+    try:
+        assert "managedFields" not in ((await informer.get(None, "n0")) or {"metadata": {}})["metadata"]
+        watched = node("n1")
+        watched["metadata"]["managedFields"] = [{"manager": "kwok"}]
+        written = kube.add(watched)
+        # Read-your-writes: the watch delivers the write's resourceVersion ...
+        assert await informer.wait_for_version(written["metadata"]["resourceVersion"], 1.0)
+        cached = await informer.get(None, "n1")
+        assert cached is not None and "managedFields" not in cached["metadata"]
+        # ... and a version the cache has not reached (or not a number) is not waited for in vain.
+        assert not await informer.wait_for_version(str(kube.version + 5), 0.05)
+        assert not await informer.wait_for_version("not-a-number", 1.0)
+    finally:
+        await informer.close()

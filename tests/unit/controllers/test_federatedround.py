@@ -426,7 +426,7 @@ async def test_secrets_give_the_aggregator_its_certificate_and_clients_only_enro
     ctx = context(spec())
     kube = FakeKube()
     ctx.kube = kube
-    assert await fr.ensure_secrets(ctx, ctx.spec) == fr.admin_token(ctx)
+    assert await fr.ensure_secrets(ctx, ctx.spec, available=False) == fr.admin_token(ctx)
     created = {o["metadata"]["name"]: o for o in kube.of_kind("Secret")}
     assert sorted(created) == ["r1-aggregator-admin", "r1-aggregator-enrolment", "r1-aggregator-tls"]
     enrolment = decoded(created["r1-aggregator-enrolment"])
@@ -438,11 +438,26 @@ async def test_secrets_give_the_aggregator_its_certificate_and_clients_only_enro
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "r1-aggregator.ns.svc" in names.get_values_for_type(x509.DNSName)
     cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca.cert_pem))
-    # The next reconcile finds them there (409) and neither reads nor replaces them.
-    await fr.ensure_secrets(ctx, ctx.spec)
+    # The next reconcile of this operator sends nothing (not three 409s and a new key per poll).
+    await fr.ensure_secrets(ctx, ctx.spec, available=False)
+    assert kube.count("create", "Secret") == 3
+    # An operator restarted (a fresh memo) finds them there (409) and neither reads nor replaces them.
+    ctx.memo.clear()
+    await fr.ensure_secrets(ctx, ctx.spec, available=True)
     assert decoded(kube.stored("Secret", "ns", "r1-aggregator-tls") or {}) == issued
     assert kube.count("create", "Secret") == 6 and kube.count("get", "Secret") == 0
     assert kube.count("list", "Secret") == 0 and kube.count("apply", "Secret") == 0
+    # While the aggregator is not available, a Secret deleted by hand is written again, not at once
+    # but within SECRETS_RECHECK_SECONDS (the aggregator cannot start without it).
+    await kube.delete("Secret", "ns", "r1-aggregator-admin")
+    await fr.ensure_secrets(ctx, ctx.spec, available=False)
+    assert kube.stored("Secret", "ns", "r1-aggregator-admin") is None
+    uid, at = ctx.memo[fr.SECRETS_MEMO]
+    ctx.memo[fr.SECRETS_MEMO] = (uid, at - fr.SECRETS_RECHECK_SECONDS)
+    await fr.ensure_secrets(ctx, ctx.spec, available=True)
+    assert kube.stored("Secret", "ns", "r1-aggregator-admin") is None  # available: nothing is missing
+    await fr.ensure_secrets(ctx, ctx.spec, available=False)
+    assert kube.stored("Secret", "ns", "r1-aggregator-admin") is not None
 
 
 async def test_without_a_ca_the_round_waits_instead_of_serving_plain_http(
@@ -460,7 +475,7 @@ async def test_without_a_ca_the_round_waits_instead_of_serving_plain_http(
     plain = context(spec(aggregator={"insecureHTTP": True}))
     kube = FakeKube()
     plain.kube = kube
-    await fr.ensure_secrets(plain, plain.spec)
+    await fr.ensure_secrets(plain, plain.spec, available=False)
     assert [o["metadata"]["name"] for o in kube.of_kind("Secret")] == [
         "r1-aggregator-admin",
         "r1-aggregator-enrolment",
@@ -549,3 +564,9 @@ async def test_an_ended_run_removes_its_aggregator_only_when_a_claim_keeps_the_m
     assert on_claim.events[-1][1] == "AggregatorRemoved"
     await fr.reconcile(on_claim)  # level-based: nothing more to do
     assert kube.count("delete") == 2
+
+
+def test_an_unreachable_aggregator_is_polled_less_and_less_often() -> None:
+    assert fr.poll_seconds(0) == fr.POLL_INTERVAL_S
+    assert fr.poll_seconds(1) == 2 * fr.POLL_INTERVAL_S
+    assert fr.poll_seconds(50) == fr.UNREACHABLE_POLL_MAX_S

@@ -105,7 +105,12 @@ async def test_a_round_gets_its_aggregator_opens_and_settles(aggregator: str) ->
         assert quiet.error is None and quiet.patch is None and quiet.events == []
         assert kube.count("apply") == applies  # the aggregator's Deployment and Service are as applied
 
-        # An API failure is a condition in words, and the next pass recovers.
+        assert kube.count("create", "Secret") == 2  # made sure of once, not on every poll
+        assert quiet.requeue_after == fr.POLL_INTERVAL_S  # the aggregator is polled, not watched
+
+        # An API failure is a condition in words, and the next pass recovers. (A restarted
+        # operator, with a fresh memo, makes sure of the Secrets again.)
+        op.object_memos.clear()
         refused = "POST secrets in ns: secrets is forbidden"
         kube.fail("create", Forbidden(403, refused), kind="Secret")
         failed = await op.reconcile(FEDERATED_ROUND, fr.reconcile, "ns", "r1")

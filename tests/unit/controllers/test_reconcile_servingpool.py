@@ -4,9 +4,12 @@ failures in words, and Nodes read from the shared cache."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from ampacity.api import SERVING_POOL
@@ -88,3 +91,120 @@ async def test_a_pool_is_planned_run_and_settles() -> None:
         ready = op.condition("ServingPool", "ns", name)
         assert ready["reason"] == "ChildRejected" and "spec.replicas: Invalid value" in ready["message"]
         assert ready["message"].endswith("retrying in 15 s")
+
+
+async def test_pools_created_together_are_planned_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Identical pools created at once: plans in parallel threads would only fight over the GIL and
+    each plan from scratch; with the operator's planning lock they run one after another."""
+    from controllers.servingpool import controller
+
+    running, most = 0, 0
+    plan = controller.plan_pool
+
+    def counting(*args: Any) -> Any:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            time.sleep(0.05)
+            return plan(*args)
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(controller, "plan_pool", counting)
+    kube = FakeKube()
+    kube.add(h100_node("h100-0"))
+    names = []
+    for i in range(3):
+        pool = yaml.safe_load(EXAMPLE.read_text())
+        pool["metadata"] |= {"namespace": "ns", "name": f"pool-{i}"}
+        kube.add(pool)
+        names.append(pool["metadata"]["name"])
+    async with Operator(kube) as op:
+        op.memo[controller.PLANNING_LOCK_MEMO] = asyncio.Lock()
+        passes = await asyncio.gather(*(op.reconcile(SERVING_POOL, reconcile, "ns", n) for n in names))
+        assert all(p.error is None for p in passes)
+        assert most == 1
+
+
+async def test_the_activators_wake_request_scales_a_pool_at_zero_back_to_its_planned_size() -> None:
+    kube = FakeKube()
+    kube.add(h100_node("h100-0"))
+    pool = yaml.safe_load(EXAMPLE.read_text())
+    pool["metadata"]["namespace"] = "ns"
+    pool["spec"] |= {
+        "mode": "disaggregated",
+        "minGpus": 0,
+        "autoscaling": {"scaleToZeroAfter": "5m"},
+        "activator": {"maxQueue": 7, "maxWait": "2m"},
+    }
+    kube.add(pool)
+    name = pool["metadata"]["name"]
+    async with Operator(kube) as op:
+        await op.reconcile(SERVING_POOL, reconcile, "ns", name)
+        planned = kube.stored("ServingPool", "ns", name)["status"]["plan"]  # type: ignore[index]
+        # The front door is the activator, with its limits, in front of the router pods.
+        service = kube.stored("Service", "ns", name)
+        assert (
+            service is not None and service["spec"]["selector"]["app.kubernetes.io/component"] == "activator"
+        )
+        activator = kube.stored("Deployment", "ns", f"{name}-activator")
+        assert activator is not None
+        args = activator["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[args.index("--phases") + 1] == "prefill,decode"
+        assert args[args.index("--max-queue") + 1] == "7" and args[args.index("--max-wait") + 1] == "2m"
+        role = kube.stored("Role", "ns", f"{name}-activator")
+        assert role is not None and role["rules"][1] == {
+            "apiGroups": ["ampacity.dev"],
+            "resources": ["servingpools/status"],
+            "resourceNames": [name],
+            "verbs": ["patch"],
+        }
+
+        # Idle past scaleToZeroAfter: at zero.
+        idle = {"prefillReplicas": 0, "decodeReplicas": 0, "lastRequestTime": "2026-01-01T00:00:00Z"}
+        await kube.patch_status("ServingPool", "ns", name, {"autoscaling": idle})
+        await op.reconcile(SERVING_POOL, reconcile, "ns", name)
+        assert kube.stored("Deployment", "ns", f"{name}-prefill")["spec"]["replicas"] == 0  # type: ignore[index]
+        assert kube.stored("ServingPool", "ns", name)["status"]["tier"] == "stopped"  # type: ignore[index]
+
+        # The activator holds a request and asks (its own status field): both phases come back.
+        activation = {"wakeRequestedAt": "2026-01-01T01:00:00Z", "heldRequests": 3, "wakes": 1}
+        await kube.patch_status("ServingPool", "ns", name, {"activation": activation})
+        woke = await op.reconcile(SERVING_POOL, reconcile, "ns", name)
+        assert any(reason == "Woken" for _, reason, _ in woke.events)
+        assert woke.patch is not None and "activation" not in woke.patch  # never written by the operator
+        prefill = kube.stored("Deployment", "ns", f"{name}-prefill")
+        decode = kube.stored("Deployment", "ns", f"{name}-decode")
+        assert prefill is not None and decode is not None
+        assert prefill["spec"]["replicas"] == planned["prefillReplicas"] > 0
+        assert decode["spec"]["replicas"] == planned["decodeReplicas"] > 0
+        status = kube.stored("ServingPool", "ns", name)["status"]  # type: ignore[index]
+        assert status["autoscaling"]["reason"] == "woken by the activator (3 requests held)"
+        assert status["activation"] == activation and status["tier"] == "waking"
+        # The same request seen again changes nothing.
+        again = await op.reconcile(SERVING_POOL, reconcile, "ns", name)
+        assert not any(reason == "Woken" for _, reason, _ in again.events)
+
+
+async def test_engines_of_a_sleep_group_run_with_sleep_mode_and_ask_for_host_memory() -> None:
+    kube = FakeKube()
+    kube.add(h100_node("h100-0"))
+    pool = yaml.safe_load(EXAMPLE.read_text())
+    pool["metadata"]["namespace"] = "ns"
+    pool["spec"] |= {
+        "mode": "colocated",
+        "autoscaling": {"cooldown": "5m"},
+        "sleep": {"group": "chat", "hostMemory": "140Gi"},
+    }
+    pool["spec"]["engine"]["resources"] = {}
+    kube.add(pool)
+    name = pool["metadata"]["name"]
+    async with Operator(kube) as op:
+        await op.reconcile(SERVING_POOL, reconcile, "ns", name)
+    engine = kube.stored("Deployment", "ns", f"{name}-engine")
+    assert engine is not None
+    (container,) = engine["spec"]["template"]["spec"]["containers"]
+    assert "--enable-sleep-mode" in container["args"]
+    assert {"name": "VLLM_SERVER_DEV_MODE", "value": "1"} in container["env"]
+    assert container["resources"]["requests"]["memory"] == "140Gi"

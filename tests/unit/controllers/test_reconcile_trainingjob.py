@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +151,138 @@ async def test_api_failures_and_bugs_are_conditions_in_words(kube: FakeKube) -> 
         # Recovered: the next pass goes on where it stopped.
         await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
         assert op.condition("TrainingJob", "ns", "gpt-pretrain")["reason"] == "GangStarting"
+
+
+async def test_workers_come_from_the_cache_and_their_changes_wake_the_job(kube: FakeKube) -> None:
+    kube.add(job())
+    async with Operator(kube) as op:
+        lists = kube.count("list", "Pod")  # the cache's first lists
+        await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        await op.settle()
+        # The workers' creation woke the job (its own writes: one more pass, which settles).
+        assert ("trainingjob", "ns", "gpt-pretrain") in op.wakeups.woken
+        await schedule(kube, {f"gpt-pretrain-worker-{r}": f"gpu-{r // 2}" for r in range(4)})
+        for _ in range(3):
+            quiet = await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        assert quiet.patch is None and quiet.requeue_after is None  # nothing to poll: the resync
+        assert kube.count("list", "Pod") == lists  # every pass read the workers from the cache
+
+        # A worker failing wakes the job, and the pass sees it without a LIST.
+        op.wakeups.woken.clear()
+        await kube.patch_status(
+            "Pod", "ns", "gpt-pretrain-worker-1", {"phase": "Failed", "reason": "OOMKilled"}
+        )
+        await op.settle()
+        assert op.wakeups.woken == [("trainingjob", "ns", "gpt-pretrain")]
+        restarted = await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        assert op.condition("TrainingJob", "ns", "gpt-pretrain")["message"].startswith(
+            "worker gpt-pretrain-worker-1 failed (OOMKilled)"
+        )
+        assert kube.count("list", "Pod") == lists
+        # The next gang waits out the backoff: the pass asks to run again when it ends.
+        backing_off = await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        assert restarted.error is None and backing_off.requeue_after is not None
+        assert 0 < backing_off.requeue_after <= 30  # the example's failurePolicy.backoff
+
+
+async def test_a_lost_node_wakes_the_jobs_with_workers_on_it(kube: FakeKube) -> None:
+    from controllers.trainingjob.controller import wake_on_node_loss
+
+    kube.add(job())
+    async with Operator(kube) as op:
+        wake_on_node_loss(op.cache, op.wakeups)
+        await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        await schedule(kube, {f"gpt-pretrain-worker-{r}": f"gpu-{r // 2}" for r in range(4)})
+        await op.settle()
+        op.wakeups.woken.clear()
+        await kube.patch_status("Node", None, "gpu-0", {"allocatable": {"nvidia.com/gpu": "2"}})
+        await op.settle()
+        assert op.wakeups.woken == []  # a heartbeat of a ready node wakes nobody
+        await kube.patch_status(
+            "Node", None, "gpu-0", {"conditions": [{"type": "Ready", "status": "Unknown"}]}
+        )
+        await op.settle()
+        assert set(op.wakeups.woken) == {("trainingjob", "ns", "gpt-pretrain")}
+        op.wakeups.woken.clear()
+        await kube.delete("Node", None, "gpu-1")
+        await op.settle()
+        assert set(op.wakeups.woken) == {("trainingjob", "ns", "gpt-pretrain")}
+
+
+async def test_a_pass_right_after_creating_workers_waits_for_the_cache_or_lists(
+    kube: FakeKube, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read-your-writes: a cache that has not seen the workers just created must not make the job
+    create them again (or count them as lost)."""
+    from controllers.trainingjob import controller
+
+    monkeypatch.setattr(controller, "CACHE_WAIT_SECONDS", 0.05)
+    kube.add(job())
+    async with Operator(kube) as op:
+        await op.cache.worker_informer.close()  # the cache's watch of workers stalls from here
+        await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        lists = kube.count("list", "Pod")
+        creates = kube.count("apply", "Pod")
+        await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        assert kube.count("list", "Pod") == lists + 1  # the fall-back LIST
+        assert kube.count("apply", "Pod") == creates  # no worker created twice
+        assert op.condition("TrainingJob", "ns", "gpt-pretrain")["reason"] == "GangStarting"
+
+
+async def test_a_pass_from_a_stale_body_does_not_count_a_restart(kube: FakeKube) -> None:
+    """kopf's view of the job may lag the status patch of the pass before (a template change
+    stopped the gang): the next pass reconciles from what that patch returned, not from the view."""
+    kube.add(job())
+    async with Operator(kube) as op:
+        await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        await schedule(kube, {f"gpt-pretrain-worker-{r}": f"gpu-{r // 2}" for r in range(4)})
+        await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        assert op.condition("TrainingJob", "ns", "gpt-pretrain")["reason"] == "GangRunning"
+        stored = kube.stored("TrainingJob", "ns", "gpt-pretrain")
+        assert stored is not None
+        template = copy.deepcopy(stored["spec"]["template"])
+        template.setdefault("metadata", {}).setdefault("labels", {})["changed"] = "yes"
+        await kube.patch("TrainingJob", "ns", "gpt-pretrain", {"spec": {"template": template}})
+        updated = copy.deepcopy(kube.stored("TrainingJob", "ns", "gpt-pretrain"))
+        await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        assert op.condition("TrainingJob", "ns", "gpt-pretrain")["reason"] == "Updating"
+        await op.settle()
+        # The next pass gets the body from before the stopping pass's status patch.
+        await op.reconcile_body(TRAINING_JOB, reconcile, updated)  # type: ignore[arg-type]
+        status = kube.stored("TrainingJob", "ns", "gpt-pretrain")["status"]  # type: ignore[index]
+        assert status["restarts"] == 0 and status["gang"] == 1
+
+
+async def test_the_interval_has_one_writer_even_when_a_restart_moves_it(kube: FakeKube) -> None:
+    """A failure re-decides the interval; a reconcile that read the status before a report's
+    measured save must not write an interval decided without it (the endpoint decides it again
+    from the status as it is after the reconciler's patch)."""
+    from controllers.trainingjob.controller import REPORTS_MEMO
+
+    kube.add(job())
+    async with Operator(kube) as op:
+        op.memo[REPORTS_MEMO] = reports.ReportEndpoint(kube)
+        first = await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        assert first.patch is not None and "checkpointIntervalReason" not in first.patch
+        status = kube.stored("TrainingJob", "ns", "gpt-pretrain")["status"]  # type: ignore[index]
+        assert status["checkpointIntervalReason"].startswith("auto:")  # the endpoint decided it
+        await schedule(kube, {f"gpt-pretrain-worker-{r}": f"gpu-{r // 2}" for r in range(4)})
+        await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        await op.settle()
+        older = copy.deepcopy(kube.stored("TrainingJob", "ns", "gpt-pretrain"))
+        # Meanwhile a report records a measured save, and a worker fails.
+        cost = {"step": 10, "stallSeconds": 2.0, "persistSeconds": 5.0}
+        await kube.patch_status("TrainingJob", "ns", "gpt-pretrain", {"checkpointCost": cost})
+        await kube.patch_status("Pod", "ns", "gpt-pretrain-worker-0", {"phase": "Failed"})
+        await op.settle()
+        restart = await op.reconcile_body(TRAINING_JOB, reconcile, older)  # type: ignore[arg-type]
+        assert restart.patch is not None and restart.patch["restarts"] == 1
+        assert not {"checkpointInterval", "checkpointIntervalReason", "checkpointCost"} & set(restart.patch)
+        stored = kube.stored("TrainingJob", "ns", "gpt-pretrain")
+        assert stored is not None
+        status = stored["status"]
+        assert status["checkpointCost"] == cost and status["restarts"] == 1
+        spec = TRAINING_JOB.spec.model_validate(stored["spec"])
+        fresh = reports.decide_interval(spec, TRAINING_JOB.status.model_validate(status), datetime.now(UTC))
+        assert status["checkpointIntervalReason"] == fresh.reason
+        assert "until the trainer reports a measured save" not in status["checkpointIntervalReason"]

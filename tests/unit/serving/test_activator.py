@@ -21,7 +21,7 @@ from aiohttp import web
 from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
-from ampacity.serving.activator import Activator, EngineProbe, HoldLimits, Wake, wake_engines
+from ampacity.serving.activator import Activator, EngineProbe, Episode, HoldLimits, Wake, wake_engines
 
 
 def _free_port() -> int:
@@ -230,7 +230,7 @@ async def test_past_the_wait_or_the_queue_limit_the_answer_is_503_with_a_reason_
             with pytest.raises(openai.APIStatusError) as full:
                 await _ask(client)
             assert full.value.status_code == 503
-            assert "already holds 1 requests (its queue limit, maxQueue=1)" in full.value.message
+            assert "already holds 1 requests (its queue limit, activator.maxQueue=1)" in full.value.message
             assert full.value.response.headers["Retry-After"] == "1"
             with pytest.raises(openai.APIStatusError) as expired:
                 await held
@@ -336,8 +336,32 @@ def test_the_activator_command_says_what_is_wrong_with_an_engine_argument() -> N
     from ampacity.cli import main
 
     with pytest.raises(SystemExit, match="expected PHASE=URL"):
-        main(
-            ["serving", "activator", "--pool", "p", "--upstream", "http://127.0.0.1:9", "--engine", "decode"]
-        )
+        main(["activator", "--pool", "p", "--upstream", "http://127.0.0.1:9", "--engine", "decode"])
     with pytest.raises(SystemExit, match="at least one --engine"):
-        main(["serving", "activator", "--pool", "p", "--upstream", "http://127.0.0.1:9"])
+        main(["activator", "--pool", "p", "--upstream", "http://127.0.0.1:9"])
+    with pytest.raises(SystemExit, match="give --upstream"):
+        main(["activator", "--pool", "p", "--engine", "decode=http://127.0.0.1:9"])
+
+
+async def test_a_wake_up_is_reported_once_its_held_requests_are_through() -> None:
+    engine = Engine(_free_port())
+    _, wake = _starting(engine, 0.5)
+    episodes: list[Episode] = []
+
+    async def report(episode: Episode) -> None:
+        episodes.append(episode)
+
+    async with _probe_session() as session:
+        probe = EngineProbe({"engine": lambda: [engine.url]}, lambda: session)
+        activator = Activator("chat", engine.url, probe, wake, HoldLimits(max_wait=20.0), report=report)
+        async with _serving(activator, _free_port()) as base:
+            client = _client(base)
+            await asyncio.gather(*(_ask(client) for _ in range(5)))
+            await _ask(client)  # the pool is up: held by no one, no new episode
+            await asyncio.sleep(0)
+    await engine.stop()
+    assert len(episodes) == 1
+    (episode,) = episodes
+    # The engine only started 0.5 s after the first request asked for it.
+    assert episode.held == 5 and episode.longest_wait >= 0.5
+    assert episode.waited_total >= episode.longest_wait

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -225,3 +226,86 @@ async def test_decode_of_kv_no_prefill_produced_fails_like_vllm(pair: tuple[Runn
         assert reply.usage is not None and reply.usage.completion_tokens == 4
     finally:
         await recompute.runner.cleanup()
+
+
+# --- sleep mode (vLLM's /sleep, /wake_up, /is_sleeping) ---------------------------------------------
+
+
+def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == name
+    }
+
+
+async def test_a_sleeping_engine_refuses_generation_and_reports_where_its_weights_are() -> None:
+    running = await _start(replace(BASE, enable_sleep_mode=True, dev_mode=True))
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(running.url + "/sleep?level=1") as r:
+                assert r.status == 200
+            async with session.get(running.url + "/is_sleeping") as r:
+                assert await r.json() == {"is_sleeping": True}
+            with pytest.raises(openai.InternalServerError, match="sleeping"):
+                await running.client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+            # /health and /v1/models still answer while asleep, as in vLLM.
+            async with session.get(running.url + "/health") as r:
+                assert r.status == 200
+            async with session.get(running.url + "/metrics") as r:
+                text = await r.text()
+            state = _samples(text, "vllm:engine_sleep_state")
+            assert [dict(k)["sleep_state"] for k, v in state.items() if v == 1] == ["weights_offloaded"]
+            weights = {
+                dict(k)["location"]: v for k, v in _samples(text, "ampacity_engine_weights_bytes").items()
+            }
+            assert weights["gpu"] == 0 and weights["host"] == running.engine.latency.spec.weight_bytes
+            async with session.post(running.url + "/wake_up") as r:
+                assert r.status == 200
+            reply = await running.client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+            assert reply.usage is not None and reply.usage.completion_tokens == 2
+    finally:
+        await running.runner.cleanup()
+
+
+async def test_sleep_aborts_requests_in_flight_unless_asked_to_wait() -> None:
+    running = await _start(replace(BASE, enable_sleep_mode=True, dev_mode=True, time_scale=0.05))
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def generate() -> int:
+                reply = await running.client.completions.create(model=MODEL, prompt="x", max_tokens=200)
+                assert reply.usage is not None
+                return reply.usage.completion_tokens
+
+            waited = asyncio.create_task(generate())
+            await asyncio.sleep(0.2)
+            async with session.post(running.url + "/sleep?level=2&mode=wait") as r:
+                assert r.status == 200
+            assert await waited == 200
+            async with session.post(running.url + "/wake_up") as r:
+                assert r.status == 200
+            aborted = asyncio.create_task(generate())
+            await asyncio.sleep(0.2)
+            async with session.post(running.url + "/sleep?level=1") as r:
+                assert r.status == 200
+            assert await aborted < 200
+    finally:
+        await running.runner.cleanup()
+
+
+async def test_without_sleep_mode_the_endpoints_fail_and_without_dev_mode_they_are_absent() -> None:
+    plain = await _start(replace(BASE, dev_mode=True))
+    hidden = await _start(replace(BASE, enable_sleep_mode=True))
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(plain.url + "/sleep") as r:
+                assert r.status == 500 and "--enable-sleep-mode" in (await r.json())["error"]
+            async with session.get(plain.url + "/is_sleeping") as r:
+                assert await r.json() == {"is_sleeping": False}
+            async with session.post(hidden.url + "/sleep") as r:
+                assert r.status == 404
+    finally:
+        await plain.runner.cleanup()
+        await hidden.runner.cleanup()
