@@ -131,28 +131,35 @@ def serve_pool(local: LocalPool, kubectl: Kubectl, pool: dict[str, Any]) -> str:
     except KeyError:
         return f"not run here: the test engine has no latency model for {model} on {gpu}"
 
-    def deployments() -> dict[str, dict[str, Any]] | None:
-        found = {r: kubectl.get("deployment", f"{name}-{r}", namespace) for r in (*ENGINE_ROLES, "router")}
-        present = {r: d for r, d in found.items() if d}
-        return present if "router" in present and len(present) > 1 else None
-
-    children = wait_for(deployments, timeout=DONE_TIMEOUT_S, what=f"the Deployments of {name}")
-    assert children is not None  # wait_for returns only a truthy result
+    # Ready: planned, and every child the plan needs applied.
+    wait_for(
+        lambda: _finished("servingpool", kubectl.get("servingpool", name, namespace)),
+        timeout=DONE_TIMEOUT_S,
+        what=f"servingpool/{name} to be Ready",
+    )
+    found = {r: kubectl.get("deployment", f"{name}-{r}", namespace) for r in (*ENGINE_ROLES, "router")}
+    children = {r: d for r, d in found.items() if d and d["spec"].get("replicas", 1) > 0}
 
     def args(role: str) -> list[str]:
         return list(children[role]["spec"]["template"]["spec"]["containers"][0]["args"])
 
-    urls: dict[str, list[str]] = {}
-    for role in ENGINE_ROLES:
-        if role in children:
-            engine = local.engine(f"{name}-{role}", args(role), gpu=gpu)
-            urls["workers" if role == "engine" else role] = [engine.url]
-    router = local.router(args("router"), **urls)
+    urls = {
+        role: [local.engine(f"{name}-{role}", args(role), gpu=gpu).url]
+        for role in ENGINE_ROLES
+        if role in children
+    }
+    router = local.router(
+        args("router"),
+        workers=urls.get("engine", ()),
+        prefill=urls.get("prefill", ()),
+        decode=urls.get("decode", ()),
+    )
     client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0)
     reply = client.completions.create(model=model, prompt="What is a serving pool?", max_tokens=16)
     roles = " + ".join(r for r in ENGINE_ROLES if r in children)
-    words = len(reply.choices[0].text.split())
-    return f"{words} tokens from {model} through the router at {router.url} ({roles})"
+    tokens = reply.usage.completion_tokens if reply.usage else 0
+    text = reply.choices[0].text
+    return f"{tokens} tokens from {model} through the router at {router.url} ({roles}): {text!r}"
 
 
 def demo_round(manifest: dict[str, Any], port: int) -> dict[str, Any]:
