@@ -34,6 +34,7 @@ from ampacity.api.cli import CRD_DIRS
 from ampacity.dev.cluster.kubectl import Kubectl, condition, install_crds, reconciled
 from ampacity.dev.cluster.local_operator import LocalOperator
 from ampacity.dev.cluster.localcluster import DEFAULT_STATE_DIR, LocalCluster, free_port
+from ampacity.dev.cluster.nodes import GpuNodeShape
 from ampacity.dev.cluster.polling import wait_for
 from ampacity.federated import tls
 from ampacity.serving import hardware
@@ -68,6 +69,8 @@ DEMO_ROUND = {
     "aggregation": {"rule": "trimmedMean", "trimFraction": 0.2, "byzantineClients": 1},
 }
 DONE_TIMEOUT_S = 300.0
+#: Nodes of other GPU types beside `--nodes` H100 servers: (count, GPU type).
+EXTRA_NODES = ((1, "h200"), (2, "a100"))
 
 
 def _say(message: str) -> None:
@@ -261,6 +264,11 @@ def _run(args: argparse.Namespace) -> int:
         args.state_dir, progress=lambda m: print(f"[cluster] {m}", file=sys.stderr, flush=True)
     )
     cluster.up(nodes=args.nodes)
+    # The other samples' GPUs: the Llama-3.1-8B pool asks for H200s, the Qwen3-32B pool for A100s.
+    first = args.nodes
+    for count, gpu_type in EXTRA_NODES:
+        cluster.add_nodes(count, GpuNodeShape(gpu_type=gpu_type), first)
+        first += count
     kubectl = Kubectl(cluster.kubeconfig)
     _say("installing CRDs")
     install_crds(kubectl, REPO / CRD_DIRS[0])

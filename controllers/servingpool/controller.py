@@ -52,6 +52,8 @@ PLANNING_LOCK_MEMO = "planning_lock"
 SCRAPE_TIMEOUT_SECONDS = 3.0
 #: An autoscaled pool scrapes its engines this often; other pools run when a child changes.
 AUTOSCALE_SECONDS = 10.0
+#: A pool whose latency-profile ConfigMap is missing or unreadable reads it again this often.
+LATENCY_PROFILE_RETRY_SECONDS = 10.0
 #: The router runs from the operator's own image, which carries the vllm-router binary.
 ROUTER_IMAGE = os.environ.get("AMPACITY_IMAGE", "ghcr.io/ampacity/ampacity:0.1.0")
 
@@ -268,6 +270,9 @@ async def reconcile(ctx: Context) -> None:
     try:
         sized = await _plan(ctx)
     except PlanningError as error:
+        if error.reason == LATENCY_PROFILE_INVALID:
+            # ConfigMaps are not watched: read the profile again soon.
+            ctx.requeue(LATENCY_PROFILE_RETRY_SECONDS)
         before = ctx.status.condition(PLANNED_CONDITION)
         repeated = (
             before is not None and before.reason == error.reason and before.message.startswith(str(error))

@@ -435,14 +435,7 @@ async def reconcile(ctx: Context) -> None:
             ctx.after_status.append(redecide)
         ctx.status_fields_not_owned |= reports.INTERVAL_FIELDS
     metrics.TRAINING_JOB_GPU_SECONDS_LOST.labels(ctx.namespace, ctx.name).set(status.gpu_seconds_lost)
-    if status.latest_checkpoint is not None:
-        metrics.TRAINING_JOB_LAST_CHECKPOINT.labels(ctx.namespace, ctx.name).set(
-            status.latest_checkpoint.time.timestamp()
-        )
-    if status.checkpoint_interval is not None:
-        metrics.TRAINING_JOB_CHECKPOINT_INTERVAL.labels(ctx.namespace, ctx.name).set(
-            status.checkpoint_interval
-        )
+    reports.export_metrics(ctx.namespace, ctx.name, status)
 
 
 async def _reconcile(ctx: Context, now: datetime) -> None:

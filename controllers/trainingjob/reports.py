@@ -57,7 +57,7 @@ from ampacity.training.checkpoint_interval import (
 )
 from ampacity.training.failure_trace import load_failure_trace
 from ampacity.training.sdk.report import TrainerReport, TrainerReportAck
-from controllers import tokens
+from controllers import metrics, tokens
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,17 @@ def apply_report(
     return set_interval(spec, status, now)
 
 
+def export_metrics(namespace: str, job: str, status: TrainingJobStatus) -> None:
+    """The gauges of the trainer-reported fields, set by whichever writer recorded them: the
+    endpoint when a report lands, the reconciler on its passes (after an operator restart)."""
+    if status.latest_checkpoint is not None:
+        metrics.TRAINING_JOB_LAST_CHECKPOINT.labels(namespace, job).set(
+            status.latest_checkpoint.time.timestamp()
+        )
+    if status.checkpoint_interval is not None:
+        metrics.TRAINING_JOB_CHECKPOINT_INTERVAL.labels(namespace, job).set(status.checkpoint_interval)
+
+
 # --- authentication ------------------------------------------------------------------------------
 
 
@@ -291,6 +302,7 @@ class ReportEndpoint:
             status = _status_of({"status": {**(obj.get("status") or {}), **(held[2] if held else {})}})
             before = status.model_dump(include=INTERVAL_FIELDS)
             set_interval(spec, status, datetime.now(UTC))
+            export_metrics(namespace, job, status)
             if status.model_dump(include=INTERVAL_FIELDS) != before:
                 fields = status.model_dump(mode="json", by_alias=True, include=set(REPORT_FIELDS))
                 try:
@@ -331,6 +343,7 @@ class ReportEndpoint:
                 status = _status_of({"status": {**(obj.get("status") or {}), **(held[2] if held else {})}})
                 before = status.model_dump(include=URGENT_FIELDS)
                 decision = apply_report(spec, status, report, datetime.now(UTC))
+                export_metrics(namespace, job, status)
                 fields = status.model_dump(mode="json", by_alias=True, include=set(REPORT_FIELDS))
                 # Progress alone is written at most every PATCH_MIN_SECONDS per job (every rank
                 # reports); what is held back is written when that time is up.

@@ -287,7 +287,11 @@ class LocalCluster:
         }
         self.kubeconfig.write_text(yaml.safe_dump(config))
 
-    def _register_nodes(self, count: int, shape: GpuNodeShape) -> None:
+    def add_nodes(self, count: int, shape: GpuNodeShape, first_index: int) -> None:
+        """Register `count` more fake GPU servers (`gpu-node-<first_index>` on) to a running cluster."""
+        self._register_nodes(count, shape, first_index)
+
+    def _register_nodes(self, count: int, shape: GpuNodeShape, first_index: int = 0) -> None:
         with self.http() as client:
 
             def create(index: int) -> None:
@@ -298,7 +302,7 @@ class LocalCluster:
 
             # A few creates in flight: hundreds of nodes one at a time took minutes on 2 cores.
             with futures.ThreadPoolExecutor(max_workers=8) as pool:
-                list(pool.map(create, range(count)))
+                list(pool.map(create, range(first_index, first_index + count)))
         self._progress(f"registered {count} fake {shape.gpu_type} nodes with {shape.gpus} GPUs each")
 
     @contextlib.contextmanager

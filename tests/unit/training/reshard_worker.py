@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -40,7 +41,7 @@ def sharded(full: dict[str, torch.Tensor], world: int) -> dict[str, object]:
 
 
 def main() -> None:
-    mode, uri = sys.argv[1], sys.argv[2]
+    mode, uri, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     full = full_state()
@@ -66,7 +67,8 @@ def main() -> None:
                 "local_w_rows": model["w"].to_local().shape[0],  # type: ignore[index]
                 "count": int(state["count"]),  # type: ignore[call-overload]
             }
-    print(json.dumps(result), flush=True)
+    # A file per rank: ranks printing lines longer than a pipe's atomic write interleave them.
+    (out / f"rank-{result['rank']}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 

@@ -200,6 +200,8 @@ def test_a_killed_rank_restarts_the_gang_from_the_latest_committed_checkpoint(s3
 
 def run_reshard(mode: str, world: int, uri: str, s3: S3, logs: Path) -> list[dict[str, Any]]:
     env = base_env({**s3.env(), "AMPACITY_ATTEMPT": "0"})
+    out = logs / f"{mode}-{world}"
+    out.mkdir()
     result = subprocess.run(
         [
             sys.executable,
@@ -210,6 +212,7 @@ def run_reshard(mode: str, world: int, uri: str, s3: S3, logs: Path) -> list[dic
             str(RESHARD_WORKER),
             mode,
             uri,
+            str(out),
         ],
         env=env,
         capture_output=True,
@@ -219,7 +222,7 @@ def run_reshard(mode: str, world: int, uri: str, s3: S3, logs: Path) -> list[dic
     )
     (logs / f"{mode}-{world}.log").write_text(result.stderr)
     assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(path.read_text()) for path in sorted(out.glob("rank-*.json"))]
 
 
 def test_a_four_rank_checkpoint_loads_into_two_and_eight_ranks(s3: S3, logs: Path) -> None:
