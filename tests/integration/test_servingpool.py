@@ -299,15 +299,23 @@ def test_killing_a_decode_engine_loses_only_its_own_requests(
             return first, later
 
         first, later = asyncio.run(run())
-        dead = f"127.0.0.1:{decode[1].port}"
-        # Every request the router sent to the live decode engine completed; only those it had sent
-        # to the killed one (streams under way, or before its health check caught the death) failed.
-        sent_to_dead = [
-            r for r in prefill[0].requests() if r["x_request_id"].split("___decode_addr_")[1].startswith(dead)
-        ]
+        dead, live = f"127.0.0.1:{decode[1].port}", f"127.0.0.1:{decode[0].port}"
+
+        def sent_to(address: str) -> list[dict[str, Any]]:
+            return [
+                r
+                for r in prefill[0].requests()
+                if r["x_request_id"].split("___decode_addr_")[1].startswith(address)
+            ]
+
+        # Every request the router sent to the live decode engine completed there; only those it
+        # had sent to the killed one (streams under way, or before its health check caught the
+        # death) failed, and of those the router may still have retried some on the live one.
+        sent_to_dead = sent_to(dead)
         failures = first.count(False) + [ok for _, ok in later].count(False)
-        assert failures == len(sent_to_dead) > 0
+        assert 0 < failures <= len(sent_to_dead)
         completed = {r["x_request_id"] for r in decode[0].requests()}
+        assert {r["x_request_id"] for r in sent_to(live)} <= completed
         assert all(r["x_request_id"] not in completed for r in sent_to_dead)
         # Once the router's health check has dropped it (two 5 s checks), nothing is lost.
         settled = [ok for t, ok in later if t > 2 * ROUTER_HEALTH_INTERVAL_SECONDS + 3]
