@@ -25,6 +25,7 @@ Pure builders (no Kubernetes I/O): the reconciler applies what they return. Each
 
 from __future__ import annotations
 
+import copy
 import json
 import shlex
 from dataclasses import dataclass, field
@@ -37,6 +38,15 @@ from ampacity.api.servingpool import PLANNED_ENGINE_FLAGS, Activator, ServingPoo
 from controllers.reconciler import Context
 
 ENGINE_ROLES = ("engine", "prefill", "decode")
+#: The router's and the activator's containers: unprivileged, read-only root, no capabilities.
+RESTRICTED_SECURITY_CONTEXT = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+#: Their service discovery: the pods of the pool's namespace, read only.
+READ_PODS = {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
 ROUTER = "router"
 ACTIVATOR = "activator"
 ACTIVATOR_PORT = 8081
@@ -332,8 +342,33 @@ def router_name(ctx: Context) -> str:
     return f"{ctx.name}-router"
 
 
+def _front_deployment(
+    ctx: Context, component: str, name: str, replicas: int, container: dict[str, Any], grace_seconds: int
+) -> dict[str, Any]:
+    """A Deployment of one of the pool's request-path components (router, activator): its own
+    ServiceAccount, a container that runs unprivileged on a read-only root."""
+    labels = ctx.child_labels(component)
+    container = {**container, "securityContext": copy.deepcopy(RESTRICTED_SECURITY_CONTEXT)}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": ctx.child_metadata(name, component),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "serviceAccountName": name,
+                    "containers": [container],
+                    "terminationGracePeriodSeconds": grace_seconds,
+                },
+            },
+        },
+    }
+
+
 def router_deployment(ctx: Context, spec: ServingPoolSpec, image: str, disaggregated: bool) -> dict[str, Any]:
-    labels = ctx.child_labels(ROUTER)
     container = {
         "name": "router",
         "image": spec.router.image or image,
@@ -346,31 +381,9 @@ def router_deployment(ctx: Context, spec: ServingPoolSpec, image: str, disaggreg
         "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 5},
         "livenessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 15},
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
     }
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": ctx.child_metadata(router_name(ctx), ROUTER),
-        "spec": {
-            "replicas": spec.router.replicas,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "serviceAccountName": router_name(ctx),
-                    "containers": [container],
-                    # In-flight streams finish on the old router while a new one takes over.
-                    "terminationGracePeriodSeconds": DRAIN_SECONDS,
-                },
-            },
-        },
-    }
+    # In-flight streams finish on the old router while a new one takes over.
+    return _front_deployment(ctx, ROUTER, router_name(ctx), spec.router.replicas, container, DRAIN_SECONDS)
 
 
 def pool_service(ctx: Context, spec: ServingPoolSpec) -> dict[str, Any]:
@@ -418,7 +431,6 @@ def activator_args(ctx: Context, spec: ServingPoolSpec, phases: list[str]) -> li
 def activator_deployment(
     ctx: Context, spec: ServingPoolSpec, image: str, phases: list[str]
 ) -> dict[str, Any]:
-    labels = ctx.child_labels(ACTIVATOR)
     limits = spec.activator or Activator()
     container = {
         "name": "activator",
@@ -429,61 +441,21 @@ def activator_deployment(
         "readinessProbe": {"httpGet": {"path": "/activator/healthz", "port": "http"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/activator/healthz", "port": "http"}, "periodSeconds": 15},
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
     }
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": ctx.child_metadata(activator_name(ctx), ACTIVATOR),
-        "spec": {
-            "replicas": limits.replicas,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "serviceAccountName": activator_name(ctx),
-                    "containers": [container],
-                    # Held requests and streams in flight end before the old activator goes.
-                    "terminationGracePeriodSeconds": int(limits.max_wait) + 30,
-                },
-            },
-        },
-    }
+    # Held requests and streams in flight end before the old activator goes.
+    grace = int(limits.max_wait) + 30
+    return _front_deployment(ctx, ACTIVATOR, activator_name(ctx), limits.replicas, container, grace)
 
 
 def activator_rbac(ctx: Context) -> list[dict[str, Any]]:
     """The activator reads the namespace's pods and patches its own pool's status, nothing more."""
-    name = activator_name(ctx)
-    meta = ctx.child_metadata(name, ACTIVATOR)
-    return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": meta,
-            "rules": [
-                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-                {
-                    "apiGroups": [GROUP],
-                    "resources": ["servingpools/status"],
-                    "resourceNames": [ctx.name],
-                    "verbs": ["patch"],
-                },
-            ],
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": meta,
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ctx.namespace}],
-        },
-    ]
+    status = {
+        "apiGroups": [GROUP],
+        "resources": ["servingpools/status"],
+        "resourceNames": [ctx.name],
+        "verbs": ["patch"],
+    }
+    return _namespaced_rbac(ctx, ACTIVATOR, activator_name(ctx), [copy.deepcopy(READ_PODS), status])
 
 
 def endpoint(ctx: Context, spec: ServingPoolSpec) -> str:
@@ -492,16 +464,17 @@ def endpoint(ctx: Context, spec: ServingPoolSpec) -> str:
 
 def router_rbac(ctx: Context) -> list[dict[str, Any]]:
     """ServiceAccount, Role and RoleBinding: the router may only get/list/watch pods in its namespace."""
-    name = router_name(ctx)
-    meta = ctx.child_metadata(name, ROUTER)
+    return _namespaced_rbac(ctx, ROUTER, router_name(ctx), [copy.deepcopy(READ_PODS)])
+
+
+def _namespaced_rbac(
+    ctx: Context, component: str, name: str, rules: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """A ServiceAccount `name` bound to a Role of `rules` in the pool's namespace."""
+    meta = ctx.child_metadata(name, component)
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": meta,
-            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}],
-        },
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta, "rules": rules},
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "RoleBinding",
