@@ -151,14 +151,19 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     gib = result.size_bytes / 2**30
     print(f"state {gib:.2f} GiB in {result.arrays} arrays, {len(result.sync_stall_seconds)} saves each")
-    print("sync stall s:    " + " ".join(f"{s:.3f}" for s in result.sync_stall_seconds))
-    print("async stall s:   " + " ".join(f"{s:.3f}" for s in result.async_stall_seconds))
-    print("async persist s: " + " ".join(f"{s:.3f}" for s in result.async_persist_seconds))
+    print(_series("sync stall s:    ", result.sync_stall_seconds))
+    print(_series("async stall s:   ", result.async_stall_seconds))
+    print(_series("async persist s: ", result.async_persist_seconds))
     print(
         f"median sync stall {result.sync_median:.3f} s, "
         f"median async stall {result.async_median:.3f} s: {result.ratio:.1f}x lower"
     )
     return 0
+
+
+def _series(label: str, seconds: list[float]) -> str:
+    """One benchmark line: the label, then each measurement in seconds."""
+    return label + " ".join(f"{s:.3f}" for s in seconds)
 
 
 def _bench_torch(args: argparse.Namespace) -> int:
@@ -170,16 +175,16 @@ def _bench_torch(args: argparse.Namespace) -> int:
         print(
             f"state {stall.size_bytes / 2**30:.2f} GiB in {stall.tensors} tensors, {args.repeats} saves each"
         )
-        print("torch.save + fsync s: " + " ".join(f"{s:.3f}" for s in stall.sync_stall_seconds))
-        print("DCP async stall s:    " + " ".join(f"{s:.3f}" for s in stall.async_stall_seconds))
-        print("DCP async persist s:  " + " ".join(f"{s:.3f}" for s in stall.async_persist_seconds))
+        print(_series("torch.save + fsync s: ", stall.sync_stall_seconds))
+        print(_series("DCP async stall s:    ", stall.async_stall_seconds))
+        print(_series("DCP async persist s:  ", stall.async_persist_seconds))
         print(f"median stall ratio: {stall.ratio:.1f}x lower")
         loop = bench_training_loop_stall(Path(tmp), size_gb=args.size_gb, repeats=args.repeats)
         size = loop.size_bytes / 2**30
         print(f"training loop: state {size:.2f} GiB (weights + Adam), {args.repeats} saves each")
-        print("torch.save + fsync s:     " + " ".join(f"{s:.3f}" for s in loop.sync_stall_seconds))
-        print("overlapped DCP stall s:   " + " ".join(f"{s:.3f}" for s in loop.overlapped_stall_seconds))
-        print("step beside the copy s:   " + " ".join(f"{s:.3f}" for s in loop.overlapped_step_seconds))
+        print(_series("torch.save + fsync s:     ", loop.sync_stall_seconds))
+        print(_series("overlapped DCP stall s:   ", loop.overlapped_stall_seconds))
+        print(_series("step beside the copy s:   ", loop.overlapped_step_seconds))
         print(
             f"median stall ratio: {loop.ratio:.1f}x lower; the step beside the copy took "
             f"{loop.step_slowdown_seconds:+.3f} s vs a plain step"
