@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from ampacity.dev.cluster.kubectl import Kubectl
 from ampacity.dev.cluster.local_operator import LocalOperator
 from ampacity.dev.cluster.polling import wait_for
 from ampacity.serving.eval.localpool import LocalPool, LocalProcess, free_port, stop
+from tests.integration.metrics_stub import MetricsStub
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "servingpool.yaml"
 MODEL = "llama2-70b"
@@ -37,30 +37,17 @@ IDLE_METRICS = (
 )
 
 
-class MetricsRelay:
+class MetricsRelay(MetricsStub):
     """The pool's metrics endpoint: the decode engine's /metrics while it runs, zeros otherwise."""
 
     def __init__(self, source: str) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                try:
-                    body = httpx.get(source, timeout=2).text
-                except httpx.HTTPError:
-                    body = IDLE_METRICS
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.end_headers()
-                self.wfile.write(body.encode())
+        def body() -> str:
+            try:
+                return httpx.get(source, timeout=2).text
+            except httpx.HTTPError:
+                return IDLE_METRICS
 
-            def log_message(self, *_: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/metrics"
+        super().__init__(body)
 
 
 def _container(deployment: Any) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import signal
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from ampacity.dev.cluster.local_operator import LocalOperator
 from ampacity.dev.cluster.polling import wait_for
 from ampacity.serving.eval.localpool import LocalPool, iter_requests, stop
 from controllers.servingpool.children import ROUTER_HEALTH_INTERVAL_SECONDS
+from tests.integration.metrics_stub import MetricsStub
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "servingpool.yaml"
 WARM_NODE = "gpu-node-3"
@@ -67,37 +67,21 @@ def test_engine_lands_on_the_node_that_caches_the_weights(
         kubectl("label", "node", WARM_NODE, f"{CACHE_LABEL}-")
 
 
-class EngineMetrics:
+class EngineMetrics(MetricsStub):
     """A stand-in for a pool's router /metrics: vLLM counters the test advances by hand."""
 
     def __init__(self) -> None:
         self.requests = 0.0
         self.prompt_tokens = 0.0
         self.output_tokens = 0.0
-        metrics = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = (
-                    f"vllm:request_success_total {metrics.requests}\n"
-                    f"vllm:prompt_tokens_total {metrics.prompt_tokens}\n"
-                    f"vllm:generation_tokens_total {metrics.output_tokens}\n"
-                    "vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/metrics"
+        super().__init__(
+            lambda: (
+                f"vllm:request_success_total {self.requests}\n"
+                f"vllm:prompt_tokens_total {self.prompt_tokens}\n"
+                f"vllm:generation_tokens_total {self.output_tokens}\n"
+                "vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
+            )
+        )
 
     def serve(self, rate: float, prompt: float, output: float, seconds: float) -> None:
         """Account `seconds` of traffic at `rate` req/s with the given mean lengths."""
