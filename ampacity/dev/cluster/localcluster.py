@@ -115,7 +115,7 @@ class LocalCluster:
         self._write_kubeconfig(state.apiserver_port)
         try:
             self._start_all(binaries, state, timeout)
-            self._register_nodes(nodes, shape or GpuNodeShape())
+            self.add_nodes(nodes, shape or GpuNodeShape())
         except BaseException:
             self.down()
             raise
@@ -287,11 +287,8 @@ class LocalCluster:
         }
         self.kubeconfig.write_text(yaml.safe_dump(config))
 
-    def add_nodes(self, count: int, shape: GpuNodeShape, first_index: int) -> None:
-        """Register `count` more fake GPU servers (`gpu-node-<first_index>` on) to a running cluster."""
-        self._register_nodes(count, shape, first_index)
-
-    def _register_nodes(self, count: int, shape: GpuNodeShape, first_index: int = 0) -> None:
+    def add_nodes(self, count: int, shape: GpuNodeShape, first_index: int = 0) -> None:
+        """Register `count` fake GPU servers, `gpu-node-<first_index>` on (`up` registers the first)."""
         with self.http() as client:
 
             def create(index: int) -> None:
