@@ -235,6 +235,10 @@ def retry_delay(retry: int) -> int:
     return int(min(RETRY_SECONDS * 2 ** min(retry, 10), MAX_RETRY_SECONDS))
 
 
+#: The API server's words (admission plugin NamespaceLifecycle) for a write into a namespace being deleted.
+TERMINATING_NAMESPACE = "because it is being terminated"
+
+
 def failure_condition(kind: str, error: Exception, delay: int) -> tuple[str, str]:
     """The Ready=False reason and message for a failed reconcile, in words, never empty."""
     retrying = f"; retrying in {delay} s"
@@ -244,6 +248,12 @@ def failure_condition(kind: str, error: Exception, delay: int) -> tuple[str, str
         return (
             "ApiUnauthorized",
             f"the API server refused the operator's credentials: {error.message}{retrying}",
+        )
+    if isinstance(error, Forbidden) and TERMINATING_NAMESPACE in error.message:
+        # Not RBAC: the namespace is being deleted, and its objects with it.
+        return (
+            "NamespaceTerminating",
+            f"the namespace is being deleted: nothing new can be created in it{retrying}",
         )
     if isinstance(error, Forbidden):
         return "ApiForbidden", f"the operator's RBAC does not allow this: {error.message}{retrying}"

@@ -185,12 +185,11 @@ def measured_attainment(spec: ServingPoolSpec, before: Scrape | None, after: Scr
     return min(fractions) if fractions else None
 
 
-async def _autoscale(ctx: Context, plan: ServingPlan) -> AutoscalingStatus:
-    """The size live metrics call for; the last (or planned) size when no engine can be read."""
+async def _autoscale(ctx: Context, plan: ServingPlan, replanned: bool) -> AutoscalingStatus:
+    """The size live metrics call for; the last (or planned) size when no engine can be read.
+    A new plan (`replanned`: the spec changed) starts again from its own size."""
     spec: ServingPoolSpec = ctx.spec
     assert spec.autoscaling is not None
-    # A new plan (spec change) starts again from its own size.
-    replanned = ctx.status.observed_generation != ctx.generation
     previous = None if replanned else ctx.status.autoscaling
     scrape, failed = await scrape_pool(ctx, spec)
     if not scrape and (failed or spec.autoscaling.metrics_url):
@@ -214,6 +213,18 @@ async def _autoscale(ctx: Context, plan: ServingPlan) -> AutoscalingStatus:
     return size
 
 
+def plan_is_current(ctx: Context) -> bool:
+    """Whether the plan in status was made for the object's current generation.
+
+    The Planned condition's generation says so, not status.observedGeneration: a pass that failed
+    after a spec change (the API server timing out, say) still records the generation it saw, and
+    its retry must plan the new spec instead of keeping the old plan for good."""
+    planned = ctx.status.condition(PLANNED_CONDITION)
+    return (
+        ctx.status.plan is not None and planned is not None and planned.observed_generation == ctx.generation
+    )
+
+
 async def _plan(ctx: Context) -> SizedPlan:
     """The plan for the current generation: kept from the last reconcile, or planned anew.
 
@@ -224,7 +235,8 @@ async def _plan(ctx: Context) -> SizedPlan:
     planned = status.condition(PLANNED_CONDITION)
     # A plan kept through an unreadable latency profile is retried until the profile reads.
     retry = planned is not None and planned.reason == LATENCY_PROFILE_INVALID
-    if status.plan is not None and status.observed_generation == ctx.generation and not retry:
+    if plan_is_current(ctx) and not retry:
+        assert status.plan is not None
         limited = status.condition(CAPACITY_LIMITED)
         return SizedPlan(
             status.plan,
@@ -267,6 +279,7 @@ async def reconcile(ctx: Context) -> None:
     spec: ServingPoolSpec = ctx.spec
     # status.activation is the activator's: it is read here, never written.
     ctx.status_fields_not_owned = {ACTIVATION}
+    replanned = not plan_is_current(ctx)
     try:
         sized = await _plan(ctx)
     except PlanningError as error:
@@ -297,7 +310,7 @@ async def reconcile(ctx: Context) -> None:
 
     if spec.autoscaling:
         ctx.requeue(AUTOSCALE_SECONDS)  # the engines' metrics are scraped, not watched
-        scaled = await _autoscale(ctx, plan)
+        scaled = await _autoscale(ctx, plan, replanned)
         size = woken(plan, scaled, ctx.status.activation)
         if size.prefill_replicas and not scaled.prefill_replicas:
             ctx.event("Woken", size.reason)

@@ -14,7 +14,7 @@ import yaml
 
 from ampacity.api import SERVING_POOL
 from ampacity.api.gpu import GPU_RESOURCE, GPU_TYPE_LABEL
-from ampacity.kube import Invalid
+from ampacity.kube import ApiUnavailable, Invalid
 from controllers.servingpool.controller import reconcile
 from tests.fakes import FakeKube, Operator
 
@@ -91,6 +91,32 @@ async def test_a_pool_is_planned_run_and_settles() -> None:
         ready = op.condition("ServingPool", "ns", name)
         assert ready["reason"] == "ChildRejected" and "spec.replicas: Invalid value" in ready["message"]
         assert ready["message"].endswith("retrying in 15 s")
+
+
+async def test_a_pass_that_fails_after_a_spec_change_does_not_keep_the_old_plan() -> None:
+    """The failed pass records the generation it saw (its Ready condition explains the failure); the
+    retry must still plan the new spec, not take the old plan as this generation's."""
+    kube = FakeKube()
+    kube.add(h100_node("h100-0"))
+    pool = yaml.safe_load(EXAMPLE.read_text())
+    pool["metadata"]["namespace"] = "ns"
+    kube.add(pool)
+    name = pool["metadata"]["name"]
+    async with Operator(kube) as op:
+        assert (await op.reconcile(SERVING_POOL, reconcile, "ns", name)).error is None
+        assert op.condition("ServingPool", "ns", name, "Planned")["reason"] == "Planned"
+        await kube.patch("ServingPool", "ns", name, {"spec": {"model": {"name": "no-such-model"}}})
+        kube.fail(
+            "apply",
+            ApiUnavailable(503, "PATCH deployments: the server is currently unable to handle the request"),
+        )
+        failed = await op.reconcile(SERVING_POOL, reconcile, "ns", name)
+        assert failed.error is not None
+        assert op.condition("ServingPool", "ns", name)["reason"] == "ApiUnavailable"
+        retried = await op.reconcile(SERVING_POOL, reconcile, "ns", name, retry=1)
+        assert retried.error is None
+        planned = op.condition("ServingPool", "ns", name, "Planned")
+        assert planned["reason"] == "NoLatencyModel" and "no-such-model" in planned["message"]
 
 
 async def test_pools_created_together_are_planned_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
