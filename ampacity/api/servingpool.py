@@ -625,6 +625,12 @@ class ServingPlan(ApiModel):
     longest_request_tokens: int = Field(
         default=0, ge=0, description="Prompt plus output tokens of the longest request the plan admits."
     )
+    latency_profile_digest: str = Field(
+        default="",
+        max_length=64,
+        description="SHA-256 of the latencyProfile text the plan was fitted to (empty without one): an "
+        "edited profile re-plans the pool.",
+    )
 
 
 class AutoscalingStatus(ApiModel):

@@ -11,6 +11,7 @@ pool whose weights cannot fit in maxGpus of memory is unplannable.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass, replace
@@ -226,6 +227,11 @@ def provenance(model: ModelSpec, gpu: GpuSpec) -> str:
     return text
 
 
+def profile_digest(profile: str | None) -> str:
+    """What a plan remembers of the latency profile it was fitted to (empty: none could be read)."""
+    return hashlib.sha256(profile.encode()).hexdigest() if profile is not None else ""
+
+
 def plan_pool(spec: ServingPoolSpec, profile: str | None = None) -> SizedPlan:
     """The plan for a pool; `profile` is the text of its latencyProfile ConfigMap key (if it has one)."""
     model, gpu = resolve_model(spec), resolve_gpu(spec)
@@ -282,6 +288,7 @@ def plan_pool(spec: ServingPoolSpec, profile: str | None = None) -> SizedPlan:
             "latency_model_source": gpu.provenance_kind,
             "profile_fit_error": round(fit_error, 4) if fit_error is not None else None,
             "longest_request_tokens": longest[1],
+            "latency_profile_digest": profile_digest(profile) if spec.latency_profile else "",
         }
     )
     message = (

@@ -15,7 +15,7 @@ from ampacity.api import SERVING_POOL
 from ampacity.api.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TYPE_LABEL
 from ampacity.api.servingpool import AutoscalingStatus, ServingPlan, ServingPoolSpec
 from ampacity.serving.placement import affinity_weights, node_from_labels, preferred_affinity, rank
-from ampacity.serving.pool_plan import resolve_model
+from ampacity.serving.pool_plan import profile_digest, resolve_model
 from ampacity.serving.replan import MetricsSnapshot, parse_metrics
 from controllers import metrics
 from controllers.reconciler import Context, controller
@@ -54,6 +54,8 @@ SCRAPE_TIMEOUT_SECONDS = 3.0
 AUTOSCALE_SECONDS = 10.0
 #: A pool whose latency-profile ConfigMap is missing or unreadable reads it again this often.
 LATENCY_PROFILE_RETRY_SECONDS = 10.0
+#: A pool planned on a latency-profile ConfigMap reads it again this often, to see it edited.
+LATENCY_PROFILE_CHECK_SECONDS = 60.0
 #: The router runs from the operator's own image, which carries the vllm-router binary.
 ROUTER_IMAGE = os.environ.get("AMPACITY_IMAGE", "ghcr.io/ampacity/ampacity:0.1.0")
 
@@ -234,8 +236,15 @@ async def _plan(ctx: Context) -> SizedPlan:
     status = ctx.status
     planned = status.condition(PLANNED_CONDITION)
     # A plan kept through an unreadable latency profile is retried until the profile reads.
-    retry = planned is not None and planned.reason == LATENCY_PROFILE_INVALID
-    if plan_is_current(ctx) and not retry:
+    replan = planned is not None and planned.reason == LATENCY_PROFILE_INVALID
+    profile = None
+    if ctx.spec.latency_profile is not None:
+        # ConfigMaps are not watched: the profile is read on every pass, and a pass comes at least
+        # this often, so an edited profile re-plans the pool within a minute.
+        ctx.requeue(LATENCY_PROFILE_CHECK_SECONDS)
+        profile = await _latency_profile(ctx)
+        replan |= status.plan is not None and status.plan.latency_profile_digest != profile_digest(profile)
+    if plan_is_current(ctx) and not replan:
         assert status.plan is not None
         limited = status.condition(CAPACITY_LIMITED)
         return SizedPlan(
@@ -244,7 +253,6 @@ async def _plan(ctx: Context) -> SizedPlan:
             planned.reason if planned else "Planned",
             planned.message if planned else "",
         )
-    profile = await _latency_profile(ctx)
     # One plan at a time, operator-wide: planning holds the GIL, so plans in parallel threads only
     # starve every other reconcile, and identical pools created together would each plan from
     # scratch (the planner's memo answers the second at once only after the first has finished).

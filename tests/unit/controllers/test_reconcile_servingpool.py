@@ -5,6 +5,7 @@ failures in words, and Nodes read from the shared cache."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import yaml
 from ampacity.api import SERVING_POOL
 from ampacity.api.gpu import GPU_RESOURCE, GPU_TYPE_LABEL
 from ampacity.kube import ApiUnavailable, Invalid
+from ampacity.serving import pool_plan
 from controllers.servingpool.controller import reconcile
 from tests.fakes import FakeKube, Operator
 
@@ -117,6 +119,46 @@ async def test_a_pass_that_fails_after_a_spec_change_does_not_keep_the_old_plan(
         assert retried.error is None
         planned = op.condition("ServingPool", "ns", name, "Planned")
         assert planned["reason"] == "NoLatencyModel" and "no-such-model" in planned["message"]
+
+
+async def test_an_edited_latency_profile_re_plans_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ConfigMaps are not watched: a pool planned on a profile reads it on each pass (and asks for
+    a pass every minute), and plans again only when the text changed."""
+    from controllers.servingpool import controller
+
+    seen: list[str | None] = []
+
+    def fitting(spec: Any, profile: str | None) -> Any:
+        # The planner's own profile fitting is tested in tests/unit/serving; here only which text
+        # each plan was made from matters.
+        seen.append(profile)
+        sized = pool_plan.plan_pool(spec.model_copy(update={"latency_profile": None}))
+        digest = pool_plan.profile_digest(profile)
+        return dataclasses.replace(
+            sized, plan=sized.plan.model_copy(update={"latency_profile_digest": digest})
+        )
+
+    monkeypatch.setattr(controller, "plan_pool", fitting)
+    kube = FakeKube()
+    kube.add(h100_node("h100-0"))
+    profile = {"kind": "ConfigMap", "metadata": {"name": "latencies", "namespace": "ns"}}
+    kube.add(profile | {"data": {"profile.csv": "measured on Monday"}})
+    pool = yaml.safe_load(EXAMPLE.read_text())
+    pool["metadata"]["namespace"] = "ns"
+    pool["spec"]["latencyProfile"] = {"configMap": "latencies"}
+    kube.add(pool)
+    name = pool["metadata"]["name"]
+    async with Operator(kube) as op:
+        first = await op.reconcile(SERVING_POOL, reconcile, "ns", name)
+        assert first.error is None and seen == ["measured on Monday"]
+        assert first.requeue_after == controller.LATENCY_PROFILE_CHECK_SECONDS
+        assert (await op.reconcile(SERVING_POOL, reconcile, "ns", name)).error is None
+        assert len(seen) == 1  # the same text: the plan stands
+        await kube.patch("ConfigMap", "ns", "latencies", {"data": {"profile.csv": "measured on Tuesday"}})
+        assert (await op.reconcile(SERVING_POOL, reconcile, "ns", name)).error is None
+        assert seen == ["measured on Monday", "measured on Tuesday"]
+        stored = kube.stored("ServingPool", "ns", name)["status"]["plan"]  # type: ignore[index]
+        assert stored["latencyProfileDigest"] == pool_plan.profile_digest("measured on Tuesday")
 
 
 async def test_pools_created_together_are_planned_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
