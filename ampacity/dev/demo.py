@@ -22,6 +22,7 @@ import argparse
 import base64
 import copy
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -140,7 +141,7 @@ def serve_pool(local: LocalPool, kubectl: Kubectl, pool: dict[str, Any]) -> str:
 
     # Ready: planned, and every child the plan needs applied.
     wait_for(
-        lambda: _finished("servingpool", kubectl.get("servingpool", name, namespace)),
+        lambda: _worked("servingpool", kubectl.get("servingpool", name, namespace)),
         timeout=DONE_TIMEOUT_S,
         what=f"servingpool/{name} to be Ready",
     )
@@ -196,6 +197,9 @@ def start_federated(companions: Companions, kubectl: Kubectl, manifest: dict[str
         "enrolment": read(enrolment_secret_name(name)),
         "tls": read(tls_secret_name(name)),
     }
+    # The round is a new object on a new cluster: an earlier run's aggregator state (its enrolled
+    # clients' credentials, its rounds) must not carry over, or the clients are refused (409).
+    shutil.rmtree(state / "state", ignore_errors=True)
     tls_dir = state / "tls"
     tls_dir.mkdir(parents=True, exist_ok=True)
     for key in ("tls.crt", "tls.key", CA_KEY):
@@ -244,6 +248,8 @@ def start_federated(companions: Companions, kubectl: Kubectl, manifest: dict[str
                 f"--shards={DEMO_CLIENTS}",
                 f"--label={label}",
                 "--poll-seconds=0.5",
+                # One update per round: a client that left after the first would fail the second.
+                f"--tasks={DEMO_ROUNDS}",
                 f"--timeout-seconds={DONE_TIMEOUT_S * DEMO_ROUNDS:.0f}",
             ],
             # A client holds the enrolment token, never the admin token.
@@ -253,9 +259,16 @@ def start_federated(companions: Companions, kubectl: Kubectl, manifest: dict[str
 
 
 def _finished(kind: str, obj: dict[str, Any] | None) -> bool:
-    """Ready, or for a FederatedRound its end (Completed, or Failed, which the summary shows)."""
+    """Nothing more to wait for: Ready, or for a FederatedRound its end (Completed or Failed)."""
     if kind == "federatedround":
         return (obj or {}).get("status", {}).get("phase") in ("Completed", "Failed")
+    return _worked(kind, obj)
+
+
+def _worked(kind: str, obj: dict[str, Any] | None) -> bool:
+    """Ready, or for a FederatedRound Completed (a Failed round finished, but did not work)."""
+    if kind == "federatedround":
+        return bool((obj or {}).get("status", {}).get("phase") == "Completed")
     ready = condition(obj)
     return reconciled(obj) and ready is not None and ready["status"] == "True"
 
@@ -264,6 +277,9 @@ def _run(args: argparse.Namespace) -> int:
     cluster = LocalCluster(
         args.state_dir, progress=lambda m: print(f"[cluster] {m}", file=sys.stderr, flush=True)
     )
+    # Every run starts from an empty cluster: samples left by an earlier run (a round already
+    # Completed or Failed) would be applied over, not run again.
+    cluster.down()
     cluster.up(nodes=args.nodes)
     # The other samples' GPUs: the Llama-3.1-8B pool asks for H200s, the Qwen3-32B pool for A100s.
     first = args.nodes
@@ -328,17 +344,17 @@ def _run(args: argparse.Namespace) -> int:
                 _say(f"{kind}/{name} is not Ready: {ready.get('reason')}: {ready.get('message')}")
         print(kubectl("get", ",".join(r.plural for r in RESOURCES), "-A", "-o", "wide"))
         print(kubectl("get", "deployments,pods,services", "-n", "default"))
-        finished = all(
-            _finished(
-                s["kind"].lower(),
-                kubectl.get(s["kind"].lower(), s["metadata"]["name"], s["metadata"].get("namespace")),
-            )
-            for s in samples
-        )
+        failed = []
+        for s in samples:
+            kind, name = s["kind"].lower(), s["metadata"]["name"]
+            if not _worked(kind, obj := kubectl.get(kind, name, s["metadata"].get("namespace"))):
+                ready = condition(obj) or {}
+                failed.append(f"{kind}/{name} ({ready.get('reason')}: {ready.get('message')})")
+        finished = not failed
         _say(
             "every sample is Ready (the round Completed)"
             if finished
-            else "some samples did not finish: see above"
+            else f"some samples did not work: {'; '.join(failed)}"
         )
         _next_steps(cluster, operator, samples)
         if args.keep_running:
