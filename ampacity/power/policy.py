@@ -19,6 +19,16 @@ the loop from flapping and from releasing into the next inference burst. The win
 average (rather than every sample) matters on inference rows: their power swings by
 several percent within seconds, and a rule that any one sample resets would leave
 low-priority work at its floor long after the row has room for it.
+
+The protected tier has one more way up. Its caps were set in a burst from what each GPU drew
+then; a GPU that was decoding got a cap it does not feel (memory-bound), and one that starts
+prompts later is slowed by it while the rest of the row may be far from T2. So each round,
+capped protected GPUs whose draw fills their cap (`BOUND_UTILIZATION`: compute-bound, i.e.
+prefilling) are raised at once, most bound first, into the room below the T2 release line
+(T2 - hysteresis, the line the hold window releases at), each counted as drawing its whole new
+cap. GPUs drawing well under their caps (decoding) keep them: under a clock lock that is the
+watts they give for free. Low-priority tiers keep the hold window only: training is always
+compute-bound, and lifting it would undo the anti-flapping rule.
 """
 
 from __future__ import annotations
@@ -31,6 +41,11 @@ from typing import Any
 
 from ampacity.power.budget import Actuator, BudgetSpec
 from ampacity.power.telemetry import GpuId, GpuTelemetry
+
+#: Share of its cap a capped GPU's draw must fill to count as slowed by it (compute-bound).
+#: Compute-bound phases draw their whole cap and decoding draws about half of it (380 of
+#: 700 W on H100, 250 of 400 W on A100), so 0.9 means "prompts most of the interval".
+BOUND_UTILIZATION = 0.9
 
 
 class Level(IntEnum):
@@ -281,6 +296,13 @@ def evaluate(
         target = (budget.t2_fraction - budget.margin_fraction) * budget.limit_watts
         high_tightened |= planner.shed(planner.high, planner.projected_total() - target)
 
+    if floors <= budget.limit_watts and not high_tightened:
+        # Protected GPUs that a cap now slows get their watts back at once, not after a hold
+        # window, wherever the row has room below the T2 release line (see the module notes).
+        planner.lift_bound(
+            planner.high, (budget.t2_fraction - budget.hysteresis_fraction) * budget.limit_watts
+        )
+
     if floors > budget.limit_watts:
         high_release = low_release = None  # nothing may loosen while even the floors are too much
     else:
@@ -520,6 +542,39 @@ class _Planner:
                 self.caps[t.gpu] = GpuCap(new_cap, held.since)
         self._total += used
         return used
+
+    def lift_bound(self, tier: list[GpuTelemetry], ceiling: float) -> bool:
+        """Raise the caps of the GPUs in `tier` that their cap is slowing, most bound first,
+        into the room below `ceiling`; return whether any cap rose.
+
+        A GPU is bound when its projected draw fills `BOUND_UTILIZATION` of its cap: it runs
+        compute-bound work (prompts) that the cap slows. A capped GPU drawing well under its
+        cap is decoding (memory-bound; under a clock lock at no cost down to the knee) and keeps
+        its cap. Each raise is counted as if the GPU drew its whole new cap at once.
+        """
+        bound = [
+            t
+            for t in tier
+            if t.gpu in self.caps
+            and t.gpu not in self.stale
+            and self.projected[t.gpu] >= BOUND_UTILIZATION * self.cap_of(t)
+        ]
+        bound.sort(key=lambda t: (-self.projected[t.gpu] / self.cap_of(t), t.gpu))
+        changed = False
+        for t in bound:
+            headroom = ceiling - self._total
+            held = self.caps[t.gpu]
+            new_cap = float(math.floor(min(t.max_limit_watts, self.projected[t.gpu] + headroom)))
+            if new_cap <= held.cap_watts:
+                continue
+            self._total += new_cap - self.projected[t.gpu]
+            self.projected[t.gpu] = new_cap
+            if new_cap >= t.max_limit_watts:
+                del self.caps[t.gpu]
+            else:
+                self.caps[t.gpu] = GpuCap(new_cap, held.since)
+            changed = True
+        return changed
 
     def assignment(self, t: GpuTelemetry) -> CapAssignment:
         held = self.caps.get(t.gpu)

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from ampacity.power.budget import Actuator, BudgetSpec, PriorityClass
-from ampacity.power.policy import EventKind, Level, PolicyResult, PolicyState, evaluate
+from ampacity.power.policy import EventKind, GpuCap, Level, PolicyResult, PolicyState, evaluate
 from ampacity.power.telemetry import GpuId, GpuTelemetry
 
 LOW = PriorityClass("training", rank=0, min_cap_watts=300.0)
@@ -314,3 +314,40 @@ def test_clock_locks_take_the_same_watts_with_far_milder_caps_on_decoding_gpus()
     assert all(630 <= c <= 650 for c in clock_caps)
     assert sum(340.0 * c / 700.0 for c in clock_caps) == pytest.approx(2490, abs=8)
     assert all(a.capped and a.max_watts == 700.0 for a in by_clocks.assignments)
+
+
+# An inference-only row: the protected class alone, capped only above T2 (9.5 kW); its caps
+# are lifted into the room below the T2 release line (9.0 kW).
+SERVING_ROW = BudgetSpec(limit_watts=10_000.0, classes=(HIGH,), actuator=Actuator.CLOCK_LOCK)
+
+
+def _capped_serving(draws: Sequence[float], cap: float, t: float) -> tuple[list[GpuTelemetry], PolicyState]:
+    samples = [gpu("serving", i, w, "serving", limit=cap, t=t) for i, w in enumerate(draws)]
+    held = {s.gpu: GpuCap(cap, 0.0) for s in samples}
+    return samples, PolicyState(level=Level.T2, level_since=0.0, caps=held, last_time=t - 2.0)
+
+
+def test_protected_gpus_a_cap_slows_are_lifted_into_the_room_below_the_t2_release_line() -> None:
+    # GPUs 0-7 prefill at their 600 W caps (bound); 8-17 decode at 390 W under the same caps.
+    # 8.7 kW leaves 300 W below the 9.0 kW release line, well inside the 30 s hold window.
+    samples, state = _capped_serving([600.0] * 8 + [390.0] * 10, 600.0, t=4.0)
+    result = evaluate(SERVING_ROW, samples, state, 4.0)
+    after = caps(result)
+    raised = {g: c for g, c in after.items() if c > 600}
+    # The 300 W go to bound GPUs only, each counted as drawing its whole new cap.
+    assert sum(c - 600 for c in raised.values()) == pytest.approx(300, abs=1)
+    assert raised and all(int(g.split("/")[1]) < 8 for g in raised)
+    assert all(after[f"serving/{i}"] == 600 for i in range(8, 18))  # decoding GPUs keep theirs
+    assert 8700 + sum(c - 600 for c in raised.values()) <= 9000
+    assert result.state.high_release is not None  # the hold window still runs for the rest
+
+
+def test_protected_gpus_are_not_lifted_above_the_release_line_or_when_decoding() -> None:
+    # 9.1 kW: below T2, above the release line: no room, nothing moves.
+    samples, state = _capped_serving([600.0] * 8 + [430.0] * 10, 600.0, t=4.0)
+    assert caps(evaluate(SERVING_ROW, samples, state, 4.0)) == {
+        s.gpu.node + f"/{s.gpu.index}": 600 for s in samples
+    }
+    # Plenty of room, but every GPU decodes under its cap: none is slowed, none is lifted.
+    samples, state = _capped_serving([390.0] * 18, 600.0, t=4.0)
+    assert set(caps(evaluate(SERVING_ROW, samples, state, 4.0)).values()) == {600}
