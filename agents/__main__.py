@@ -66,6 +66,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="the operator's power telemetry endpoint ('' : NodePower on the API server only)",
     )
     p.add_argument(
+        "--operator-ca-file",
+        type=Path,
+        default=env.get("AMPACITY_AGENT_OPERATOR_CA_FILE") or None,
+        help="the operator CA's certificate, to verify an https:// --operator-url with",
+    )
+    p.add_argument(
         "--request-timeout", type=float, default=3.0, help="API request timeout (s): past it, fail-safe"
     )
     args = p.parse_args(argv)
@@ -88,7 +94,9 @@ async def main_async(args: argparse.Namespace) -> None:
     pods = PodResourcesClient(args.pod_resources_socket) if args.pod_resources_socket else None
     link = None
     if args.operator_url:
-        link = OperatorLink(args.operator_url, args.node, timeout=args.request_timeout)
+        link = OperatorLink(
+            args.operator_url, args.node, timeout=args.request_timeout, ca_file=args.operator_ca_file
+        )
     agent = Agent(
         args.node,
         backend,

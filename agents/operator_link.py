@@ -19,14 +19,17 @@ import hashlib
 import json
 import logging
 import secrets
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 from pydantic import ValidationError
 
 from ampacity.api.nodepower import NodePowerSpec, NodePowerStatus
+from ampacity.federated import tls
 
 log = logging.getLogger("ampacity.agent")
 
@@ -71,14 +74,18 @@ class OperatorLink:
         client: httpx.AsyncClient | None = None,
         timeout: float = 3.0,
         token: str | None = None,
+        ca_file: Path | None = None,
     ) -> None:
+        """`ca_file`: the operator CA's certificate, which an https:// endpoint's is verified
+        against (hostname checked); without it, the system's trust store."""
         self.base_url = base_url.rstrip("/")
         self.node = node
         self.timeout = timeout
         self.token = token or secrets.token_urlsafe(32)
         #: What the agent publishes in its NodePower status (the same hash as controllers.tokens).
         self.token_hash = hashlib.sha256(self.token.encode()).hexdigest()
-        self._client = client or httpx.AsyncClient(timeout=timeout)
+        verify: ssl.SSLContext | bool = tls.client_context(ca_file) if ca_file is not None else True
+        self._client = client or httpx.AsyncClient(timeout=timeout, verify=verify)
         self._own_client = client is None
         #: The latest answer, and when it came (monotonic seconds).
         self.latest: Answer | None = None

@@ -12,6 +12,11 @@ from prometheus_client import Counter, Gauge, Histogram, Info
 
 import ampacity
 
+ENDPOINT_TLS = Gauge(
+    "ampacity_operator_endpoint_tls",
+    "1 when the operator's endpoint serves TLS with a certificate from its CA, 0 when plain HTTP.",
+    ["endpoint"],
+)
 RECONCILE_TOTAL = Counter(
     "ampacity_reconcile_total", "Reconciliations by controller and result.", ["controller", "result"]
 )

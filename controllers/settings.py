@@ -15,6 +15,7 @@ from prometheus_client import start_http_server
 from ampacity import kubeconfig
 from ampacity.api.meta import GROUP
 from ampacity.kube import Kube
+from controllers import endpoint_tls
 from controllers.cache import ClusterCache
 from controllers.powerbudget import endpoint as power_endpoint
 from controllers.powerbudget.controller import POWER_MEMO
@@ -63,7 +64,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # PowerBudget rounds, fed by the cache's NodePower watch.
     memo[POWER_MEMO] = PowerRuntime(memo["kube"], cache.node_power_informer)
     # The agents' fast way to that runtime: telemetry in, assignments out, never through etcd.
-    memo["power_endpoint"] = await power_endpoint.start(memo[POWER_MEMO], power_endpoint.POWER_PORT)
+    memo["power_endpoint"] = await power_endpoint.start(
+        memo[POWER_MEMO], power_endpoint.POWER_PORT, ssl_context=endpoint_tls.serving_context("power")
+    )
 
 
 @kopf.on.login(id="ampacity-credentials")

@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import os
+import ssl
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -124,14 +125,20 @@ def make_app(power: PowerRuntime) -> web.Application:
     return app
 
 
-async def start(power: PowerRuntime, port: int = POWER_PORT, host: str = "0.0.0.0") -> PowerEndpoint:
-    """Serve the endpoint on `host:port` (every interface: agents reach it through a Service)."""
+async def start(
+    power: PowerRuntime,
+    port: int = POWER_PORT,
+    host: str = "0.0.0.0",
+    ssl_context: ssl.SSLContext | None = None,
+) -> PowerEndpoint:
+    """Serve the endpoint on `host:port` (every interface: agents reach it through a Service), over
+    TLS with `ssl_context` (`controllers.endpoint_tls`)."""
     app = make_app(power)
     # Streams stay open for the agents' lifetime: no keep-alive timeout cuts them.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    log.info("power telemetry endpoint on %s:%d", host, port)
+    await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
+    log.info("power telemetry endpoint on %s://%s:%d", "https" if ssl_context else "http", host, port)
     endpoint = app[ENDPOINT]
     endpoint.runner = runner
     return endpoint

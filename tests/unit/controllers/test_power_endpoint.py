@@ -34,8 +34,8 @@ from tests.fakes import FakeKube
 NODES = ("n0", "n1")
 
 
-@pytest.fixture
-async def operator() -> AsyncIterator[tuple[FakeKube, dict[str, Any], str]]:
+def budget_row() -> FakeKube:
+    """Two nodes of 2 GPUs under one PowerBudget, in the in-memory API server."""
     kube = FakeKube()
     for name in NODES:
         kube.add(
@@ -60,6 +60,12 @@ async def operator() -> AsyncIterator[tuple[FakeKube, dict[str, Any], str]]:
             },
         }
     )
+    return kube
+
+
+@pytest.fixture
+async def operator() -> AsyncIterator[tuple[FakeKube, dict[str, Any], str]]:
+    kube = budget_row()
     cache = ClusterCache(kube)
     await cache.start(sync_seconds=5)
     power = PowerRuntime(kube, cache.node_power_informer)
