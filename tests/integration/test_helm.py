@@ -86,10 +86,26 @@ def test_the_nvml_agent_gets_what_nvidias_daemonsets_get_and_nothing_more(cluste
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["NVIDIA_VISIBLE_DEVICES"] == "all" and env["AMPACITY_AGENT_SIMULATE"] == "0"
     assert env["AMPACITY_AGENT_POD_RESOURCES_SOCKET"] == "/var/lib/kubelet/pod-resources/kubelet.sock"
-    (mount,) = container["volumeMounts"]
-    assert mount == {"name": "pod-resources", "mountPath": "/var/lib/kubelet/pod-resources", "readOnly": True}
-    (volume,) = pod["volumes"]
-    assert volume["hostPath"]["path"] == "/var/lib/kubelet/pod-resources"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert sorted(mounts) == ["operator-ca", "pod-resources"]
+    assert mounts["pod-resources"] == {
+        "name": "pod-resources",
+        "mountPath": "/var/lib/kubelet/pod-resources",
+        "readOnly": True,
+    }
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["pod-resources"]["hostPath"]["path"] == "/var/lib/kubelet/pod-resources"
+    # The operator's endpoint is verified with its CA's certificate: a ConfigMap, never the CA's Secret.
+    assert env["AMPACITY_AGENT_OPERATOR_URL"].startswith("https://")
+    assert env["AMPACITY_AGENT_OPERATOR_CA_FILE"] == f"{mounts['operator-ca']['mountPath']}/ca.crt"
+    ca_map = volumes["operator-ca"]["configMap"]["name"]
+    (published,) = [
+        d
+        for d in yaml.safe_load_all(rendered)
+        if d and d["kind"] == "ConfigMap" and d["metadata"]["name"] == ca_map
+    ]
+    assert list(published["data"]) == ["ca.crt"] and "PRIVATE KEY" not in published["data"]["ca.crt"]
+    assert published["data"]["ca.crt"].startswith("-----BEGIN CERTIFICATE-----")
 
 
 def test_chart_ships_the_generated_crds(cluster: LocalCluster) -> None:
