@@ -73,6 +73,9 @@ DELETED_MEMORY_SECONDS = 300.0
 #: operator from a dead one. A third, not a half: a write can take seconds to land on a loaded
 #: API server, and an agent whose assignment ages past the staleness fails safe.
 HEARTBEAT_FRACTION = 1 / 3
+#: A node whose agent has not reported for this many stalenesses gets no assignedAt refresh: its
+#: agent, if any, writes its status at least every half staleness (`ReportPolicy`), so it is gone.
+AGENT_SILENT_STALENESSES = 3
 #: Which fast reports run a round: news only (power beyond the deadband, a limit, fault or pod map
 #: change). No heartbeat: the budget's timer runs the rounds that only time calls for (staleness,
 #: release windows), and 500 nodes' heartbeats would keep rounds running back to back.
@@ -363,6 +366,11 @@ class PowerRuntime:
         if event is not None:
             event.set()
 
+    def _heard(self, node: str, now: float, within: float) -> bool:
+        """Whether the node's agent reported (either way) within the last `within` seconds."""
+        sampled = self.status_of(node).sampled_at
+        return sampled is not None and now - sampled.timestamp() < within
+
     def _fast_fresh(self, node: str, now: float, within: float) -> bool:
         fast = self._fast.get(node)
         return fast is not None and now - fast[1] < within
@@ -528,10 +536,19 @@ class PowerRuntime:
             # Unchanged: assignedAt is refreshed only for agents that do not hear the fast way. An
             # agent's last fast answer stays valid for the staleness; after two heartbeats without
             # its reports the refresh goes out and has the last third to land, as on the slow way.
+            # Nor for a node whose agent has not reported for AGENT_SILENT_STALENESSES stalenesses
+            # (none runs, or it cannot reach the API server): nobody reads that assignedAt, and
+            # 500 such nodes cost 150 writes a second. An agent that starts or comes back reports
+            # first (its first sample is always news) and is refreshed from the next heartbeat on;
+            # until then it holds its safe cap, failing closed.
             if (
                 previous is not None
                 and previous[0] == key
-                and (now - previous[1] < heartbeat or self._fast_fresh(node, now, 2 * heartbeat))
+                and (
+                    now - previous[1] < heartbeat
+                    or self._fast_fresh(node, now, 2 * heartbeat)
+                    or not self._heard(node, now, AGENT_SILENT_STALENESSES * rt.spec.telemetry_staleness)
+                )
             ):
                 continue
             rt.written[node] = (key, now)

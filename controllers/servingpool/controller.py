@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import os
 import time
 from datetime import UTC, datetime
@@ -94,9 +96,23 @@ def warm_node_preferences(
     return preferred_affinity(affinity_weights(estimates))
 
 
+#: Per-object memo: the router's RBAC objects as last applied or read back, (digest, when).
+RBAC_MEMO = "rbac_verified"
+#: How long a verified RBAC object is trusted without a read. The cache does not watch RBAC, so
+#: an edit or a deletion by someone else is repaired within this (and on any change of the pool).
+RBAC_RECHECK_SECONDS = 300.0
+
+
 async def _ensure(ctx: Context, obj: dict[str, Any]) -> None:
-    """Apply a child the cache does not watch (the router's RBAC) only when it is missing or differs:
-    a read per pass instead of a write."""
+    """Apply a child the cache does not watch (the router's RBAC) only when it is missing or differs,
+    and read it back only when the desired object changed or RBAC_RECHECK_SECONDS passed: a settled
+    pool costs no requests for it."""
+    key = (obj["kind"], obj["metadata"]["name"])
+    digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+    verified: dict[tuple[str, str], tuple[str, float]] = ctx.memo.setdefault(RBAC_MEMO, {})
+    last = verified.get(key)
+    if last is not None and last[0] == digest and time.monotonic() - last[1] < RBAC_RECHECK_SECONDS:
+        return
     live = await ctx.kube.get(obj["kind"], ctx.namespace, obj["metadata"]["name"])
     fields = ("rules", "roleRef", "subjects")
     if (
@@ -105,6 +121,7 @@ async def _ensure(ctx: Context, obj: dict[str, Any]) -> None:
         or live["metadata"].get("ownerReferences") != obj["metadata"]["ownerReferences"]
     ):
         await ctx.kube.apply(obj)
+    verified[key] = (digest, time.monotonic())
 
 
 def roles(plan: ServingPlan, size: AutoscalingStatus) -> dict[str, tuple[int, int]]:

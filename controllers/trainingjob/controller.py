@@ -493,13 +493,7 @@ async def _reconcile(ctx: Context, now: datetime) -> None:
     if due is not None:
         ctx.requeue(due)
     if late:
-        # Admission's reservation did not hold (something else took the GPUs): give the GPUs
-        # of the bound workers back and queue again; not a failure of the job.
-        await _stop_gang(ctx, current, now)
-        status.phase = TrainingPhase.PENDING if status.restarts == 0 else TrainingPhase.RESTARTING
-        message = f"{len(late)} worker(s) not scheduled within {BIND_TIMEOUT_SECONDS:g}s ({', '.join(late)})"
-        ctx.set_ready(False, "GangUnschedulable", f"{message}; the gang waits for admission again")
-        ctx.event("GangUnschedulable", message, warning=True)
+        await _place_again(ctx, spec, current, late, now)
         return
     if created and all(_phase(p) == "Succeeded" for p in live):
         status.phase = TrainingPhase.SUCCEEDED
@@ -549,6 +543,12 @@ async def _start_gang(
         ctx.set_ready(False, "BackingOff", f"restarting the gang in {left:.0f}s (failurePolicy.backoff)")
         ctx.requeue(left)
         return None
+    going = [p for p in current if _terminating(p)]
+    if going:
+        # Workers of this gang placed again (`_place_again`): their names are reused.
+        status.phase = waiting
+        ctx.set_ready(False, "GangUnschedulable", f"waiting for {len(going)} unscheduled worker(s) to go")
+        return None
     existing = {p["metadata"]["name"] for p in current}
     missing = [r for r in range(world_size) if worker_name(ctx.name, r) not in existing]
     placement = await admit(ctx, spec, missing)
@@ -581,6 +581,34 @@ async def _start_gang(
     status.replicas = world_size
     status.restart_not_before = None
     return started
+
+
+async def _place_again(
+    ctx: Context, spec: TrainingJobSpec, current: list[Object], late: list[str], now: datetime
+) -> None:
+    """Admission's reservation did not hold for the `late` workers (the kube-scheduler placed a pod
+    admission could not see on their nodes first); not a failure of the job.
+
+    If admission finds their GPUs elsewhere now, only they are deleted, to be created again on the
+    new reservation, and the bound workers keep their GPUs and wait in the rendezvous. Stopping the
+    whole gang freed GPUs that pending pods took in turn, and at 400 jobs beside 300 pools that kept
+    every gang restarting at idle (docs/results/operator.md). If not, the whole gang gives its GPUs
+    back and waits for admission: a partial gang never holds GPUs while it waits."""
+    status: TrainingJobStatus = ctx.status
+    gang_admission(ctx.memo).forget(f"{ctx.namespace}/{ctx.name}")
+    message = f"{len(late)} worker(s) not scheduled within {BIND_TIMEOUT_SECONDS:g}s ({', '.join(late)})"
+    ranks = sorted(int(p["metadata"]["labels"][RANK_LABEL]) for p in current if p["metadata"]["name"] in late)
+    placement = await admit(ctx, spec, ranks)
+    if isinstance(placement, Waiting) or len(placement) < len(ranks):
+        await _stop_gang(ctx, current, now)
+        ctx.set_ready(False, "GangUnschedulable", f"{message}; the gang waits for admission again")
+    else:
+        for name in late:
+            await ctx.kube.delete("Pod", ctx.namespace, name)
+        status.replicas = 0
+        ctx.set_ready(False, "GangUnschedulable", f"{message}; placing them again")
+    status.phase = TrainingPhase.PENDING if status.restarts == 0 else TrainingPhase.RESTARTING
+    ctx.event("GangUnschedulable", message, warning=True)
 
 
 async def _stop_gang(ctx: Context, pods: list[Object], now: datetime) -> None:

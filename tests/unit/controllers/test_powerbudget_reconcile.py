@@ -206,3 +206,31 @@ async def test_assignments_are_refreshed_on_time_without_reconciles_or_reports(
         ),
         "assignedAt refreshed",
     )
+
+
+async def test_nodes_without_a_reporting_agent_are_not_rewritten_at_idle(
+    operator: tuple[FakeKube, dict[str, Any]],
+) -> None:
+    """A budget over nodes whose agents never reported writes their NodePowers once; its rounds
+    (the reconcile timer's) and heartbeats rewrite nothing: a settled budget costs no writes."""
+    kube, memo = operator
+    kube.add(
+        {
+            "apiVersion": "ampacity.dev/v1alpha1",
+            "kind": "PowerBudget",
+            "metadata": {"name": "row"},
+            "spec": {
+                "nodeSelector": {"matchLabels": {"ampacity.dev/row": "a"}},
+                "limitWatts": 2400,
+                "safeCapWatts": 300,
+                "telemetryStaleness": "1s",
+            },
+        }
+    )
+    await run(kube, memo)
+    await until(lambda: len(kube.of_kind("NodePower")) == 2, "NodePowers written")
+    writes = kube.count("apply", "NodePower") + kube.count("patch", "NodePower")
+    for _ in range(4):  # 1.2 s: past three of the 1/3 s heartbeats
+        await asyncio.sleep(0.3)
+        await run(kube, memo)
+    assert kube.count("apply", "NodePower") + kube.count("patch", "NodePower") == writes

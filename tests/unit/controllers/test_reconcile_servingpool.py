@@ -31,6 +31,34 @@ def h100_node(name: str) -> dict[str, Any]:
     }
 
 
+async def test_a_settled_pool_reads_no_rbac_until_the_recheck_is_due(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router's RBAC is not watched: a pass reads it back only when the desired object changed
+    or the recheck is due, and then repairs what someone else changed."""
+    from controllers.servingpool import controller
+
+    kube = FakeKube()
+    for i in range(2):
+        kube.add(h100_node(f"h100-{i}"))
+    pool = yaml.safe_load(EXAMPLE.read_text())
+    pool["metadata"]["namespace"] = "ns"
+    kube.add(pool)
+    name = pool["metadata"]["name"]
+    rbac = ("ServiceAccount", "Role", "RoleBinding")
+    async with Operator(kube) as op:
+        assert (await op.reconcile(SERVING_POOL, reconcile, "ns", name)).error is None
+        reads = sum(kube.count("get", kind) for kind in rbac)
+        assert reads >= 3
+        for _ in range(2):
+            assert (await op.reconcile(SERVING_POOL, reconcile, "ns", name)).error is None
+        assert sum(kube.count("get", kind) for kind in rbac) == reads
+        role = kube.of_kind("Role")[0]
+        await kube.delete("Role", "ns", role["metadata"]["name"])
+        monkeypatch.setattr(controller, "RBAC_RECHECK_SECONDS", 0.0)
+        assert (await op.reconcile(SERVING_POOL, reconcile, "ns", name)).error is None
+        assert sum(kube.count("get", kind) for kind in rbac) > reads
+        assert kube.stored("Role", "ns", role["metadata"]["name"]) is not None
+
+
 async def test_a_pool_is_planned_run_and_settles() -> None:
     kube = FakeKube()
     for i in range(2):

@@ -286,3 +286,58 @@ async def test_the_interval_has_one_writer_even_when_a_restart_moves_it(kube: Fa
         fresh = reports.decide_interval(spec, TRAINING_JOB.status.model_validate(status), datetime.now(UTC))
         assert status["checkpointIntervalReason"] == fresh.reason
         assert "until the trainer reports a measured save" not in status["checkpointIntervalReason"]
+
+
+def pinned_node(pod: dict[str, Any]) -> str:
+    terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    return str(terms["nodeSelectorTerms"][0]["matchFields"][0]["values"][0])
+
+
+async def test_a_worker_whose_reserved_gpus_were_taken_is_placed_again_alone(
+    kube: FakeKube, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kube-scheduler can place a pod admission did not see on a reserved node first: only the
+    worker left unbound is placed again while GPUs are free elsewhere (its bound peers keep theirs,
+    so no GPUs are freed for pending pods to take); with none free the whole gang waits again."""
+    from controllers.trainingjob import controller
+
+    kube.add(job())
+    async with Operator(kube) as op:
+        await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        pods = {p["metadata"]["name"]: p for p in kube.of_kind("Pod")}
+        late = next(n for n, p in pods.items() if pinned_node(p) == "gpu-1" and n.endswith("3"))
+        await schedule(kube, {n: pinned_node(p) for n, p in pods.items() if n != late})
+        kube.add(
+            {
+                "kind": "Pod",
+                "metadata": {"name": "engine", "namespace": "other"},
+                "spec": {
+                    "nodeName": "gpu-1",
+                    "containers": [{"name": "e", "resources": {"limits": {"nvidia.com/gpu": "1"}}}],
+                },
+                "status": {"phase": "Running"},
+            }
+        )
+        kube.add(gpu_node("gpu-2", 2))
+        monkeypatch.setattr(controller, "BIND_TIMEOUT_SECONDS", 0.0)
+        uids = {n: p["metadata"]["uid"] for n, p in pods.items() if n != late}
+
+        await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        assert op.condition("TrainingJob", "ns", "gpt-pretrain")["reason"] == "GangUnschedulable"
+        assert {
+            p["metadata"]["name"]: p["metadata"]["uid"]
+            for p in kube.of_kind("Pod")
+            if p["metadata"]["name"] != "engine"
+        } == uids
+        await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        again = kube.stored("Pod", "ns", late)
+        assert again is not None and pinned_node(again) == "gpu-2"
+        assert again["metadata"]["labels"]["ampacity.dev/gang"] == "0"
+        assert kube.stored("TrainingJob", "ns", "gpt-pretrain")["status"]["restarts"] == 0  # type: ignore[index]
+
+        # No GPUs free anywhere when it times out again: the whole gang gives its GPUs back.
+        await kube.delete("Node", None, "gpu-2")
+        await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        ready = op.condition("TrainingJob", "ns", "gpt-pretrain")
+        assert ready["reason"] == "GangUnschedulable" and "waits for admission again" in ready["message"]
+        assert [p["metadata"]["name"] for p in kube.of_kind("Pod")] == ["engine"]
