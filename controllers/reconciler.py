@@ -53,6 +53,11 @@ APPLIED_MEMO = "applied"
 WRITTEN_MEMO = "written"
 
 
+def manifest_digest(obj: Mapping[str, Any]) -> str:
+    """What a desired child is remembered by: a write is skipped while it is the one last sent."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 @dataclass
 class Context:
     """What a reconcile function gets: the parsed object, its status to fill in, and a client."""
@@ -140,7 +145,7 @@ class Context:
         """
         metadata = obj["metadata"]
         kind, namespace, name = obj["kind"], str(metadata.get("namespace") or ""), str(metadata["name"])
-        digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+        digest = manifest_digest(obj)
         applied: dict[tuple[str, str, str], tuple[str, str]] = self.memo.setdefault(APPLIED_MEMO, {})
         cache = self.memo.get(CACHE_MEMO)
         if isinstance(cache, ClusterCache) and kind in cache.children:

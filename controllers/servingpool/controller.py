@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import os
 import time
 from datetime import UTC, datetime
@@ -20,7 +18,7 @@ from ampacity.serving.placement import affinity_weights, node_from_labels, prefe
 from ampacity.serving.pool_plan import profile_digest, resolve_model
 from ampacity.serving.replan import MetricsSnapshot, parse_metrics
 from controllers import metrics
-from controllers.reconciler import Context, controller
+from controllers.reconciler import Context, controller, manifest_digest
 from controllers.servingpool import children
 from controllers.servingpool.autoscale import (
     FIRST_PHASE,
@@ -108,7 +106,7 @@ async def _ensure(ctx: Context, obj: dict[str, Any]) -> None:
     and read it back only when the desired object changed or RBAC_RECHECK_SECONDS passed: a settled
     pool costs no requests for it."""
     key = (obj["kind"], obj["metadata"]["name"])
-    digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+    digest = manifest_digest(obj)
     verified: dict[tuple[str, str], tuple[str, float]] = ctx.memo.setdefault(RBAC_MEMO, {})
     last = verified.get(key)
     if last is not None and last[0] == digest and time.monotonic() - last[1] < RBAC_RECHECK_SECONDS:

@@ -30,6 +30,7 @@ from controllers.powerbudget.controller import POWER_MEMO, reconcile
 from controllers.powerbudget.runtime import PowerRuntime
 from controllers.reconciler import CACHE_MEMO, Context, _reconcile_once
 from tests.fakes import FakeKube
+from tests.unit.controllers.test_powerbudget_reconcile import add_budget
 
 NODES = ("n0", "n1")
 
@@ -46,20 +47,8 @@ def budget_row() -> FakeKube:
                 "status": {"capacity": {"nvidia.com/gpu": "2"}},
             }
         )
-    kube.add(
-        {
-            "apiVersion": "ampacity.dev/v1alpha1",
-            "kind": "PowerBudget",
-            "metadata": {"name": "row"},
-            # 4 GPUs of 700 W: 2,800 W flat out, T2 at 2,280 W.
-            "spec": {
-                "nodeSelector": {"matchLabels": {"ampacity.dev/row": "a"}},
-                "limitWatts": 2400,
-                "safeCapWatts": 300,
-                "telemetryStaleness": "3s",
-            },
-        }
-    )
+    # 4 GPUs of 700 W: 2,800 W flat out, T2 at 2,280 W.
+    add_budget(kube, telemetryStaleness="3s")
     return kube
 
 

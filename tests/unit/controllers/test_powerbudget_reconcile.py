@@ -39,6 +39,23 @@ def gpu(index: int, watts: float) -> dict[str, Any]:
     }
 
 
+def add_budget(kube: FakeKube, **spec: str) -> None:
+    """The row's PowerBudget (2,400 W over the nodes labelled row=a), with `spec` fields added."""
+    kube.add(
+        {
+            "apiVersion": "ampacity.dev/v1alpha1",
+            "kind": "PowerBudget",
+            "metadata": {"name": "row"},
+            "spec": {
+                "nodeSelector": {"matchLabels": {"ampacity.dev/row": "a"}},
+                "limitWatts": 2400,
+                "safeCapWatts": 300,
+                **spec,
+            },
+        }
+    )
+
+
 def report(enforcing: bool, watts: float = 300.0) -> dict[str, Any]:
     status = NodePowerStatus.model_validate(
         {
@@ -98,18 +115,7 @@ async def test_a_node_that_cannot_apply_caps_turns_the_budget_not_ready(
     operator: tuple[FakeKube, dict[str, Any]],
 ) -> None:
     kube, memo = operator
-    kube.add(
-        {
-            "apiVersion": "ampacity.dev/v1alpha1",
-            "kind": "PowerBudget",
-            "metadata": {"name": "row"},
-            "spec": {
-                "nodeSelector": {"matchLabels": {"ampacity.dev/row": "a"}},
-                "limitWatts": 2400,
-                "safeCapWatts": 300,
-            },
-        }
-    )
+    add_budget(kube)
     ctx = await run(kube, memo)
     assert ctx.status.condition("Ready").reason == "AwaitingTelemetry"
     await until(lambda: len(kube.of_kind("NodePower")) == 2, "NodePowers written")
@@ -145,19 +151,7 @@ async def test_a_surge_report_is_capped_without_a_reconcile(
     operator: tuple[FakeKube, dict[str, Any]],
 ) -> None:
     kube, memo = operator
-    kube.add(
-        {
-            "apiVersion": "ampacity.dev/v1alpha1",
-            "kind": "PowerBudget",
-            "metadata": {"name": "row"},
-            "spec": {
-                "nodeSelector": {"matchLabels": {"ampacity.dev/row": "a"}},
-                "limitWatts": 2400,
-                "safeCapWatts": 300,
-                "actuator": "ClockLock",
-            },
-        }
-    )
+    add_budget(kube, actuator="ClockLock")
     await run(kube, memo)
     await until(lambda: len(kube.of_kind("NodePower")) == 2, "NodePowers written")
     for node in NODES:
@@ -180,19 +174,7 @@ async def test_assignments_are_refreshed_on_time_without_reconciles_or_reports(
     operator: tuple[FakeKube, dict[str, Any]],
 ) -> None:
     kube, memo = operator
-    kube.add(
-        {
-            "apiVersion": "ampacity.dev/v1alpha1",
-            "kind": "PowerBudget",
-            "metadata": {"name": "row"},
-            "spec": {
-                "nodeSelector": {"matchLabels": {"ampacity.dev/row": "a"}},
-                "limitWatts": 2400,
-                "safeCapWatts": 300,
-                "telemetryStaleness": "1s",
-            },
-        }
-    )
+    add_budget(kube, telemetryStaleness="1s")
     await run(kube, memo)
     for node in NODES:
         await kube.patch_status("NodePower", None, node, report(enforcing=True))
@@ -214,19 +196,7 @@ async def test_nodes_without_a_reporting_agent_are_not_rewritten_at_idle(
     """A budget over nodes whose agents never reported writes their NodePowers once; its rounds
     (the reconcile timer's) and heartbeats rewrite nothing: a settled budget costs no writes."""
     kube, memo = operator
-    kube.add(
-        {
-            "apiVersion": "ampacity.dev/v1alpha1",
-            "kind": "PowerBudget",
-            "metadata": {"name": "row"},
-            "spec": {
-                "nodeSelector": {"matchLabels": {"ampacity.dev/row": "a"}},
-                "limitWatts": 2400,
-                "safeCapWatts": 300,
-                "telemetryStaleness": "1s",
-            },
-        }
-    )
+    add_budget(kube, telemetryStaleness="1s")
     await run(kube, memo)
     await until(lambda: len(kube.of_kind("NodePower")) == 2, "NodePowers written")
     writes = kube.count("apply", "NodePower") + kube.count("patch", "NodePower")

@@ -31,16 +31,28 @@ def h100_node(name: str) -> dict[str, Any]:
     }
 
 
+def h100_cluster(nodes: int) -> FakeKube:
+    kube = FakeKube()
+    for i in range(nodes):
+        kube.add(h100_node(f"h100-{i}"))
+    return kube
+
+
+def example_pool(**spec: Any) -> dict[str, Any]:
+    """examples/servingpool.yaml in namespace ns, with `spec` fields replaced."""
+    pool = yaml.safe_load(EXAMPLE.read_text())
+    pool["metadata"]["namespace"] = "ns"
+    pool["spec"] |= spec
+    return dict(pool)
+
+
 async def test_a_settled_pool_reads_no_rbac_until_the_recheck_is_due(monkeypatch: pytest.MonkeyPatch) -> None:
     """The router's RBAC is not watched: a pass reads it back only when the desired object changed
     or the recheck is due, and then repairs what someone else changed."""
     from controllers.servingpool import controller
 
-    kube = FakeKube()
-    for i in range(2):
-        kube.add(h100_node(f"h100-{i}"))
-    pool = yaml.safe_load(EXAMPLE.read_text())
-    pool["metadata"]["namespace"] = "ns"
+    kube = h100_cluster(2)
+    pool = example_pool()
     kube.add(pool)
     name = pool["metadata"]["name"]
     rbac = ("ServiceAccount", "Role", "RoleBinding")
@@ -60,11 +72,8 @@ async def test_a_settled_pool_reads_no_rbac_until_the_recheck_is_due(monkeypatch
 
 
 async def test_a_pool_is_planned_run_and_settles() -> None:
-    kube = FakeKube()
-    for i in range(2):
-        kube.add(h100_node(f"h100-{i}"))
-    pool = yaml.safe_load(EXAMPLE.read_text())
-    pool["metadata"]["namespace"] = "ns"
+    kube = h100_cluster(2)
+    pool = example_pool()
     kube.add(pool)
     name = pool["metadata"]["name"]
     async with Operator(kube) as op:
@@ -126,10 +135,8 @@ async def test_a_pool_is_planned_run_and_settles() -> None:
 async def test_a_pass_that_fails_after_a_spec_change_does_not_keep_the_old_plan() -> None:
     """The failed pass records the generation it saw (its Ready condition explains the failure); the
     retry must still plan the new spec, not take the old plan as this generation's."""
-    kube = FakeKube()
-    kube.add(h100_node("h100-0"))
-    pool = yaml.safe_load(EXAMPLE.read_text())
-    pool["metadata"]["namespace"] = "ns"
+    kube = h100_cluster(1)
+    pool = example_pool()
     kube.add(pool)
     name = pool["metadata"]["name"]
     async with Operator(kube) as op:
@@ -167,13 +174,10 @@ async def test_an_edited_latency_profile_re_plans_the_pool(monkeypatch: pytest.M
         )
 
     monkeypatch.setattr(controller, "plan_pool", fitting)
-    kube = FakeKube()
-    kube.add(h100_node("h100-0"))
+    kube = h100_cluster(1)
     profile = {"kind": "ConfigMap", "metadata": {"name": "latencies", "namespace": "ns"}}
     kube.add(profile | {"data": {"profile.csv": "measured on Monday"}})
-    pool = yaml.safe_load(EXAMPLE.read_text())
-    pool["metadata"]["namespace"] = "ns"
-    pool["spec"]["latencyProfile"] = {"configMap": "latencies"}
+    pool = example_pool(latencyProfile={"configMap": "latencies"})
     kube.add(pool)
     name = pool["metadata"]["name"]
     async with Operator(kube) as op:
@@ -208,12 +212,11 @@ async def test_pools_created_together_are_planned_one_at_a_time(monkeypatch: pyt
             running -= 1
 
     monkeypatch.setattr(controller, "plan_pool", counting)
-    kube = FakeKube()
-    kube.add(h100_node("h100-0"))
+    kube = h100_cluster(1)
     names = []
     for i in range(3):
-        pool = yaml.safe_load(EXAMPLE.read_text())
-        pool["metadata"] |= {"namespace": "ns", "name": f"pool-{i}"}
+        pool = example_pool()
+        pool["metadata"]["name"] = f"pool-{i}"
         kube.add(pool)
         names.append(pool["metadata"]["name"])
     async with Operator(kube) as op:
@@ -224,16 +227,13 @@ async def test_pools_created_together_are_planned_one_at_a_time(monkeypatch: pyt
 
 
 async def test_the_activators_wake_request_scales_a_pool_at_zero_back_to_its_planned_size() -> None:
-    kube = FakeKube()
-    kube.add(h100_node("h100-0"))
-    pool = yaml.safe_load(EXAMPLE.read_text())
-    pool["metadata"]["namespace"] = "ns"
-    pool["spec"] |= {
-        "mode": "disaggregated",
-        "minGpus": 0,
-        "autoscaling": {"scaleToZeroAfter": "5m"},
-        "activator": {"maxQueue": 7, "maxWait": "2m"},
-    }
+    kube = h100_cluster(1)
+    pool = example_pool(
+        mode="disaggregated",
+        minGpus=0,
+        autoscaling={"scaleToZeroAfter": "5m"},
+        activator={"maxQueue": 7, "maxWait": "2m"},
+    )
     kube.add(pool)
     name = pool["metadata"]["name"]
     async with Operator(kube) as op:
@@ -284,15 +284,10 @@ async def test_the_activators_wake_request_scales_a_pool_at_zero_back_to_its_pla
 
 
 async def test_engines_of_a_sleep_group_run_with_sleep_mode_and_ask_for_host_memory() -> None:
-    kube = FakeKube()
-    kube.add(h100_node("h100-0"))
-    pool = yaml.safe_load(EXAMPLE.read_text())
-    pool["metadata"]["namespace"] = "ns"
-    pool["spec"] |= {
-        "mode": "colocated",
-        "autoscaling": {"cooldown": "5m"},
-        "sleep": {"group": "chat", "hostMemory": "140Gi"},
-    }
+    kube = h100_cluster(1)
+    pool = example_pool(
+        mode="colocated", autoscaling={"cooldown": "5m"}, sleep={"group": "chat", "hostMemory": "140Gi"}
+    )
     pool["spec"]["engine"]["resources"] = {}
     kube.add(pool)
     name = pool["metadata"]["name"]
