@@ -25,7 +25,10 @@ went wrong, e.g. "GET pods: the API server did not answer within 30 s".
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import contextvars
+import enum
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -45,7 +48,7 @@ RETRIES_ON_TRANSPORT_ERRORS = 2
 #: Items per page of a LIST (`limit`/`continue`), as client-go's pager (500).
 PAGE_SIZE = 500
 #: Connections kept to the API server, and requests in flight at once: more wait in our own queue
-#: (a semaphore), not in httpcore's pool, whose bookkeeping scans every connection for every
+#: (`_Lanes`), not in httpcore's pool, whose bookkeeping scans every connection for every
 #: queued request (at 128 connections and ~1,000 objects' reconciles that scan took half the
 #: operator's CPU). Watches use a pool of their own, so a request never waits behind them.
 MAX_CONNECTIONS = 32
@@ -57,6 +60,64 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 log = logging.getLogger(__name__)
 
 Object = dict[str, Any]
+
+
+class Lane(enum.IntEnum):
+    """Which queue a request waits in while every connection is busy: a lower lane goes first."""
+
+    #: A new object's children: the work a user just asked for.
+    FIRST_CHILDREN = 0
+    #: The rest of a pass over a spec not reconciled yet (its status, its Secrets).
+    NEW_GENERATION = 1
+    #: Passes that follow children's progress, resyncs, everything else.
+    ROUTINE = 2
+
+
+#: The lane of the current task's requests (and of the tasks it starts). The reconciler sets it
+#: per pass (`controllers.reconciler`), so under load what a user just applied gets its children
+#: before passes that only follow their children's progress.
+LANE: contextvars.ContextVar[Lane] = contextvars.ContextVar("ampacity_request_lane", default=Lane.ROUTINE)
+
+
+class _Lanes:
+    """At most `limit` requests in flight; past that, waiters queue by `Lane`, and a freed slot goes
+    to the first waiter of the lowest lane (an asyncio.Semaphore is one first-come queue, where a
+    new object's first child would wait behind every settled object's pass)."""
+
+    def __init__(self, limit: int) -> None:
+        self._free = limit
+        self._lanes: tuple[collections.deque[asyncio.Future[None]], ...] = tuple(
+            collections.deque() for _ in Lane
+        )
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self._free > 0 and not any(self._lanes):
+            self._free -= 1
+        else:
+            waiter = asyncio.get_running_loop().create_future()
+            lane = self._lanes[LANE.get()]
+            lane.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.cancelled():
+                    lane.remove(waiter)
+                else:  # handed a slot just as it was cancelled: pass it on
+                    self._release()
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Hand the slot to the first waiter of the lowest lane, or free it."""
+        for lane in self._lanes:
+            if lane:
+                lane.popleft().set_result(None)
+                return
+        self._free += 1
 
 
 @dataclass(frozen=True)
@@ -207,7 +268,7 @@ class Kube:
         `http` (tests) replaces the connection; watches then share it."""
         self.timeout = timeout
         self.field_manager = field_manager
-        self._in_flight = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._in_flight = _Lanes(MAX_CONNECTIONS)
         if http is not None:
             self._http = self._watch_http = http
         else:
@@ -227,7 +288,7 @@ class Kube:
         retriable = never_sent if method == "POST" else httpx.TransportError
         for attempt in range(RETRIES_ON_TRANSPORT_ERRORS + 1):
             try:
-                async with self._in_flight:
+                async with self._in_flight.slot():
                     return await self._http.request(method, path, **kwargs)
             except retriable as error:
                 if attempt == RETRIES_ON_TRANSPORT_ERRORS:

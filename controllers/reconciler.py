@@ -37,7 +37,17 @@ from pydantic import ValidationError
 
 from ampacity.api import Resource
 from ampacity.api.meta import LABEL_PREFIX, ApiModel, ConditionStatus, Status
-from ampacity.kube import ApiUnavailable, Forbidden, Invalid, Kube, KubeError, NotFound, Unauthorized
+from ampacity.kube import (
+    LANE,
+    ApiUnavailable,
+    Forbidden,
+    Invalid,
+    Kube,
+    KubeError,
+    Lane,
+    NotFound,
+    Unauthorized,
+)
 from ampacity.kubeconfig import ConfigError
 from controllers import metrics
 from controllers.cache import ClusterCache
@@ -56,6 +66,19 @@ WRITTEN_MEMO = "written"
 def manifest_digest(obj: Mapping[str, Any]) -> str:
     """What a desired child is remembered by: a write is skipped while it is the one last sent."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def unchanged_since(kind: str, child: Mapping[str, Any]) -> str:
+    """What stays the same while nobody but its controller touches a child the operator applied.
+
+    A Deployment's status moves with every rollout step (the controller-manager writes it), so
+    its resourceVersion would call for an apply after each; its generation moves only with its
+    spec, and its labels and owners are compared as well. Other kinds: the resourceVersion."""
+    metadata = child.get("metadata") or {}
+    if kind == "Deployment" and "generation" in metadata:
+        owners = json.dumps([metadata.get("labels"), metadata.get("ownerReferences")], sort_keys=True)
+        return f"generation {metadata['generation']} {owners}"
+    return f"resourceVersion {metadata.get('resourceVersion', '')}"
 
 
 @dataclass
@@ -139,9 +162,10 @@ class Context:
         """Server-side apply a child, skipped when nothing changed since this operator last applied it.
 
         A child the cache watches (Deployments, Services) is not written again while the desired
-        object is the one last applied and the live one is still the version that apply returned
-        (nobody changed it since): the live object comes from the cache instead, so a settled pool
-        costs no writes. Other kinds, and any change, go to the API server.
+        object is the one last applied and nobody changed the live one since (`unchanged_since`):
+        the live object comes from the cache instead, so a settled pool costs no writes, and a
+        Deployment rolling out costs none for its status updates. Other kinds, and any change, go
+        to the API server.
         """
         metadata = obj["metadata"]
         kind, namespace, name = obj["kind"], str(metadata.get("namespace") or ""), str(metadata["name"])
@@ -151,15 +175,17 @@ class Context:
         if isinstance(cache, ClusterCache) and kind in cache.children:
             last = applied.get((kind, namespace, name))
             live = await cache.child(kind, namespace, name)
-            version = str((live or {}).get("metadata", {}).get("resourceVersion", ""))
-            if last is not None and live is not None and last == (digest, version):
+            if last is not None and live is not None and last == (digest, unchanged_since(kind, live)):
                 metrics.CHILD_APPLIES_SKIPPED.labels(self.resource.singular).inc()
                 return live
-        result = await self.kube.apply(obj)
-        applied[(kind, namespace, name)] = (
-            digest,
-            str(result.get("metadata", {}).get("resourceVersion", "")),
-        )
+        # A new object's children go first of all: they are the work, its status only reports it.
+        lane = LANE.set(Lane.FIRST_CHILDREN) if self.status.observed_generation == 0 else None
+        try:
+            result = await self.kube.apply(obj)
+        finally:
+            if lane is not None:
+                LANE.reset(lane)
+        applied[(kind, namespace, name)] = (digest, unchanged_since(kind, result))
         return result
 
     def set_ready(self, ready: bool, reason: str, message: str) -> None:
@@ -380,8 +406,30 @@ async def run_pass(
     post_event: EventPoster = kopf.event,
 ) -> float | None:
     """One pass as the operator runs it: reconcile from the freshest body, send the status patch,
-    keep what it returned (`freshest`); returns the pass's `requeue_after`."""
+    keep what it returned (`freshest`); returns the pass's `requeue_after`.
+
+    A pass over a generation the status has not observed yet (a new object, a spec change) sends
+    its requests ahead of other passes' (`ampacity.kube.Lane`): under load, what a user just
+    applied is acted on first."""
     body = freshest(body, memo)
+    observed = (body.get("status") or {}).get("observedGeneration")
+    lane = LANE.set(Lane.NEW_GENERATION if observed != body.metadata.get("generation") else Lane.ROUTINE)
+    try:
+        ctx = await _reconcile_and_write(resource, reconcile, body, memo, logger, retry, post_event)
+    finally:
+        LANE.reset(lane)
+    return ctx.requeue_after
+
+
+async def _reconcile_and_write(
+    resource: Resource,
+    reconcile: Reconcile,
+    body: kopf.Body,
+    memo: Any,
+    logger: Any,
+    retry: int,
+    post_event: EventPoster,
+) -> Context:
     patch = kopf.Patch()
     try:
         ctx = await reconcile_object(resource, reconcile, body, patch, memo, logger, retry, post_event)
@@ -394,11 +442,13 @@ async def run_pass(
                 )
     for work in ctx.after_status:
         await work()
-    return ctx.requeue_after
+    return ctx
 
 
 #: Seconds between passes of an object nothing wakes (the safety net for a missed event).
 RESYNC_SECONDS = 300.0
+#: How long a pass woken by a child's change waits for the rest of the burst.
+WAKE_COALESCE_SECONDS = 1.0
 #: Per-object memo: when a change handler's pass asked for the next one, and the event telling the
 #: refresh loop so.
 REQUEUE_AT = "requeue_at"
@@ -456,6 +506,10 @@ def controller(
                     due = min(due, memo.pop(REQUEUE_AT, due))
                 if not wake.is_set() and time.monotonic() < due:
                     continue
+                if wake.is_set():
+                    # Children change in bursts (a Deployment rolling out, a gang's pods
+                    # starting): one pass for the burst, not one per watch event.
+                    await asyncio.sleep(WAKE_COALESCE_SECONDS)
                 wake.clear()
                 try:
                     async with lock_of(memo):

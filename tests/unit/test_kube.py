@@ -281,3 +281,47 @@ async def test_kopf_logs_in_with_the_same_credentials(
     assert info.server == "https://127.0.0.1:1" and info.token == "token-1"
     assert info.ca_data == pki.ca.cert.read_bytes()
     assert info.expiration is not None and info.expiration > datetime.now(UTC)
+
+
+async def test_requests_queue_by_lane_when_every_connection_is_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every connection busy, a new object's children go before the rest of new passes,
+    and those before routine requests queued earlier; a request cancelled while it waits keeps
+    no slot."""
+    import asyncio
+
+    from ampacity import kube as kube_module
+    from ampacity.kube import LANE, Lane
+
+    monkeypatch.setattr(kube_module, "MAX_CONNECTIONS", 1)
+    gate = asyncio.Event()
+    served: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        name = request.url.path.rsplit("/", 1)[-1]
+        if name == "holder":
+            await gate.wait()
+        served.append(name)
+        return httpx.Response(200, json={"metadata": {"name": name}})
+
+    kube = client(httpx.MockTransport(handler))
+
+    async def get(name: str, lane: Lane = Lane.ROUTINE) -> None:
+        LANE.set(lane)
+        await kube.get("Pod", "ns", name)
+
+    async def queue(name: str, lane: Lane = Lane.ROUTINE) -> asyncio.Task[None]:
+        task = asyncio.create_task(get(name, lane))
+        await asyncio.sleep(0.01)
+        return task
+
+    holder = await queue("holder")
+    routine = await queue("routine")
+    cancelled = await queue("cancelled")
+    new_generation = await queue("new-generation", Lane.NEW_GENERATION)
+    first_child = await queue("first-child", Lane.FIRST_CHILDREN)
+    cancelled.cancel()
+    gate.set()
+    await asyncio.gather(holder, routine, new_generation, first_child)
+    assert served == ["holder", "first-child", "new-generation", "routine"]
+    await asyncio.wait_for(get("after"), 1.0)  # the cancelled waiter left no slot taken
+    await kube.close()
