@@ -35,6 +35,7 @@ from controllers.servingpool.autoscale import (
 from controllers.servingpool.plan import (
     LATENCY_PROFILE_INVALID,
     PLANNED_CONDITION,
+    PlanMemo,
     PlanningError,
     SizedPlan,
     plan_pool,
@@ -49,6 +50,8 @@ METRICS_AVAILABLE = "MetricsAvailable"
 METRICS_MEMO = "serving_metrics"
 #: Where the operator-wide planning lock sits in kopf's memo (`controllers.settings`).
 PLANNING_LOCK_MEMO = "planning_lock"
+#: Where the operator-wide memo of plans by their inputs sits (`controllers.settings`).
+PLAN_MEMO = "plan_memo"
 SCRAPE_TIMEOUT_SECONDS = 3.0
 #: An autoscaled pool scrapes its engines this often; other pools run when a child changes.
 AUTOSCALE_SECONDS = 10.0
@@ -109,7 +112,11 @@ async def _ensure(ctx: Context, obj: dict[str, Any]) -> None:
     digest = manifest_digest(obj)
     verified: dict[tuple[str, str], tuple[str, float]] = ctx.memo.setdefault(RBAC_MEMO, {})
     last = verified.get(key)
-    if last is not None and last[0] == digest and time.monotonic() - last[1] < RBAC_RECHECK_SECONDS:
+    if last is None:  # first sight (a new pool, or the operator restarted): one apply, no read
+        await ctx.kube.apply(obj)
+        verified[key] = (digest, time.monotonic())
+        return
+    if last[0] == digest and time.monotonic() - last[1] < RBAC_RECHECK_SECONDS:
         return
     live = await ctx.kube.get(obj["kind"], ctx.namespace, obj["metadata"]["name"])
     fields = ("rules", "roleRef", "subjects")
@@ -271,9 +278,14 @@ async def _plan(ctx: Context) -> SizedPlan:
     # One plan at a time, operator-wide: planning holds the GIL, so plans in parallel threads only
     # starve every other reconcile, and identical pools created together would each plan from
     # scratch (the planner's memo answers the second at once only after the first has finished).
-    lock = ctx.memo.get(PLANNING_LOCK_MEMO)
-    async with lock if isinstance(lock, asyncio.Lock) else contextlib.nullcontext():
-        sized = await asyncio.to_thread(plan_pool, ctx.spec, profile)
+    memo = ctx.memo.get(PLAN_MEMO)
+    sized = memo.get(ctx.spec, profile) if isinstance(memo, PlanMemo) else None
+    if sized is None:
+        lock = ctx.memo.get(PLANNING_LOCK_MEMO)
+        async with lock if isinstance(lock, asyncio.Lock) else contextlib.nullcontext():
+            sized = await asyncio.to_thread(plan_pool, ctx.spec, profile)
+        if isinstance(memo, PlanMemo):
+            memo.put(ctx.spec, profile, sized)
     plan = sized.plan
     if not sized.planned:
         ctx.event(sized.reason, sized.message, warning=True)
@@ -354,15 +366,21 @@ async def reconcile(ctx: Context) -> None:
         ctx.set_ready(False, "InvalidSpec", str(error))
         return
     engines = {d["metadata"]["name"] for d in deployments}
-    router = children.router_deployment(ctx, spec, ROUTER_IMAGE, disaggregated)
-    for rbac in children.router_rbac(ctx):
-        await _ensure(ctx, rbac)
-    front = [router, children.pool_service(ctx, spec)]
+    service = children.pool_service(ctx, spec)
+    rbac = children.router_rbac(ctx) + (children.activator_rbac(ctx) if spec.activated else [])
+    fronts = [children.router_deployment(ctx, spec, ROUTER_IMAGE, disaggregated)]
     if spec.activated:
-        for rbac in children.activator_rbac(ctx):
-            await _ensure(ctx, rbac)
-        front.append(children.activator_deployment(ctx, spec, ROUTER_IMAGE, list(wanted)))
-    applied = [await ctx.apply(obj) for obj in deployments + front]
+        fronts.append(children.activator_deployment(ctx, spec, ROUTER_IMAGE, list(wanted)))
+    # Children go out together, not one request after another, so a new pool's first children
+    # come within one API round trip. The engines and the Service need no RBAC; the router and
+    # the activator run as their own ServiceAccounts and go once those exist (a ReplicaSet whose
+    # ServiceAccount is missing backs off before it tries the pod again).
+    _, applied = await asyncio.gather(
+        asyncio.gather(*(_ensure(ctx, o) for o in rbac)),
+        asyncio.gather(*(ctx.apply(o) for o in [*deployments, service])),
+    )
+    applied += await asyncio.gather(*(ctx.apply(o) for o in fronts))
+    front = [*fronts, service]
     # Engine Deployments and Services come and go with the mode; the router's RBAC stays.
     desired_names = {(o["kind"], o["metadata"]["name"]) for o in deployments + front}
     for kind in ("Deployment", "Service"):

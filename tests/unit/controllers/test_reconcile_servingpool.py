@@ -47,8 +47,9 @@ def example_pool(**spec: Any) -> dict[str, Any]:
 
 
 async def test_a_settled_pool_reads_no_rbac_until_the_recheck_is_due(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The router's RBAC is not watched: a pass reads it back only when the desired object changed
-    or the recheck is due, and then repairs what someone else changed."""
+    """The router's RBAC is not watched: the first pass applies it without reading it, later passes
+    read it back only when the desired object changed or the recheck is due, and then repair what
+    someone else changed."""
     from controllers.servingpool import controller
 
     kube = h100_cluster(2)
@@ -58,8 +59,9 @@ async def test_a_settled_pool_reads_no_rbac_until_the_recheck_is_due(monkeypatch
     rbac = ("ServiceAccount", "Role", "RoleBinding")
     async with Operator(kube) as op:
         assert (await op.reconcile(SERVING_POOL, reconcile, "ns", name)).error is None
+        assert sum(kube.count("apply", kind) for kind in rbac) == 3
         reads = sum(kube.count("get", kind) for kind in rbac)
-        assert reads >= 3
+        assert reads == 0
         for _ in range(2):
             assert (await op.reconcile(SERVING_POOL, reconcile, "ns", name)).error is None
         assert sum(kube.count("get", kind) for kind in rbac) == reads
@@ -100,12 +102,15 @@ async def test_a_pool_is_planned_run_and_settles() -> None:
         )
 
         # The engines and the router come up (the Deployment controller's part).
+        applies = kube.count("apply", "Deployment")
         for d in kube.of_kind("Deployment"):
             replicas = d["spec"]["replicas"]
             await kube.patch_status("Deployment", "ns", d["metadata"]["name"], {"readyReplicas": replicas})
         await op.reconcile(SERVING_POOL, reconcile, "ns", name)
         ready = op.condition("ServingPool", "ns", name)
         assert (ready["status"], ready["reason"]) == ("True", "EnginesReady")
+        # Their status moved, not their spec: nothing to apply again.
+        assert kube.count("apply", "Deployment") == applies
 
         applies = kube.count("apply")
         quiet = await op.reconcile(SERVING_POOL, reconcile, "ns", name)
@@ -299,3 +304,66 @@ async def test_engines_of_a_sleep_group_run_with_sleep_mode_and_ask_for_host_mem
     assert "--enable-sleep-mode" in container["args"]
     assert {"name": "VLLM_SERVER_DEV_MODE", "value": "1"} in container["env"]
     assert container["resources"]["requests"]["memory"] == "140Gi"
+
+
+async def test_a_new_pool_sends_its_children_in_the_first_lane(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under load a new pool's children go before everything else, the rest of its first pass
+    (RBAC, status) next, and a later pass's requests after both (`ampacity.kube.Lane`)."""
+    from ampacity.kube import LANE, Lane
+
+    kube = h100_cluster(2)
+    pool = example_pool()
+    kube.add(pool)
+    name = pool["metadata"]["name"]
+    lanes: list[tuple[str, str, Lane]] = []
+    for verb in ("apply", "patch_status"):
+        sent = getattr(kube, verb)
+
+        async def record(*args: Any, _verb: str = verb, _sent: Any = sent) -> Any:
+            kind = args[0]["kind"] if _verb == "apply" else args[0]
+            lanes.append((_verb, kind, LANE.get()))
+            return await _sent(*args)
+
+        monkeypatch.setattr(kube, verb, record)
+    async with Operator(kube) as op:
+        assert (await op.reconcile(SERVING_POOL, reconcile, "ns", name)).error is None
+        assert {lane for verb, kind, lane in lanes if kind in ("Deployment", "Service")} == {
+            Lane.FIRST_CHILDREN
+        }
+        assert {lane for verb, kind, lane in lanes if kind in ("Role", "ServingPool")} == {
+            Lane.NEW_GENERATION
+        }
+        lanes.clear()
+        for d in kube.of_kind("Deployment"):
+            await kube.patch_status("Deployment", "ns", d["metadata"]["name"], {"readyReplicas": 1})
+        assert (await op.reconcile(SERVING_POOL, reconcile, "ns", name)).error is None
+        assert lanes and {lane for _, _, lane in lanes} == {Lane.ROUTINE}
+
+
+async def test_pools_with_equal_specs_are_planned_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator's plan memo: a second pool with the same spec takes the first one's plan
+    without planning (nor the planning lock and its thread)."""
+    from controllers.servingpool import controller
+    from controllers.servingpool.plan import PlanMemo
+
+    planned: list[str] = []
+    plan_pool = controller.plan_pool
+
+    def counting(spec: Any, profile: str | None = None) -> Any:
+        planned.append(spec.model.name)
+        return plan_pool(spec, profile)
+
+    monkeypatch.setattr(controller, "plan_pool", counting)
+    kube = h100_cluster(4)
+    names = ("first", "second")
+    for name in names:
+        pool = example_pool()
+        pool["metadata"]["name"] = name
+        kube.add(pool)
+    async with Operator(kube) as op:
+        op.memo[controller.PLAN_MEMO] = PlanMemo()
+        for name in names:
+            assert (await op.reconcile(SERVING_POOL, reconcile, "ns", name)).error is None
+        assert len(planned) == 1
+        first, second = (kube.stored("ServingPool", "ns", n)["status"]["plan"] for n in names)  # type: ignore[index]
+        assert first == second and first["gpus"] > 0
