@@ -21,7 +21,8 @@ from controllers.powerbudget import endpoint as power_endpoint
 from controllers.powerbudget.controller import POWER_MEMO
 from controllers.powerbudget.runtime import PowerRuntime
 from controllers.reconciler import CACHE_MEMO
-from controllers.servingpool.controller import PLANNING_LOCK_MEMO
+from controllers.servingpool.controller import PLAN_MEMO, PLANNING_LOCK_MEMO
+from controllers.servingpool.plan import PlanMemo
 from controllers.trainingjob import reports
 from controllers.trainingjob.admission import ADMISSION_MEMO, GangAdmission
 from controllers.trainingjob.controller import REPORTS_MEMO, wake_on_node_loss
@@ -57,6 +58,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo[REPORTS_MEMO] = await reports.start(memo["kube"], reports.REPORT_PORT)
     # ServingPools plan one at a time (`controllers.servingpool.controller._plan`).
     memo[PLANNING_LOCK_MEMO] = asyncio.Lock()
+    # ... and a pool whose inputs were planned before takes that plan at once.
+    memo[PLAN_MEMO] = PlanMemo()
     # Gang admission decides across jobs: one waiting queue and one set of reservations.
     memo[ADMISSION_MEMO] = GangAdmission()
     # The failures the operator sees on every job move the failure-rate prior of each.

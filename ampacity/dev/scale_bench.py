@@ -106,6 +106,20 @@ def federated_round(name: str) -> dict[str, Any]:
     }
 
 
+#: Objects of each kind created one at a time after the idle window (`Bench.probe`).
+PROBES_PER_KIND = 5
+#: How long a probe waits for its first child before the next one is created.
+PROBE_TIMEOUT_SECONDS = 30.0
+
+
+def probe_manifests() -> list[dict[str, Any]]:
+    return [
+        make(f"{prefix}-probe-{i}")
+        for i in range(PROBES_PER_KIND)
+        for prefix, make in (("sp", serving_pool), ("tj", training_job), ("fr", federated_round))
+    ]
+
+
 def power_budget(name: str, nodes: int) -> dict[str, Any]:
     return {
         "apiVersion": "ampacity.dev/v1alpha1",
@@ -169,6 +183,12 @@ class Bench:
         self.cluster = cluster
         self.context = context
         self.objects = objects
+        #: Objects created one at a time once the rest have settled (`probe`), kept apart.
+        self.probes: dict[str, Tracked] = {}
+        self.child_seen: dict[str, asyncio.Event] = {}
+
+    def tracked(self, key: str) -> Tracked | None:
+        return self.objects.get(key) or self.probes.get(key)
 
     def client(self, connections: int = 8) -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
@@ -195,13 +215,15 @@ class Bench:
     def on_child(self, obj: dict[str, Any]) -> None:
         labels = obj["metadata"].get("labels", {})
         key = f"{labels.get('app.kubernetes.io/name')}/{labels.get('app.kubernetes.io/instance')}"
-        tracked = self.objects.get(key)
+        tracked = self.tracked(key)
         if tracked is not None and tracked.first_child is None:
             tracked.first_child = time.monotonic()
+            if key in self.child_seen:
+                self.child_seen[key].set()
 
     def on_object(self, obj: dict[str, Any]) -> None:
         key = f"{obj['kind'].lower()}/{obj['metadata']['name']}"
-        tracked = self.objects.get(key)
+        tracked = self.tracked(key)
         explained = _explained(obj)
         if tracked is not None and explained is not None and tracked.condition is None:
             tracked.condition = time.monotonic()
@@ -219,11 +241,25 @@ class Bench:
         plural = f"{kind.lower()}s"
         namespace = manifest["metadata"].get("namespace")
         path = f"{GROUP_PATH}/namespaces/{namespace}/{plural}" if namespace else f"{GROUP_PATH}/{plural}"
-        tracked = self.objects[f"{kind.lower()}/{manifest['metadata']['name']}"]
+        tracked = self.tracked(f"{kind.lower()}/{manifest['metadata']['name']}")
+        assert tracked is not None
         tracked.created = time.monotonic()
         response = await client.post(path, json=manifest)
         if response.status_code != 201:
             raise RuntimeError(f"creating {kind} {manifest['metadata']['name']}: {response.text}")
+
+    async def probe(self, manifests: list[dict[str, Any]], seconds_each: float) -> None:
+        """Create `manifests` one at a time, each once the last has its first child (or after
+        `seconds_each`): how long a user's apply waits for its children on a cluster that is busy
+        but not flooded with creates."""
+        async with self.client(1) as client:
+            for manifest in manifests:
+                key = f"{manifest['kind'].lower()}/{manifest['metadata']['name']}"
+                self.probes[key] = Tracked(manifest["kind"])
+                seen = self.child_seen[key] = asyncio.Event()
+                await self._create(client, manifest)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(seen.wait(), seconds_each)
 
     def request_total(self) -> Counter[str]:
         """apiserver_request_total by verb and resource, summed over codes.
@@ -280,6 +316,8 @@ class Result:
     idle_api_rps_power: float
     log_errors: Counter[str]
     settle_s: float
+    #: create -> first child of the objects created one at a time after the idle window, by kind.
+    probe_to_child_s: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def idle_api_rps(self) -> float:
@@ -377,6 +415,8 @@ async def _measure(
         await asyncio.sleep(idle_window)
         after_requests, after_cpu, t1 = bench.request_total(), process.cpu_seconds(), time.monotonic()
         rss_settled = process.rss()
+        print(f"[bench] {PROBES_PER_KIND} objects of each kind created one at a time", flush=True)
+        await bench.probe(probe_manifests(), PROBE_TIMEOUT_SECONDS)
     finally:
         stop.set()
         for task in watches:
@@ -424,6 +464,14 @@ async def _measure(
         idle_api_rps_power=sum(v for k, v in operator_share.items() if k.split()[-1] in POWER_RESOURCES),
         log_errors=Counter({e: text.count(e) for e in LOG_ERRORS if e in text}),
         settle_s=settle_s,
+        probe_to_child_s={
+            k: [
+                t.first_child - t.created
+                for t in bench.probes.values()
+                if t.kind == k and t.first_child and t.created
+            ]
+            for k in sorted({t.kind for t in bench.probes.values()})
+        },
     )
 
 
@@ -448,6 +496,12 @@ def _lines(result: Result) -> Iterator[str]:
     all_children = [v for values in result.to_child_s.values() for v in values]
     if all_children:
         yield f"  all kinds: create -> first child p99 {_quantile(all_children, 0.99):.2f} s (goal < 2 s)"
+    for kind, values in result.probe_to_child_s.items():
+        seen = f"p50 {statistics.median(values):.2f} s, max {max(values):.2f} s" if values else "no child"
+        yield (
+            f"  {kind:15} created one at a time on the settled cluster: create -> first child {seen} "
+            f"({len(values)} of {PROBES_PER_KIND})"
+        )
     yield f"  conditions with an empty message: {result.empty_messages}"
     yield "  reasons: " + ", ".join(f"{k} x{n}" for k, n in sorted(result.reasons.items()))
     yield (
