@@ -28,7 +28,8 @@ object keeps `metadata.managedFields` (server-side apply's bookkeeping). Per kin
   `type` and `status`;
 - Deployment: `spec.replicas` and the status's counts (`readyReplicas`, `availableReplicas`, ...)
   and conditions' `type` and `status`; the pod template is not kept;
-- Service and NodePower: the whole object.
+- Service: the metadata only (what `Context.apply`'s skip and `prune` read);
+- NodePower: the whole object (the power runtime reads its spec and status).
 A reader that needs another field adds it to its kind's view (`tests/unit/controllers/test_cache.py`
 runs each reader on a projected full manifest). Label keys and values are interned: the same few
 recur on thousands of objects.
@@ -160,12 +161,17 @@ def deployment_view(deployment: Object) -> Object:
     return {"metadata": _metadata(deployment), "spec": _picked(spec, ("replicas",)), "status": kept_status}
 
 
+def service_view(service: Object) -> Object:
+    return {"metadata": _metadata(service)}
+
+
 #: What the cache keeps of each kind (the module docstring says why and what); the others are
 #: kept whole, without managedFields.
 VIEWS: dict[str, Callable[[Object], Object]] = {
     "Pod": pod_view,
     "Node": node_view,
     "Deployment": deployment_view,
+    "Service": service_view,
 }
 
 

@@ -2,7 +2,8 @@
 must see through it what it sees on the whole object.
 
 The whole objects are as the API server returned them in `ampacity bench scale` (kwok nodes, a
-TrainingJob worker, a ServingPool prefill engine and its Deployment; `cluster_objects.json`), and
+TrainingJob worker, a ServingPool prefill engine, its Deployment and a Service;
+`cluster_objects.json`), and
 variants of them for the cases readers tell apart (failed, terminating, unbound, tainted, not
 ready). Each reader runs on the whole objects and on their projections; a view that drops a field a
 reader uses fails here.
@@ -124,7 +125,12 @@ def _whole() -> dict[str, list[Object]]:
         _variant("worker", _unbound_long_ago),
     ]
     engines = [_variant("engine", same), _variant("engine", _prioritised), _variant("engine", _terminating)]
-    return {"Node": nodes, "Pod": workers + engines, "Deployment": [_variant("deployment", same)]}
+    return {
+        "Node": nodes,
+        "Pod": workers + engines,
+        "Deployment": [_variant("deployment", same)],
+        "Service": [_variant("service", same)],
+    }
 
 
 def _views(whole: dict[str, list[Object]]) -> dict[str, list[Object]]:
@@ -157,6 +163,7 @@ POD_SPECS: list[Object] = [
 def _readers(objects: dict[str, list[Object]]) -> dict[str, Any]:
     """What each reader of the cache makes of these objects."""
     nodes, pods, deployments = objects["Node"], objects["Pod"], objects["Deployment"]
+    children = deployments + objects["Service"]
     bound = [p for p in pods if p["spec"].get("nodeName")]
     running = [p for p in bound if p["status"]["phase"] == "Running"]
     by_name = {n["metadata"]["name"]: n for n in nodes}
@@ -168,7 +175,7 @@ def _readers(objects: dict[str, list[Object]]) -> dict[str, Any]:
         {worker["name"]: ("gpu-node-0", 1), "not-bound-yet": ("gpu-node-0", 2)}
     )
     wakeups = RecordingWakeups()
-    for obj in pods + deployments:
+    for obj in pods + children:
         wakeups.child_changed(obj["kind"], obj)
     return {
         # the GPUs pods hold, and what is free for gangs (TrainingJob admission, ampacity.training)
@@ -198,15 +205,16 @@ def _readers(objects: dict[str, list[Object]]) -> dict[str, Any]:
         # children: what Context.apply and prune read, and whom a child's change wakes
         "children": [
             (
-                d["kind"],
-                d["metadata"]["name"],
-                d["metadata"]["namespace"],
-                d["metadata"]["resourceVersion"],
-                d["metadata"]["labels"],
-                d["status"].get("readyReplicas"),
-                d["status"].get("availableReplicas"),
+                c["kind"],
+                c["metadata"]["name"],
+                c["metadata"]["namespace"],
+                c["metadata"]["resourceVersion"],
+                c["metadata"]["labels"],
             )
-            for d in deployments
+            for c in children
+        ],
+        "deployments": [
+            (d["status"].get("readyReplicas"), d["status"].get("availableReplicas")) for d in deployments
         ],
         "woken": wakeups.woken,
     }
