@@ -16,9 +16,27 @@ What is cached, and filtered at the server where it can be:
   counts for its gang);
 - NodePowers: all (the node agents' telemetry).
 
+Each object is kept as a projection (`VIEWS`: what client-go's informers do with a transform
+function, `SetTransform`): only the fields some reader of the cache uses, so that the operator's
+memory follows the number of objects, not their size (a bound pod's full JSON, with its pod template
+and container statuses, is about five times its projection). Every object keeps `kind`, `apiVersion`
+(a LIST's items carry neither) and the metadata readers use (`METADATA_KEPT`, labels); no cached
+object keeps `metadata.managedFields` (server-side apply's bookkeeping). Per kind:
+- Pod: `spec.nodeName`, each container's `name` and `resources` (the GPUs it holds), and
+  `status.phase`, `reason`, `podIP` and the conditions' `type` and `status` (Ready);
+- Node: `spec.unschedulable` and `taints`, `status.capacity`, `allocatable` and the conditions'
+  `type` and `status`;
+- Deployment: `spec.replicas` and the status's counts (`readyReplicas`, `availableReplicas`, ...)
+  and conditions' `type` and `status`; the pod template is not kept;
+- Service: the metadata only (what `Context.apply`'s skip and `prune` read);
+- NodePower: the whole object (the power runtime reads its spec and status).
+A reader that needs another field adds it to its kind's view (`tests/unit/controllers/test_cache.py`
+runs each reader on a projected full manifest). Label keys and values are interned: the same few
+recur on thousands of objects.
+
 Read-your-writes: a reconciler that just wrote an object waits (`Informer.wait_for_version`) until
 the watch has delivered that write's resourceVersion before it reads the cache again, or falls back
-to a LIST when the watch lags.
+to a LIST when the watch lags. A LIST (the fallback) returns whole objects, a superset of the view.
 """
 
 from __future__ import annotations
@@ -26,11 +44,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from ampacity.kube import Gone, Kube, KubeError
+from ampacity.kube import KINDS, Gone, Kube, KubeError
 from controllers import metrics
 
 log = logging.getLogger(__name__)
@@ -58,12 +77,109 @@ def _version_number(version: str) -> int | None:
         return None
 
 
-def _trimmed(obj: Object) -> Object:
+def without_managed_fields(obj: Object) -> Object:
     """The object without `metadata.managedFields` (server-side apply's bookkeeping, often the
-    larger part of a child's JSON), which no reader of the cache uses: as client-go's informers
-    are usually set up, to keep the operator's memory small."""
+    larger part of an object's JSON), changed in place."""
     (obj.get("metadata") or {}).pop("managedFields", None)
     return obj
+
+
+#: The metadata kept of every projected object, besides its labels.
+METADATA_KEPT = (
+    "name",
+    "namespace",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+)
+
+
+def _interned(mapping: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A flat map (labels, resource quantities) with its string keys and values interned."""
+    return {
+        sys.intern(str(k)): sys.intern(v) if isinstance(v, str) else v for k, v in (mapping or {}).items()
+    }
+
+
+def _picked(mapping: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    return {k: mapping[k] for k in keys if k in mapping}
+
+
+def _metadata(obj: Mapping[str, Any]) -> Object:
+    metadata = obj.get("metadata") or {}
+    kept = _picked(metadata, METADATA_KEPT)
+    if "namespace" in kept:
+        kept["namespace"] = sys.intern(str(kept["namespace"]))
+    if "labels" in metadata:
+        kept["labels"] = _interned(metadata["labels"])
+    return kept
+
+
+def _conditions(status: Mapping[str, Any]) -> list[Object]:
+    """The conditions' `type` and `status`: what readers test (Ready, for a pod or a node)."""
+    return [_interned(_picked(c, ("type", "status"))) for c in status.get("conditions") or []]
+
+
+def pod_view(pod: Object) -> Object:
+    spec, status = pod.get("spec") or {}, pod.get("status") or {}
+    kept_spec: Object = {
+        "containers": [
+            {
+                **_picked(c, ("name",)),
+                "resources": {k: _interned(v) for k, v in (c.get("resources") or {}).items()},
+            }
+            for c in spec.get("containers") or []
+        ]
+    }
+    if "nodeName" in spec:
+        kept_spec["nodeName"] = sys.intern(str(spec["nodeName"]))
+    kept_status = _interned(_picked(status, ("phase", "reason", "podIP")))
+    if "conditions" in status:
+        kept_status["conditions"] = _conditions(status)
+    return {"metadata": _metadata(pod), "spec": kept_spec, "status": kept_status}
+
+
+def node_view(node: Object) -> Object:
+    spec, status = node.get("spec") or {}, node.get("status") or {}
+    kept_status: Object = {k: _interned(status[k]) for k in ("capacity", "allocatable") if k in status}
+    if "conditions" in status:
+        kept_status["conditions"] = _conditions(status)
+    return {
+        "metadata": _metadata(node),
+        "spec": _picked(spec, ("unschedulable", "taints")),
+        "status": kept_status,
+    }
+
+
+def deployment_view(deployment: Object) -> Object:
+    spec, status = deployment.get("spec") or {}, deployment.get("status") or {}
+    kept_status = {k: v for k, v in status.items() if k != "conditions"}
+    if "conditions" in status:
+        kept_status["conditions"] = _conditions(status)
+    return {"metadata": _metadata(deployment), "spec": _picked(spec, ("replicas",)), "status": kept_status}
+
+
+def service_view(service: Object) -> Object:
+    return {"metadata": _metadata(service)}
+
+
+#: What the cache keeps of each kind (the module docstring says why and what); the others are
+#: kept whole, without managedFields.
+VIEWS: dict[str, Callable[[Object], Object]] = {
+    "Pod": pod_view,
+    "Node": node_view,
+    "Deployment": deployment_view,
+    "Service": service_view,
+}
+
+
+def projected(kind: str, obj: Object) -> Object:
+    """What the cache keeps of `obj`, an object of `kind`."""
+    view = VIEWS.get(kind, without_managed_fields)(obj)
+    view["kind"], view["apiVersion"] = kind, KINDS[kind].api_version
+    return view
 
 
 def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
@@ -148,7 +264,7 @@ class Informer:
         items, version = await self.kube.list_with_version(
             self.kind, self.namespace, self.label_selector, self.field_selector
         )
-        self.objects = {_key(o): _trimmed(o) for o in items}
+        self.objects = {_key(o): projected(self.kind, o) for o in items}
         self._reached(version)
         metrics.CACHE_LISTS.labels(self.kind).inc()
         metrics.CACHE_OBJECTS.labels(self.kind).set(len(self.objects))
@@ -186,7 +302,7 @@ class Informer:
                     else KubeError(code, str(obj.get("message", "watch error")))
                 )
             if kind in ("ADDED", "MODIFIED", "DELETED"):
-                self._apply(kind, _trimmed(obj))
+                self._apply(kind, projected(self.kind, obj))
             version = (obj.get("metadata") or {}).get("resourceVersion")
             if version:
                 self._reached(str(version))

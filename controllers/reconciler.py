@@ -50,7 +50,7 @@ from ampacity.kube import (
 )
 from ampacity.kubeconfig import ConfigError
 from controllers import metrics
-from controllers.cache import ClusterCache
+from controllers.cache import ClusterCache, without_managed_fields
 from controllers.wakeups import WAKEUPS_MEMO, Wakeups
 
 READY = "Ready"
@@ -59,7 +59,8 @@ MANAGED_BY = "ampacity-operator"
 CACHE_MEMO = "cache"
 #: Where a per-object memo keeps what `Context.apply` last wrote (digest, resourceVersion) per child.
 APPLIED_MEMO = "applied"
-#: Where a per-object memo keeps the object as its last status patch returned it.
+#: Where a per-object memo keeps the object as its last status patch returned it (without
+#: managedFields).
 WRITTEN_MEMO = "written"
 
 
@@ -437,8 +438,12 @@ async def _reconcile_and_write(
         status = dict(patch.get("status") or {})
         if status:
             with contextlib.suppress(NotFound):  # deleted meanwhile: nothing left to write to
-                memo[WRITTEN_MEMO] = await memo["kube"].patch_status(
-                    resource.kind, body.metadata.namespace, str(body.metadata.name), status
+                # Kept without managedFields (each field manager's list of the status's fields,
+                # often the larger part of the object): nothing reads them, and one is kept per object.
+                memo[WRITTEN_MEMO] = without_managed_fields(
+                    await memo["kube"].patch_status(
+                        resource.kind, body.metadata.namespace, str(body.metadata.name), status
+                    )
                 )
     for work in ctx.after_status:
         await work()

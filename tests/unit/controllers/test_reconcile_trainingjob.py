@@ -16,7 +16,7 @@ import yaml
 from ampacity.api import TRAINING_JOB
 from ampacity.kube import ApiUnavailable
 from controllers import tokens
-from controllers.reconciler import reconcile_object
+from controllers.reconciler import WRITTEN_MEMO, reconcile_object
 from controllers.trainingjob import reports
 from controllers.trainingjob.controller import reconcile
 from tests.fakes import FakeKube, Operator
@@ -251,6 +251,22 @@ async def test_a_pass_from_a_stale_body_does_not_count_a_restart(kube: FakeKube)
         await op.reconcile_body(TRAINING_JOB, reconcile, updated)  # type: ignore[arg-type]
         status = kube.stored("TrainingJob", "ns", "gpt-pretrain")["status"]  # type: ignore[index]
         assert status["restarts"] == 0 and status["gang"] == 1
+
+
+async def test_the_object_a_status_patch_returned_is_kept_without_managed_fields(kube: FakeKube) -> None:
+    """A pass keeps what its status patch returned, one per object (`freshest`), but not the
+    managedFields in it: nothing reads them, and they are often the larger part of the object."""
+    manifest = job()
+    manifest["metadata"]["managedFields"] = [{"manager": "kubectl", "operation": "Update", "fieldsV1": {}}]
+    kube.add(manifest)
+    async with Operator(kube) as op:
+        await op.reconcile(TRAINING_JOB, reconcile, "ns", "gpt-pretrain")
+        written = op.object_memos["ns/gpt-pretrain"][WRITTEN_MEMO]
+        stored = kube.stored("TrainingJob", "ns", "gpt-pretrain")
+        assert stored is not None and stored["metadata"]["managedFields"]
+        assert "managedFields" not in written["metadata"]
+        assert written["status"] == stored["status"]
+        assert written["metadata"]["resourceVersion"] == stored["metadata"]["resourceVersion"]
 
 
 async def test_the_interval_has_one_writer_even_when_a_restart_moves_it(kube: FakeKube) -> None:
