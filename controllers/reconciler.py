@@ -74,11 +74,11 @@ def unchanged_since(kind: str, child: Mapping[str, Any]) -> str:
 
     A Deployment's status moves with every rollout step (the controller-manager writes it), so
     its resourceVersion would call for an apply after each; its generation moves only with its
-    spec, and its labels and owners are compared as well. Other kinds: the resourceVersion."""
+    spec, and its labels are compared as well (the cache keeps both, `controllers.cache`). Other
+    kinds: the resourceVersion."""
     metadata = child.get("metadata") or {}
     if kind == "Deployment" and "generation" in metadata:
-        owners = json.dumps([metadata.get("labels"), metadata.get("ownerReferences")], sort_keys=True)
-        return f"generation {metadata['generation']} {owners}"
+        return f"generation {metadata['generation']} {json.dumps(metadata.get('labels'), sort_keys=True)}"
     return f"resourceVersion {metadata.get('resourceVersion', '')}"
 
 
