@@ -30,7 +30,7 @@ object keeps `metadata.managedFields` (server-side apply's bookkeeping). Per kin
   and conditions' `type` and `status`; the pod template is not kept;
 - Service: the metadata only (what `Context.apply`'s skip and `prune` read);
 - NodePower: the whole object (the power runtime reads its spec and status).
-A reader that needs another field adds it to its kind's view (`tests/unit/controllers/test_cache.py`
+A reader that needs another field adds it to its kind's view (`tests/unit/controllers/test_cache_views.py`
 runs each reader on a projected full manifest). Label keys and values are interned: the same few
 recur on thousands of objects.
 
