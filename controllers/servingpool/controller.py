@@ -279,13 +279,16 @@ async def _plan(ctx: Context) -> SizedPlan:
     # starve every other reconcile, and identical pools created together would each plan from
     # scratch (the planner's memo answers the second at once only after the first has finished).
     memo = ctx.memo.get(PLAN_MEMO)
-    sized = memo.get(ctx.spec, profile) if isinstance(memo, PlanMemo) else None
+    memo = memo if isinstance(memo, PlanMemo) else PlanMemo()  # outside the operator: this pass's own
+    sized = memo.get(ctx.spec, profile)
     if sized is None:
         lock = ctx.memo.get(PLANNING_LOCK_MEMO)
         async with lock if isinstance(lock, asyncio.Lock) else contextlib.nullcontext():
-            sized = await asyncio.to_thread(plan_pool, ctx.spec, profile)
-        if isinstance(memo, PlanMemo):
-            memo.put(ctx.spec, profile, sized)
+            # A pool that waited for the lock finds the plan an equal pool made meanwhile.
+            sized = memo.get(ctx.spec, profile)
+            if sized is None:
+                sized = await asyncio.to_thread(plan_pool, ctx.spec, profile)
+                memo.put(ctx.spec, profile, sized)
     plan = sized.plan
     if not sized.planned:
         ctx.event(sized.reason, sized.message, warning=True)
@@ -368,9 +371,9 @@ async def reconcile(ctx: Context) -> None:
     engines = {d["metadata"]["name"] for d in deployments}
     service = children.pool_service(ctx, spec)
     rbac = children.router_rbac(ctx) + (children.activator_rbac(ctx) if spec.activated else [])
-    fronts = [children.router_deployment(ctx, spec, ROUTER_IMAGE, disaggregated)]
+    front = [children.router_deployment(ctx, spec, ROUTER_IMAGE, disaggregated)]
     if spec.activated:
-        fronts.append(children.activator_deployment(ctx, spec, ROUTER_IMAGE, list(wanted)))
+        front.append(children.activator_deployment(ctx, spec, ROUTER_IMAGE, list(wanted)))
     # Children go out together, not one request after another, so a new pool's first children
     # come within one API round trip. The engines and the Service need no RBAC; the router and
     # the activator run as their own ServiceAccounts and go once those exist (a ReplicaSet whose
@@ -379,10 +382,9 @@ async def reconcile(ctx: Context) -> None:
         asyncio.gather(*(_ensure(ctx, o) for o in rbac)),
         asyncio.gather(*(ctx.apply(o) for o in [*deployments, service])),
     )
-    applied += await asyncio.gather(*(ctx.apply(o) for o in fronts))
-    front = [*fronts, service]
+    applied += await asyncio.gather(*(ctx.apply(o) for o in front))
     # Engine Deployments and Services come and go with the mode; the router's RBAC stays.
-    desired_names = {(o["kind"], o["metadata"]["name"]) for o in deployments + front}
+    desired_names = {(o["kind"], o["metadata"]["name"]) for o in [*deployments, *front, service]}
     for kind in ("Deployment", "Service"):
         keep = {name for k, name in desired_names if k == kind}
         await ctx.cache.prune(kind, ctx.namespace, ctx.selector(), keep)
