@@ -29,6 +29,8 @@ import collections
 import contextlib
 import contextvars
 import enum
+import heapq
+import itertools
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -79,30 +81,92 @@ class Lane(enum.IntEnum):
 LANE: contextvars.ContextVar[Lane] = contextvars.ContextVar("ampacity_request_lane", default=Lane.ROUTINE)
 
 
+class Flow:
+    """The requests of one reconcile pass (`controllers.reconciler.run_pass`, and the tasks it
+    starts). Within a lane a waiter of the flow granted fewest requests goes first, as in
+    fq_codel's new flows (RFC 8290) and the API server's fair queuing: in a flood of creates,
+    each new object's first child goes out before any object's second one."""
+
+    __slots__ = ("granted",)
+
+    def __init__(self) -> None:
+        self.granted = 0
+
+
+#: The flow of the current task's requests; None: requests that belong to no pass (one flow).
+FLOW: contextvars.ContextVar[Flow | None] = contextvars.ContextVar("ampacity_request_flow", default=None)
+
+
+class _FairQueue:
+    """The waiters of one lane by flow: the flow granted fewest requests goes first, ties (and a
+    flow's own waiters) in order of arrival."""
+
+    def __init__(self) -> None:
+        #: (the flow's grants when queued, arrival, flow); one live entry per waiting flow.
+        self._heap: list[tuple[int, int, Flow]] = []
+        self._waiting: dict[Flow, tuple[int, collections.deque[asyncio.Future[None]]]] = {}
+        self._arrivals = itertools.count()
+
+    def __bool__(self) -> bool:
+        return bool(self._waiting)
+
+    def push(self, flow: Flow, waiter: asyncio.Future[None]) -> None:
+        if flow not in self._waiting:
+            self._enqueue(flow, collections.deque())
+        self._waiting[flow][1].append(waiter)
+
+    def remove(self, flow: Flow, waiter: asyncio.Future[None]) -> None:
+        queue = self._waiting[flow][1]
+        queue.remove(waiter)
+        if not queue:  # its heap entry is dropped when it comes up
+            del self._waiting[flow]
+
+    def pop(self) -> asyncio.Future[None]:
+        while True:
+            _, arrival, flow = heapq.heappop(self._heap)
+            entry = self._waiting.get(flow)
+            if entry is not None and entry[0] == arrival:
+                break
+        queue = entry[1]
+        waiter = queue.popleft()
+        flow.granted += 1
+        del self._waiting[flow]
+        if queue:
+            self._enqueue(flow, queue)
+        return waiter
+
+    def _enqueue(self, flow: Flow, queue: collections.deque[asyncio.Future[None]]) -> None:
+        arrival = next(self._arrivals)
+        self._waiting[flow] = (arrival, queue)
+        heapq.heappush(self._heap, (flow.granted, arrival, flow))
+
+
 class _Lanes:
     """At most `limit` requests in flight; past that, waiters queue by `Lane`, and a freed slot goes
-    to the first waiter of the lowest lane (an asyncio.Semaphore is one first-come queue, where a
-    new object's first child would wait behind every settled object's pass)."""
+    to the lowest lane's waiter whose flow (`Flow`) was granted fewest requests (an
+    asyncio.Semaphore is one first-come queue, where a new object's first child would wait behind
+    every settled object's pass, and behind every child of the objects created before it)."""
 
     def __init__(self, limit: int) -> None:
         self._free = limit
-        self._lanes: tuple[collections.deque[asyncio.Future[None]], ...] = tuple(
-            collections.deque() for _ in Lane
-        )
+        self._unowned = Flow()
+        self._lanes = tuple(_FairQueue() for _ in Lane)
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
+        flow = FLOW.get() or self._unowned
         if self._free > 0 and not any(self._lanes):
             self._free -= 1
+            flow.granted += 1
         else:
             waiter = asyncio.get_running_loop().create_future()
             lane = self._lanes[LANE.get()]
-            lane.append(waiter)
+            lane.push(flow, waiter)
             try:
                 await waiter
             except asyncio.CancelledError:
                 if waiter.cancelled():
-                    lane.remove(waiter)
+                    lane.remove(flow, waiter)
                 else:  # handed a slot just as it was cancelled: pass it on
                     self._release()
                 raise
@@ -112,10 +176,10 @@ class _Lanes:
             self._release()
 
     def _release(self) -> None:
-        """Hand the slot to the first waiter of the lowest lane, or free it."""
+        """Hand the slot to the lowest lane's next waiter, or free it."""
         for lane in self._lanes:
             if lane:
-                lane.popleft().set_result(None)
+                lane.pop().set_result(None)
                 return
         self._free += 1
 

@@ -36,10 +36,12 @@ import kopf
 from pydantic import ValidationError
 
 from ampacity.api import Resource
-from ampacity.api.meta import LABEL_PREFIX, ApiModel, ConditionStatus, Status
+from ampacity.api.meta import GROUP, LABEL_PREFIX, ApiModel, ConditionStatus, Status
 from ampacity.kube import (
+    FLOW,
     LANE,
     ApiUnavailable,
+    Flow,
     Forbidden,
     Invalid,
     Kube,
@@ -411,13 +413,17 @@ async def run_pass(
 
     A pass over a generation the status has not observed yet (a new object, a spec change) sends
     its requests ahead of other passes' (`ampacity.kube.Lane`): under load, what a user just
-    applied is acted on first."""
+    applied is acted on first. Its requests are one `Flow`: in a lane, a pass that has sent fewer
+    goes first, so a new object's first child does not wait for the children of objects created
+    before it."""
     body = freshest(body, memo)
     observed = (body.get("status") or {}).get("observedGeneration")
     lane = LANE.set(Lane.NEW_GENERATION if observed != body.metadata.get("generation") else Lane.ROUTINE)
+    flow = FLOW.set(Flow())
     try:
         ctx = await _reconcile_and_write(resource, reconcile, body, memo, logger, retry, post_event)
     finally:
+        FLOW.reset(flow)
         LANE.reset(lane)
     return ctx.requeue_after
 
@@ -454,15 +460,45 @@ async def _reconcile_and_write(
 RESYNC_SECONDS = 300.0
 #: How long a pass woken by a child's change waits for the rest of the burst.
 WAKE_COALESCE_SECONDS = 1.0
-#: Per-object memo: when a change handler's pass asked for the next one, and the event telling the
-#: refresh loop so.
-REQUEUE_AT = "requeue_at"
-RESCHEDULE = "refresh_reschedule"
+#: Where the operator-wide set of reconcile loops sits in kopf's memo (`controllers.settings`).
+LOOPS_MEMO = "reconcile_loops"
+#: Per-object memo: the object as its latest watch event showed it; the generation the last pass
+#: started from; the trigger's last value; the event that runs a pass at once; the loop's task.
+LATEST_BODY = "latest_body"
+PASSED_GENERATION = "passed_generation"
+TRIGGER_SEEN = "trigger_seen"
+URGENT = "urgent"
+LOOP = "reconcile_loop"
+#: The finalizer kopf added to every object while a kopf daemon ran per object (before the loops
+#: below): a kind without a `release` handler takes it off, or its objects could never be deleted.
+KOPF_FINALIZER = f"{GROUP}/finalizer"
 
 
-async def _first_of(wake: asyncio.Event, reschedule: asyncio.Event, seconds: float) -> None:
-    """Until either event is set or `seconds` pass."""
-    waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(reschedule.wait())]
+class ReconcileLoops:
+    """The operator's per-object reconcile loops, held so that cleanup stops them before the
+    client they use is closed."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, loop: Awaitable[None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(loop)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _first_of(events: list[asyncio.Event], seconds: float) -> None:
+    """Until one of `events` is set or `seconds` pass."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
     try:
         await asyncio.wait(waiters, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -470,90 +506,128 @@ async def _first_of(wake: asyncio.Event, reschedule: asyncio.Event, seconds: flo
             waiter.cancel()
 
 
-def controller(
+async def _drop_kopf_finalizer(resource: Resource, body: kopf.Body, memo: Any) -> None:
+    """Take off the finalizer an earlier operator's kopf daemon left (optimistically: a conflict
+    means a newer event, which brings the finalizer here again)."""
+    finalizers = list(body.metadata.get("finalizers") or [])
+    rest = [f for f in finalizers if f != KOPF_FINALIZER]
+    metadata = {"finalizers": rest, "resourceVersion": body.metadata.get("resourceVersion")}
+    with contextlib.suppress(KubeError):
+        await memo["kube"].patch(
+            resource.kind, body.metadata.namespace, str(body.metadata.name), {"metadata": metadata}
+        )
+
+
+def event_handler(
     resource: Resource,
     reconcile: Reconcile,
     interval: float = RESYNC_SECONDS,
     trigger: Callable[[kopf.Body], object] | None = None,
-) -> None:
-    """Register the kopf handlers that drive `reconcile` for `resource`: change handlers, and a
-    refresh loop per object that runs a pass when a child changes (`controllers.wakeups`), when
-    the last pass asked (`Context.requeue`, a retry's delay) or else every `interval` seconds.
-
-    `trigger` reads a value of the object that another writer sets to ask for a reconcile at
-    once (a status field, which kopf's change handlers ignore): every watch event where it differs
-    from the last one seen reconciles."""
+    forget: Callable[[kopf.Body, Any], None] | None = None,
+    keep_kopf_finalizer: bool = False,
+    post_event: EventPoster = kopf.event,
+) -> Callable[..., Awaitable[None]]:
+    """The kopf event handler behind `controller`: it keeps the object's latest body, starts its
+    loop on the first event, runs a pass at once on a spec change or a trigger, and stops the loop
+    on DELETED."""
     name = resource.singular
 
-    def lock_of(memo: Any) -> asyncio.Lock:
-        # Refreshes and change handlers may fire together; one reconcile per object at a time.
-        lock: asyncio.Lock = memo.setdefault("reconcile_lock", asyncio.Lock())
-        return lock
-
-    async def handle(body: kopf.Body, memo: kopf.Memo, logger: Any, retry: int = 0, **_: Any) -> None:
-        async with lock_of(memo):
-            requeue = await run_pass(resource, reconcile, body, memo, logger, retry)
-        if requeue is not None:  # the refresh loop's next pass comes no later than asked
-            memo[REQUEUE_AT] = time.monotonic() + requeue
-            memo.setdefault(RESCHEDULE, asyncio.Event()).set()
-
-    async def refresh(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
-        key = (name, str(body.metadata.namespace or ""), str(body.metadata.name))
+    async def run_loop(key: tuple[str, str, str], memo: Any, logger: Any) -> None:
         wakeups = memo.get(WAKEUPS_MEMO)
         wake = wakeups.register(key) if isinstance(wakeups, Wakeups) else asyncio.Event()
-        reschedule = memo.setdefault(RESCHEDULE, asyncio.Event())
-        retry, due = 0, time.monotonic() + interval
+        urgent: asyncio.Event = memo[URGENT]
+        retry, due = 0, time.monotonic()  # the first pass at once
         try:
             while True:
-                await _first_of(wake, reschedule, due - time.monotonic())
-                if reschedule.is_set():
-                    reschedule.clear()
-                    due = min(due, memo.pop(REQUEUE_AT, due))
-                if not wake.is_set() and time.monotonic() < due:
+                await _first_of([urgent, wake], due - time.monotonic())
+                if not urgent.is_set() and not wake.is_set() and time.monotonic() < due:
                     continue
-                if wake.is_set():
+                if wake.is_set() and not urgent.is_set():
                     # Children change in bursts (a Deployment rolling out, a gang's pods
                     # starting): one pass for the burst, not one per watch event.
                     await asyncio.sleep(WAKE_COALESCE_SECONDS)
                 wake.clear()
+                urgent.clear()
+                body: kopf.Body = memo[LATEST_BODY]
+                memo[PASSED_GENERATION] = body.metadata.get("generation")
                 try:
-                    async with lock_of(memo):
-                        requeue = await run_pass(resource, reconcile, body, memo, logger, retry)
+                    requeue = await run_pass(resource, reconcile, body, memo, logger, retry, post_event)
                 except kopf.TemporaryError as error:
                     retry, delay = retry + 1, float(error.delay or RETRY_SECONDS)
                 except KubeError as error:  # the status patch itself failed
                     logger.warning("writing the status of %s failed: %s", key[2], error)
+                    retry, delay = retry + 1, float(retry_delay(retry))
+                except Exception:  # a loop that ends would leave the object unreconciled
+                    logger.exception("a pass over %s failed", key[2])
                     retry, delay = retry + 1, float(retry_delay(retry))
                 else:
                     retry, delay = 0, interval if requeue is None else min(interval, requeue)
                 due = time.monotonic() + delay
         finally:
             if isinstance(wakeups, Wakeups):
-                wakeups.unregister(key)
+                wakeups.unregister(key, wake)
 
-    def forget(body: kopf.Body, **_: Any) -> None:
-        metrics.forget_object(resource.kind, str(body.metadata.namespace or ""), str(body.metadata.name))
+    async def on_event(
+        event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any
+    ) -> None:
+        key = (name, str(body.metadata.namespace or ""), str(body.metadata.name))
+        if event.get("type") == "DELETED":
+            loop = memo.pop(LOOP, None)
+            if loop is not None:
+                loop.cancel()
+            metrics.forget_object(resource.kind, key[1], key[2])
+            if forget is not None:
+                forget(body, memo)
+            return
+        if not keep_kopf_finalizer and KOPF_FINALIZER in (body.metadata.get("finalizers") or []):
+            await _drop_kopf_finalizer(resource, body, memo)
+        memo[LATEST_BODY] = body
+        urgent: asyncio.Event = memo.setdefault(URGENT, asyncio.Event())
+        if trigger is not None:
+            value = trigger(body)
+            if value is not None and memo.get(TRIGGER_SEEN) != value:
+                memo[TRIGGER_SEEN] = value
+                urgent.set()
+        if LOOP not in memo:
+            loops = memo.get(LOOPS_MEMO)
+            if not isinstance(loops, ReconcileLoops):  # outside the operator (a unit test)
+                loops = memo[LOOPS_MEMO] = ReconcileLoops()
+            memo[LOOP] = loops.start(run_loop(key, memo, logger))
+        elif body.metadata.get("generation") != memo.get(PASSED_GENERATION):
+            urgent.set()  # the spec changed since the last pass started
 
+    return on_event
+
+
+def controller(
+    resource: Resource,
+    reconcile: Reconcile,
+    interval: float = RESYNC_SECONDS,
+    trigger: Callable[[kopf.Body], object] | None = None,
+    forget: Callable[[kopf.Body, Any], None] | None = None,
+    release: Callable[..., Awaitable[None]] | None = None,
+) -> None:
+    """Register what drives `reconcile` for `resource`: one loop per object, started by the first
+    watch event that shows it (a create, or the operator's start), that runs a pass at once, then
+    whenever the spec changes, a child changes (`controllers.wakeups`), the last pass asked
+    (`Context.requeue`, a retry's delay) or else every `interval` seconds.
+
+    The loop is the operator's own task, fed by a kopf event handler, not a kopf daemon or change
+    handler: those need a finalizer on every object and kopf's annotations, written before the
+    first pass (one more write and watch event per object before its children, measured in
+    docs/results/operator.md, run 9). A pass holds nothing that needs finishing, so deletion is not
+    blocked: the DELETED event stops the loop and `forget`s the object's in-operator state.
+    `release` is a deletion handler that must run before the object goes (kopf keeps its
+    finalizer on those objects).
+
+    `trigger` reads a value of the object that another writer sets to ask for a reconcile at
+    once (a status field, which leaves the generation as it is): every watch event where it
+    differs from the last one seen runs a pass."""
+    on_event = event_handler(
+        resource, reconcile, interval, trigger, forget, keep_kopf_finalizer=release is not None
+    )
+    on_event.__name__ = on_event.__qualname__ = f"reconcile_{resource.singular}"
     group, version, plural = resource.group, resource.version, resource.plural
-    handle.__name__ = handle.__qualname__ = f"reconcile_{name}"
-    refresh.__name__ = refresh.__qualname__ = f"refresh_{name}"
-    kopf.on.resume(group, version, plural, id="reconcile-on-resume")(handle)
-    kopf.on.create(group, version, plural, id="reconcile-on-create")(handle)
-    kopf.on.update(group, version, plural, id="reconcile-on-update", field="spec")(handle)
-    # Cancelled at once when the object goes: a pass holds nothing that needs finishing.
-    kopf.daemon(group, version, plural, id="refresh", cancellation_timeout=1.0)(refresh)
-    kopf.on.delete(group, version, plural, id="forget", optional=True)(forget)
-    if trigger is not None:
-        read = trigger
-
-        async def triggered(
-            body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_: Any
-        ) -> None:
-            value = read(body)
-            if value is None or memo.get("trigger_seen") == value:
-                return
-            memo["trigger_seen"] = value
-            await handle(body=body, patch=patch, memo=memo, logger=logger)
-
-        triggered.__name__ = triggered.__qualname__ = f"reconcile_{name}_triggered"
-        kopf.on.event(group, version, plural, id="reconcile-on-trigger")(triggered)
+    kopf.on.event(group, version, plural, id="reconcile")(on_event)
+    if release is not None:
+        kopf.on.delete(group, version, plural, id="release")(release)

@@ -20,7 +20,7 @@ from controllers.cache import ClusterCache
 from controllers.powerbudget import endpoint as power_endpoint
 from controllers.powerbudget.controller import POWER_MEMO
 from controllers.powerbudget.runtime import PowerRuntime
-from controllers.reconciler import CACHE_MEMO
+from controllers.reconciler import CACHE_MEMO, LOOPS_MEMO, ReconcileLoops
 from controllers.servingpool.controller import PLAN_MEMO, PLANNING_LOCK_MEMO
 from controllers.servingpool.plan import PlanMemo
 from controllers.trainingjob import reports
@@ -31,6 +31,14 @@ from controllers.wakeups import WAKEUPS_MEMO, Wakeups
 
 #: Port of the Prometheus /metrics endpoint (probes are served by kopf's --liveness endpoint).
 METRICS_PORT = int(os.environ.get("AMPACITY_METRICS_PORT", "8080"))
+
+
+class _WithoutEventHandlerRuns(logging.Filter):
+    """kopf logs every run of an event handler at INFO; the reconcile's runs on every watch event
+    of every object and only feeds its loop, so its lines would drown the operator's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Handler 'reconcile' succeeded."
 
 
 @kopf.on.startup()
@@ -44,9 +52,14 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.level = logging.WARNING
     # One line per API request drowns the operator's own log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    objects_log = logging.getLogger("kopf.objects")
+    if not any(isinstance(f, _WithoutEventHandlerRuns) for f in objects_log.filters):
+        objects_log.addFilter(_WithoutEventHandlerRuns())
     settings.networking.error_backoffs = [1, 2, 5, 10, 30]
     settings.watching.server_timeout = 300
     memo["kube"] = Kube()
+    # Each object's reconcile loop (`controllers.reconciler.controller`), stopped at cleanup.
+    memo[LOOPS_MEMO] = ReconcileLoops()
     # One list+watch per kind the reconcilers read, instead of a LIST per reconcile.
     cache = memo[CACHE_MEMO] = ClusterCache(memo["kube"])
     # A child's change wakes its owner's reconcile (instead of a short timer per object).
@@ -92,6 +105,8 @@ async def login(**_: Any) -> kopf.ConnectionInfo:
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
+    if LOOPS_MEMO in memo:
+        await memo[LOOPS_MEMO].close()
     if REPORTS_MEMO in memo:
         await reports.stop(memo[REPORTS_MEMO])
     if "power_endpoint" in memo:

@@ -27,10 +27,14 @@ class Wakeups:
         self._events: dict[Key, asyncio.Event] = {}
 
     def register(self, key: Key) -> asyncio.Event:
-        return self._events.setdefault(key, asyncio.Event())
+        """A new event for `key` (an object deleted and created again gets a fresh one)."""
+        event = self._events[key] = asyncio.Event()
+        return event
 
-    def unregister(self, key: Key) -> None:
-        self._events.pop(key, None)
+    def unregister(self, key: Key, event: asyncio.Event) -> None:
+        """Forget `key` if `event` is still its own (not a newer object's of the same name)."""
+        if self._events.get(key) is event:
+            del self._events[key]
 
     def wake(self, key: Key) -> None:
         event = self._events.get(key)

@@ -9,7 +9,8 @@ nodes, and watches (one list+watch per kind, as a user's dashboards would):
   with the object's name;
 - create -> first Ready condition with a message (Ready or an explained not-ready reason);
 - the operator's resident memory at start, peak and once everything settled, and its CPU
-  while idle (all objects settled, only the timers running);
+  while idle (settled: every object explained and no status changed for
+  `SETTLED_QUIET_SECONDS`; only the timers running);
 - API requests per second at idle that the operator causes: the API server's
   `apiserver_request_total` over a window with the operator running, minus the same window
   with it stopped (kube-controller-manager and the scheduler stay; kwok's node and lease
@@ -143,6 +144,9 @@ class Tracked:
     condition: float | None = None
     reason: str = ""
     message: str = ""
+    #: When its status last changed, and what it was then.
+    changed: float | None = None
+    status: str = ""
 
 
 @dataclass
@@ -164,6 +168,19 @@ class Process:
         while not stop.wait(1.0):
             with contextlib.suppress(OSError):
                 self.rss_mb.append((time.monotonic(), self.rss()))
+
+
+#: Settled: every object has its explained condition and no object's status changed for this long
+#: (a condition alone is not settled: a TrainingJob says GangStarting before its gang runs).
+SETTLED_QUIET_SECONDS = 15.0
+
+
+def _settled(objects: dict[str, Tracked]) -> bool:
+    now = time.monotonic()
+    return all(
+        t.condition is not None and t.changed is not None and now - t.changed >= SETTLED_QUIET_SECONDS
+        for t in objects.values()
+    )
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -225,9 +242,14 @@ class Bench:
         key = f"{obj['kind'].lower()}/{obj['metadata']['name']}"
         tracked = self.tracked(key)
         explained = _explained(obj)
-        if tracked is not None and explained is not None and tracked.condition is None:
+        if tracked is None:
+            return
+        if explained is not None and tracked.condition is None:
             tracked.condition = time.monotonic()
             tracked.reason, tracked.message = explained
+        status = json.dumps(obj.get("status") or {}, sort_keys=True)
+        if status != tracked.status:
+            tracked.status, tracked.changed = status, time.monotonic()
 
     async def create(self, manifests: list[dict[str, Any]], batch: int, interval: float) -> None:
         async with self.client(batch) as client:
@@ -403,11 +425,13 @@ async def _measure(
             print(_progress(objects, started, process), flush=True)
             if creating.done():
                 creating.result()
-                if all(t.condition is not None for t in objects.values()):
+                if _settled(objects):
                     break
-        settle_s = time.monotonic() - started
+        last_change = max((t.changed for t in objects.values() if t.changed is not None), default=started)
+        settle_s = last_change - started
         print(
-            f"[bench] settled after {settle_s:.0f} s; idle for 30 s, then {idle_window:.0f} s measured",
+            f"[bench] settled after {settle_s:.0f} s (every object explained, no status changed for "
+            f"{SETTLED_QUIET_SECONDS:.0f} s); idle for 30 s, then {idle_window:.0f} s measured",
             flush=True,
         )
         await asyncio.sleep(30)

@@ -28,7 +28,7 @@ import kopf
 
 from ampacity.api import NODE_POWER, POWER_BUDGET
 from ampacity.api.gpu import GPU_RESOURCE, pod_gpus
-from ampacity.api.meta import GROUP, LABEL_PREFIX, VERSION
+from ampacity.api.meta import LABEL_PREFIX
 from ampacity.api.nodepower import NodePowerStatus, PodResourcesState
 from ampacity.api.powerbudget import CappedNode, NodeSelector, PowerBudgetSpec
 from ampacity.power.budget import Actuator, BudgetSpec, PriorityClass
@@ -296,9 +296,10 @@ def _capped_nodes(result: PolicyResult) -> list[CappedNode]:
     ]
 
 
-@kopf.on.delete(GROUP, VERSION, POWER_BUDGET.plural, id="release-nodes", optional=True)
 async def release_nodes(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """A deleted budget releases its nodes: their NodePowers go, and agents restore the limits."""
+    """A deleted budget releases its nodes: their NodePowers go, and agents restore the limits.
+    The budget is kept until this has run (kopf's finalizer), even if the operator was down when
+    it was deleted: the NodePowers are owned by their Nodes, not by the budget."""
     name = str(body.metadata.name)
     power: PowerRuntime = memo[POWER_MEMO]
     power.deleted(name, str(body.metadata.uid))
@@ -309,4 +310,4 @@ async def release_nodes(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         power.forget_node(node)
 
 
-controller(POWER_BUDGET, reconcile, interval=INTERVAL_SECONDS)
+controller(POWER_BUDGET, reconcile, interval=INTERVAL_SECONDS, release=release_nodes)

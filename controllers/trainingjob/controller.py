@@ -702,14 +702,12 @@ def wake_on_node_loss(cache: ClusterCache, wakeups: Wakeups) -> None:
     cache.node_informer.listeners.append(NodeLossWakeups(cache.worker_informer, wakeups))
 
 
-controller(TRAINING_JOB, reconcile)
-
-
-@kopf.on.delete(
-    TRAINING_JOB.group, TRAINING_JOB.version, TRAINING_JOB.plural, id="forget-reports", optional=True
-)
-def _forget_reports(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+def _forget_reports(body: kopf.Body, memo: kopf.Memo) -> None:
+    """A deleted job's trainer tokens and its place in admission's line go with it."""
     endpoint = memo.get(REPORTS_MEMO)
     if isinstance(endpoint, reports.ReportEndpoint):
         endpoint.forget(str(body.metadata.uid), str(body.metadata.namespace), str(body.metadata.name))
     gang_admission(memo).forget(f"{body.metadata.namespace}/{body.metadata.name}")
+
+
+controller(TRAINING_JOB, reconcile, forget=_forget_reports)

@@ -325,3 +325,43 @@ async def test_requests_queue_by_lane_when_every_connection_is_busy(monkeypatch:
     assert served == ["holder", "first-child", "new-generation", "routine"]
     await asyncio.wait_for(get("after"), 1.0)  # the cancelled waiter left no slot taken
     await kube.close()
+
+
+async def test_within_a_lane_the_pass_granted_fewest_requests_goes_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three passes queue children in one lane (the first three, then one, then two): each pass's
+    first child goes before any pass's second, and a pass's own requests keep their order."""
+    import asyncio
+
+    from ampacity import kube as kube_module
+    from ampacity.kube import FLOW, LANE, Flow, Lane
+
+    monkeypatch.setattr(kube_module, "MAX_CONNECTIONS", 1)
+    gate = asyncio.Event()
+    served: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        name = request.url.path.rsplit("/", 1)[-1]
+        if name == "holder":
+            await gate.wait()
+        served.append(name)
+        return httpx.Response(200, json={"metadata": {"name": name}})
+
+    kube = client(httpx.MockTransport(handler))
+
+    async def get(name: str, flow: Flow | None) -> None:
+        LANE.set(Lane.FIRST_CHILDREN)
+        FLOW.set(flow)
+        await kube.get("Pod", "ns", name)
+
+    tasks = [asyncio.create_task(get("holder", None))]
+    await asyncio.sleep(0.01)
+    one, two, three = Flow(), Flow(), Flow()
+    for name, flow in [("a1", one), ("a2", one), ("a3", one), ("b1", two), ("c1", three), ("c2", three)]:
+        tasks.append(asyncio.create_task(get(name, flow)))
+        await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert served == ["holder", "a1", "b1", "c1", "a2", "c2", "a3"]
+    await kube.close()
