@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import sys
@@ -283,14 +284,10 @@ async def test_kopf_logs_in_with_the_same_credentials(
     assert info.expiration is not None and info.expiration > datetime.now(UTC)
 
 
-async def test_requests_queue_by_lane_when_every_connection_is_busy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With every connection busy, a new object's children go before the rest of new passes,
-    and those before routine requests queued earlier; a request cancelled while it waits keeps
-    no slot."""
-    import asyncio
-
+def one_connection_held(monkeypatch: pytest.MonkeyPatch) -> tuple[Kube, asyncio.Event, list[str]]:
+    """A client with one connection, whose GET of a pod named "holder" holds it until the gate is
+    set; the names of the pods GET, in the order the server answered."""
     from ampacity import kube as kube_module
-    from ampacity.kube import LANE, Lane
 
     monkeypatch.setattr(kube_module, "MAX_CONNECTIONS", 1)
     gate = asyncio.Event()
@@ -303,7 +300,16 @@ async def test_requests_queue_by_lane_when_every_connection_is_busy(monkeypatch:
         served.append(name)
         return httpx.Response(200, json={"metadata": {"name": name}})
 
-    kube = client(httpx.MockTransport(handler))
+    return client(httpx.MockTransport(handler)), gate, served
+
+
+async def test_requests_queue_by_lane_when_every_connection_is_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every connection busy, a new object's children go before the rest of new passes,
+    and those before routine requests queued earlier; a request cancelled while it waits keeps
+    no slot."""
+    from ampacity.kube import LANE, Lane
+
+    kube, gate, served = one_connection_held(monkeypatch)
 
     async def get(name: str, lane: Lane = Lane.ROUTINE) -> None:
         LANE.set(lane)
@@ -332,23 +338,9 @@ async def test_within_a_lane_the_pass_granted_fewest_requests_goes_first(
 ) -> None:
     """Three passes queue children in one lane (the first three, then one, then two): each pass's
     first child goes before any pass's second, and a pass's own requests keep their order."""
-    import asyncio
-
-    from ampacity import kube as kube_module
     from ampacity.kube import FLOW, LANE, Flow, Lane
 
-    monkeypatch.setattr(kube_module, "MAX_CONNECTIONS", 1)
-    gate = asyncio.Event()
-    served: list[str] = []
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        name = request.url.path.rsplit("/", 1)[-1]
-        if name == "holder":
-            await gate.wait()
-        served.append(name)
-        return httpx.Response(200, json={"metadata": {"name": name}})
-
-    kube = client(httpx.MockTransport(handler))
+    kube, gate, served = one_connection_held(monkeypatch)
 
     async def get(name: str, flow: Flow | None) -> None:
         LANE.set(Lane.FIRST_CHILDREN)

@@ -15,6 +15,7 @@ import kopf
 from ampacity.api import FEDERATED_ROUND
 from controllers.reconciler import KOPF_FINALIZER, LOOP, LOOPS_MEMO, Context, ReconcileLoops, event_handler
 from tests.fakes import FakeKube
+from tests.unit.controllers.test_reconcile_federatedround import round_manifest
 
 LOG = logging.getLogger("test")
 
@@ -24,21 +25,10 @@ def no_event(*_: object, **__: object) -> None:
 
 
 def round_object() -> dict[str, Any]:
-    return {
-        "apiVersion": "ampacity.dev/v1alpha1",
-        "kind": "FederatedRound",
-        "metadata": {"name": "r1", "namespace": "ns"},
-        "spec": {
-            "model": "file:///state/global-model.npz",
-            "clientSelector": {"pop": "digits"},
-            "cohortSize": 2,
-            "minQuorum": 1,
-            "deadline": "10m",
-            "strategy": "fedavg",
-            "localSteps": {"min": 1, "max": 3},
-            "aggregator": {"insecureHTTP": True},
-        },
-    }
+    """The reconciler tests' round, without the uid and port those need."""
+    obj = round_manifest(0)
+    del obj["metadata"]["uid"], obj["metadata"]["annotations"]
+    return obj
 
 
 class Passes:
